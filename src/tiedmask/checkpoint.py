@@ -1,0 +1,96 @@
+"""Atomic files and checkpoints: safetensors for tensors, JSON for everything else.
+
+Nothing here unpickles: loading a checkpoint a user hands us cannot run code. A checkpoint is
+``checkpoint.json`` naming its tensor file ``checkpoint-<epoch>.safetensors``; the tensor file
+is written first and the JSON replaced last, so a crash at any moment leaves a consistent pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from .errors import TiedmaskError
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise TiedmaskError(f"cannot read {path} ({exc}); is this a tiedmask run directory?") from None
+
+
+def _split_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for pid, entries in opt_state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, state: dict) -> None:
+    """Write model + optimizer tensors and the JSON `state` (epoch, metrics, ...) atomically."""
+    run_dir = Path(run_dir)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    tensors.update(opt_tensors)
+    tensor_file = f"checkpoint-{state['epoch']}.safetensors"
+    atomic_write(run_dir / tensor_file, save(tensors))
+    previous = run_dir / "checkpoint.json"
+    old_file = read_json(previous).get("tensor_file") if previous.exists() else None
+    atomic_write_json(previous, {**state, "tensor_file": tensor_file, "optimizer": opt_meta})
+    if old_file and old_file != tensor_file:
+        (run_dir / old_file).unlink(missing_ok=True)
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict]:
+    """(model state_dict, optimizer state_dict or None, JSON state) of a run directory."""
+    run_dir = Path(run_dir)
+    meta = read_json(run_dir / "checkpoint.json")
+    path = run_dir / meta.get("tensor_file", "")
+    try:
+        tensors = load_file(path)
+    except Exception as exc:
+        raise TiedmaskError(f"cannot read checkpoint tensors {path} ({exc}); the run must restart") from None
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    optimizer_state = _join_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None
+    return model_state, optimizer_state, meta

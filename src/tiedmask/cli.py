@@ -1,0 +1,152 @@
+"""The `tiedmask` command: parses arguments and calls the library; nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import TiedmaskError
+
+OVERRIDES_HELP = """overrides: --KEY VALUE for any config key, dotted (--model.depth 6) or by its
+unique leaf name (--depth 6); --model NAME / --data NAME pick a preset / dataset.
+Sections: model (name cell width depth stages norm mask_kind mask_scope density mask_seed nm_m
+checkpointing), data (name root download augment train_subset), optim (name lr weight_decay
+momentum warmup_epochs label_smoothing grad_clip), and epochs batch_size eval_batch_size seed
+device precision channels_last threads progress."""
+
+
+def cmd_train(args, overrides) -> int:
+    from .config import load_config
+    from .train import load_run_config, train
+
+    if args.resume:
+        if args.config or overrides or args.out:
+            raise TiedmaskError("--resume DIR continues a run with its saved config; "
+                                "drop the config file, --out and overrides")
+        if not (Path(args.resume) / "config.json").exists():
+            raise TiedmaskError(f"{args.resume} holds no run to resume (no config.json); "
+                                "start one with `tiedmask train --out DIR`")
+        cfg, out, resume = load_run_config(args.resume), args.resume, True
+    else:
+        cfg, out, resume = load_config(args.config, overrides), args.out, False
+    result = train(cfg, out=out, resume=resume)
+    print(f"{result.status}: test acc {result.test_acc:.2%}, {result.params:,} params, "
+          f"{result.train_time_s:.1f}s training, {result.img_per_s:.0f} img/s"
+          + (f"; run saved in {out}" if out else ""))
+    return 0 if result.status == "ok" else 1
+
+
+def cmd_eval(args, overrides) -> int:
+    import dataclasses
+
+    from .config import parse_overrides
+    from .data import load_dataset
+    from .train import evaluate, load_trained_model, resolve_device
+
+    model, cfg = load_trained_model(args.run_dir)
+    data = parse_overrides(overrides).get("data", {})
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))
+    device = resolve_device(cfg)
+    ds = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download)
+    mean, std = (t.to(device) for t in ds.channel_stats())
+    acc, loss = evaluate(model.to(device), ds.test_x, ds.test_y, mean, std, cfg, device)
+    print(f"{args.run_dir}: test acc {acc:.2%}, test loss {loss:.4f} on {ds.name} ({len(ds.test_x)} images)")
+    return 0
+
+
+def cmd_models(args, overrides) -> int:
+    from .models import MODEL_PRESETS, count_params, create_model
+
+    print(f"{'model':<20} {'params (3->10)':>14}  description")
+    for name, fn in sorted(MODEL_PRESETS.items()):
+        print(f"{name:<20} {count_params(create_model(name)):>14,}  {fn.__doc__.strip()}")
+    return 0
+
+
+def cmd_info(args, overrides) -> int:
+    from .config import load_config
+    from .flops import count_macs
+    from .layers import masked_layers
+    from .masks import mask_statistics
+    from .models import build_model, count_params
+
+    cfg = load_config(args.config, overrides)
+    m = cfg.model
+    model = build_model(m)
+    size = args.image_size
+    macs = count_macs(model, (m.in_channels, size, size))
+    print(f"model {m.name}: cell {m.cell}, width {m.width}, depth {m.depth}, stages {m.stages}, "
+          f"masks {m.mask_kind}/{m.mask_scope} at density {m.density}")
+    print(f"parameters        {count_params(model):,}")
+    print(f"MACs / image      {macs['dense'] / 1e6:.2f}M dense, {macs['effective'] / 1e6:.2f}M "
+          f"effective ({m.in_channels}x{size}x{size})")
+    print(f"FLOPs / image     {2 * macs['dense'] / 1e6:.2f}M dense, {2 * macs['effective'] / 1e6:.2f}M effective")
+    for name, layer in masked_layers(model):
+        stack = layer.mask_stack()
+        if stack is not None:
+            stats = mask_statistics(stack)
+            print(f"  {name:<28} density {stats['density']:.3f}, {len(stack)} mask(s), "
+                  f"mean overlap {stats['mean_overlap']:.3f}")
+    return 0
+
+
+def cmd_demo(args, overrides) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiedmask", description="Weight-tied vision networks with per-application sparse masks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model", usage="tiedmask train [CONFIG.yaml] [--out DIR | --resume DIR] [--KEY VALUE ...]", epilog=OVERRIDES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="run directory for config, metrics, checkpoint and result")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="score a run's checkpoint on its test set",
+                       epilog="data overrides, e.g. --data.root DIR, are accepted")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("models", help="list the model presets")
+    p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("info", help="parameters, FLOPs and mask statistics of a config",
+                       epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-size", type=int, default=32)
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("demo", help="dense vs same vs multi-mask on 8x8 digits, offline, ~1 min")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=10)
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("train", "info", "eval"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # A YAML config is the first bare word after the command; argparse would otherwise take
+    # the value of an override (`--model NAME`) for it.
+    args.config = extra.pop(0) if extra and not extra[0].startswith("-") else None
+    try:
+        return args.fn(args, extra)
+    except TiedmaskError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; a run with --out continues with `tiedmask train --resume DIR`",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Multiply-accumulate counts of a model, dense and as the masks make them.
+
+Counted by forward hooks on every Conv2d and Linear (the layers that carry the cost); a masked
+layer's effective count is scaled by the density of the mask it used at that call.
+
+>>> from tiedmask.models import create_model
+>>> macs = count_macs(create_model("tied-resnet-xs", in_channels=1), (1, 8, 8))
+>>> macs["effective"] < macs["dense"]
+True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import MaskedWeight
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """MACs for one image of `input_shape` (C, H, W): {"dense": ..., "effective": ...}."""
+    totals = {"dense": 0.0, "effective": 0.0}
+
+    def hook(module, args, output):
+        per_output = module.weight[0].numel()  # in/groups * kh * kw, or in_features
+        dense = output[0].numel() * per_output
+        density = 1.0
+        if isinstance(module, MaskedWeight):
+            density = module.mask_density(args[1] if len(args) > 1 else None)
+        totals["dense"] += dense
+        totals["effective"] += dense * density
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        param = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return {k: int(round(v)) for k, v in totals.items()}

@@ -1,0 +1,72 @@
+"""Conv and Linear layers whose shared weight is masked per application.
+
+The masks are a non-persistent buffer: they are regenerated from the model config (see
+`tiedmask.masks`), so checkpoints hold only the dense shared weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masks import make_mask
+
+
+class MaskedWeight:
+    """Mixin: a stack of boolean masks and the masked weight for one index.
+
+    The stack is kept flat, ``[n, out, rest]``: a 5-D buffer would break
+    ``model.to(memory_format=torch.channels_last)``, which converts every 4-D/5-D tensor.
+    """
+
+    masks: torch.Tensor | None
+
+    def _init_masks(self) -> None:
+        self.register_buffer("masks", None, persistent=False)
+
+    def build_masks(self, kind: str, count: int, density: float, seed: int, name: str, **opts) -> None:
+        """Create `count` masks for this layer's weight, named `name` in the model."""
+        if count == 0:
+            self.masks = None
+            return
+        shape = tuple(self.weight.shape)
+        stack = [make_mask(kind, shape, density, seed, name, i, **opts) for i in range(count)]
+        self.masks = torch.stack(stack).flatten(2).to(self.weight.device)
+
+    def masked_weight(self, index: int | None) -> torch.Tensor:
+        if index is None or self.masks is None:
+            return self.weight
+        return self.weight * self.masks[index].view(self.weight.shape)
+
+    def mask_density(self, index: int | None) -> float:
+        if index is None or self.masks is None:
+            return 1.0
+        return float(self.masks[index].float().mean())
+
+    def mask_stack(self) -> torch.Tensor | None:
+        """All masks in the weight's shape, ``[n, *weight.shape]`` (None when dense)."""
+        return None if self.masks is None else self.masks.view(-1, *self.weight.shape)
+
+
+class MaskedConv2d(nn.Conv2d, MaskedWeight):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_masks()
+
+    def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        return self._conv_forward(x, self.masked_weight(index), self.bias)
+
+
+class MaskedLinear(nn.Linear, MaskedWeight):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_masks()
+
+    def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        return F.linear(x, self.masked_weight(index), self.bias)
+
+
+def masked_layers(module: nn.Module) -> list[tuple[str, MaskedWeight]]:
+    """(qualified name, layer) for every masked layer under `module`."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, MaskedWeight)]

@@ -1,0 +1,149 @@
+"""Static boolean masks for shared weights.
+
+A mask is a pure function of (seed, parameter name, application index): it is regenerated,
+never stored, and is the same on every machine, in every process and on every device, whatever
+order the model was built in. Scores come from a CPU generator seeded by a hash of that triple;
+the mask keeps the highest-scoring entries under the rule of its kind.
+
+Kinds (registry `MASK_KINDS`):
+    unstructured  exactly round(density * numel) kept entries (at least one)
+    nm            N:M along the reduction axis (in_features or in_channels*kh*kw), N = density*M
+    channel       round(density * out) whole output filters kept
+
+Scopes: ``dense`` (no mask), ``same`` (one mask for every application), ``multi`` (a distinct
+mask per application).
+
+>>> m = make_mask("unstructured", (8, 8), density=0.25, seed=0, name="w", index=0)
+>>> int(m.sum())
+16
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from typing import Callable
+
+import torch
+
+from .errors import ConfigError
+
+MaskFn = Callable[[torch.Tensor, float, dict], torch.Tensor]
+MASK_KINDS: dict[str, MaskFn] = {}
+MASK_SCOPES = ("dense", "same", "multi")
+
+
+def register_mask_kind(name: str) -> Callable[[MaskFn], MaskFn]:
+    """Add a mask rule ``fn(scores, density, options) -> bool mask`` to the registry."""
+
+    def wrap(fn: MaskFn) -> MaskFn:
+        MASK_KINDS[name] = fn
+        return fn
+
+    return wrap
+
+
+def stream_seed(seed: int, name: str, index: int) -> int:
+    """A 63-bit seed from (seed, name, index); blake2b makes it stable across Python runs."""
+    digest = hashlib.blake2b(f"{seed}/{name}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def mask_scores(shape: tuple[int, ...], seed: int, name: str, index: int) -> torch.Tensor:
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(stream_seed(seed, name, index))
+    return torch.rand(shape, generator=generator)
+
+
+def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    flat = scores.flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[flat.topk(k).indices] = True
+    return mask.view_as(scores)
+
+
+@register_mask_kind("unstructured")
+def unstructured_mask(scores: torch.Tensor, density: float, options: dict) -> torch.Tensor:
+    return _keep_top(scores, max(1, round(density * scores.numel())))
+
+
+@register_mask_kind("nm")
+def nm_mask(scores: torch.Tensor, density: float, options: dict) -> torch.Tensor:
+    m = int(options.get("nm_m", 4))
+    n = density * m
+    if abs(n - round(n)) > 1e-9 or round(n) < 1:
+        raise ConfigError(
+            f"density {density} gives no whole N for N:M masks with M={m}; "
+            f"use a multiple of 1/{m} (e.g. 0.5 for 2:{m}) or change model.nm_m"
+        )
+    rows = scores.reshape(scores.shape[0], -1)
+    if rows.shape[1] % m:
+        raise ConfigError(
+            f"a weight of shape {tuple(scores.shape)} has {rows.shape[1]} inputs per output, "
+            f"not a multiple of M={m}; choose a width divisible by {m} or another mask kind"
+        )
+    groups = rows.reshape(rows.shape[0], -1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, groups.topk(round(n), dim=-1).indices, True)
+    return keep.reshape(scores.shape)
+
+
+@register_mask_kind("channel")
+def channel_mask(scores: torch.Tensor, density: float, options: dict) -> torch.Tensor:
+    per_filter = scores.reshape(scores.shape[0], -1)[:, 0]
+    keep = _keep_top(per_filter, max(1, round(density * scores.shape[0])))
+    return keep.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores).clone()
+
+
+def make_mask(
+    kind: str,
+    shape: tuple[int, ...],
+    density: float,
+    seed: int,
+    name: str,
+    index: int,
+    **options,
+) -> torch.Tensor:
+    """The boolean mask of `kind` for one parameter at one application index (on the CPU)."""
+    check_mask_settings(kind, "multi", density)
+    return MASK_KINDS[kind](mask_scores(tuple(shape), seed, name, index), density, options)
+
+
+def check_mask_settings(kind: str, scope: str, density: float) -> None:
+    if kind not in MASK_KINDS:
+        raise ConfigError(f"unknown mask kind {kind!r}; choose one of {sorted(MASK_KINDS)}")
+    if scope not in MASK_SCOPES:
+        raise ConfigError(f"unknown mask scope {scope!r}; choose one of {list(MASK_SCOPES)}")
+    if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
+        raise ConfigError(f"density {density!r} is outside (0, 1]; set model.density in (0, 1]")
+
+
+def num_masks(scope: str, depth: int) -> int:
+    """How many distinct masks a tied cell applied `depth` times needs."""
+    return {"dense": 0, "same": 1, "multi": depth}[scope]
+
+
+def mask_index(scope: str, application: int) -> int | None:
+    """Which mask application `application` (0-based) uses; None means dense."""
+    return {"dense": None, "same": 0, "multi": application}[scope]
+
+
+def mask_statistics(masks: torch.Tensor) -> dict:
+    """Realised density and pairwise overlap of a stack of masks ``[n, *shape]``.
+
+    Overlap of (i, j) is |M_i & M_j| / |M_i|: the share of i's kept weights that j keeps too.
+    Independent random masks at density d overlap by about d; identical masks by 1.
+    """
+    flat = masks.reshape(masks.shape[0], -1).to(torch.float64)
+    kept = flat.sum(1)
+    densities = (kept / flat.shape[1]).tolist()
+    overlaps = []
+    for i, j in itertools.combinations(range(flat.shape[0]), 2):
+        overlaps.append(float((flat[i] * flat[j]).sum() / kept[i]))
+    return {
+        "density": sum(densities) / len(densities),
+        "densities": densities,
+        "mean_overlap": sum(overlaps) / len(overlaps) if overlaps else math.nan,
+        "overlaps": overlaps,
+    }

@@ -1,0 +1,181 @@
+"""Backbones: stem -> stages of (injection, tied cell) -> head; a registry of named presets.
+
+Each stage runs its own cell `depth` times (weight-tied) and hands its output to a strided
+convolution that doubles the width for the next stage. Only the tied cells are masked: the
+stem, the downsampling convolutions and the head stay dense, as in arXiv 2307.08013.
+
+>>> model = create_model("tied-resnet-xs", in_channels=1, mask_scope="multi")
+>>> model(torch.randn(2, 1, 8, 8)).shape
+torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .cells import CELLS, make_norm
+from .errors import ConfigError
+from .layers import masked_layers
+from .masks import check_mask_settings, num_masks
+from .unrolled import Unrolled
+
+EXECUTIONS = ("unrolled",)
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a model; `name` picks a preset whose values fill the defaults."""
+
+    name: str = "tied-resnet-s"
+    cell: str = "resnet"
+    execution: str = "unrolled"
+    width: int = 32  # channels of the first stage; each later stage doubles it
+    depth: int = 4  # applications of the tied cell per stage
+    stages: int = 2
+    norm: str = "group"
+    mask_kind: str = "unstructured"
+    mask_scope: str = "multi"  # dense | same | multi
+    density: float = 0.5  # kept share of each masked weight
+    mask_seed: int = 0
+    nm_m: int = 4  # M of N:M masks; N = density * M
+    checkpointing: bool = False
+    head_pool: int = 4  # average-pool to a head_pool x head_pool grid before the linear head
+    in_channels: int = 3
+    num_classes: int = 10
+
+
+MODEL_PRESETS: dict[str, Callable[[], dict]] = {}
+
+
+def register_model(fn: Callable[[], dict]) -> Callable[[], dict]:
+    """Register a preset: a function named like the preset (``_`` for ``-``) returning overrides."""
+    MODEL_PRESETS[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+@register_model
+def tied_resnet_xs() -> dict:
+    """One stage, width 32, depth 4: small inputs such as 8x8 digits (the demo)."""
+    return dict(width=32, depth=4, stages=1)
+
+
+@register_model
+def tied_resnet_s() -> dict:
+    """Two stages of width 32/64, depth 4: CIFAR-scale benchmarks on a CPU."""
+    return dict(width=32, depth=4, stages=2)
+
+
+@register_model
+def tied_resnet_deep() -> dict:
+    """Deep and narrow: two stages of width 24/48, depth 8, where tied weights show their limit."""
+    return dict(width=24, depth=8, stages=2)
+
+
+@register_model
+def tied_resnet_m() -> dict:
+    """Two stages of width 64/128, depth 4: closer to the paper's CIFAR-10 setting."""
+    return dict(width=64, depth=4, stages=2)
+
+
+def resolve_model_config(values: dict | None = None, **overrides) -> ModelConfig:
+    """Preset defaults, then `values`, then `overrides`; unknown keys and presets are errors."""
+    merged = {**(values or {}), **overrides}
+    name = merged.get("name", ModelConfig.name)
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model {name!r}; `tiedmask models` lists: {sorted(MODEL_PRESETS)}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ConfigError(f"unknown model key(s) {unknown}; valid keys: {sorted(known)}")
+    cfg = ModelConfig(**{**MODEL_PRESETS[name](), **merged})
+    validate_model_config(cfg)
+    return cfg
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    for key in ("width", "depth", "stages", "in_channels", "num_classes", "head_pool"):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"model.{key} must be an integer >= 1, got {value!r}")
+    if cfg.cell not in CELLS:
+        raise ConfigError(f"unknown cell {cfg.cell!r}; choose one of {sorted(CELLS)}")
+    if cfg.execution not in EXECUTIONS:
+        raise ConfigError(f"unknown execution {cfg.execution!r}; choose one of {list(EXECUTIONS)}")
+    check_mask_settings(cfg.mask_kind, cfg.mask_scope, cfg.density)
+
+
+class Stage(nn.Module):
+    def __init__(self, cell: nn.Module, cfg: ModelConfig):
+        super().__init__()
+        self.tied = Unrolled(cell, cfg.depth, cfg.mask_scope, cfg.checkpointing)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tied(x)
+
+
+class TiedNet(nn.Module):
+    """stem -> [stage, downsample]* -> average pool to a small grid -> linear head.
+
+    The head pools to a grid rather than globally: the cell ends in a GroupNorm, which sets
+    each group's mean over space to zero per image, so a global average would discard most of
+    what the features say (a width-8 model did not learn the digits at all). A 4x4 grid, as in
+    the DEQ ResNet recipe, keeps where things are.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        widths = [cfg.width * 2**s for s in range(cfg.stages)]
+        self.stem = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1, bias=False),
+            make_norm(cfg.norm, widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        self.stages = nn.ModuleList(Stage(CELLS[cfg.cell](w, norm=cfg.norm), cfg) for w in widths)
+        self.downsamples = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(w_in, w_out, 3, stride=2, padding=1, bias=False),
+                make_norm(cfg.norm, w_out),
+                nn.ReLU(inplace=True),
+            )
+            for w_in, w_out in zip(widths[:-1], widths[1:])
+        )
+        self.pool = nn.AdaptiveAvgPool2d(cfg.head_pool)
+        self.head = nn.Linear(widths[-1] * cfg.head_pool**2, cfg.num_classes)
+        self.rebuild_masks()
+
+    def rebuild_masks(self) -> None:
+        """(Re)generate every mask from the config; they are never stored in checkpoints."""
+        cfg = self.config
+        count = num_masks(cfg.mask_scope, cfg.depth)
+        for name, layer in masked_layers(self):
+            layer.build_masks(
+                cfg.mask_kind, count, cfg.density, cfg.mask_seed, f"{name}.weight", nm_m=cfg.nm_m
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for s, stage in enumerate(self.stages):
+            x = stage(x)
+            if s < len(self.downsamples):
+                x = self.downsamples[s](x)
+        return self.head(self.pool(x).flatten(1))
+
+
+def build_model(cfg: ModelConfig) -> TiedNet:
+    validate_model_config(cfg)
+    return TiedNet(cfg)
+
+
+def create_model(name: str = ModelConfig.name, **overrides) -> TiedNet:
+    """A model from a preset name plus keyword overrides (timm-style)."""
+    return build_model(resolve_model_config({"name": name}, **overrides))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,40 @@
+import pytest
+
+from tiedmask.config import load_config, parse_overrides
+from tiedmask.errors import ConfigError
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  name: tied-resnet-deep\n  density: 0.25\nepochs: 3\n")
+    cfg = load_config(path, ["--model.density", "0.75", "--lr=1e-3"])
+    assert cfg.model.name == "tied-resnet-deep" and cfg.model.width == 24  # preset filled in
+    assert cfg.model.density == 0.75 and cfg.optim.lr == 1e-3 and cfg.epochs == 3
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--model.colour", "red"], "unknown"),
+    (["--name", "x"], "ambiguous"),
+    (["--model", "resnet9000"], "unknown model"),
+    (["--depth", "0"], ">= 1"),
+    (["--depth", "two"], "integer"),
+    (["--density", "1.5"], "outside"),
+    (["--epochs"], "needs a value"),
+    (["depth", "3"], "expected an override"),
+    (["--precision", "fp8"], "not one of"),
+])
+def test_bad_overrides_are_errors(args, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=args)
+
+
+def test_yaml_is_read_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("!!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_override_values_are_typed():
+    assert parse_overrides(["--model.checkpointing", "true", "--epochs", "4"]) == {
+        "model": {"checkpointing": True}, "epochs": 4}

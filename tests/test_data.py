@@ -1,0 +1,106 @@
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from tiedmask.data import augment, load_dataset, read_pickle
+from tiedmask.errors import DataError
+
+
+def test_cifar10_from_the_shared_directory(shared_data):
+    ds = load_dataset("cifar10", shared_data)
+    assert ds.train_x.shape == (50000, 3, 32, 32) and ds.test_x.shape == (10000, 3, 32, 32)
+    assert ds.train_x.dtype == torch.uint8
+    assert torch.bincount(ds.train_y).tolist() == [5000] * 10
+    assert torch.bincount(ds.test_y).tolist() == [1000] * 10
+    mean, _ = ds.channel_stats()  # published CIFAR-10 channel means
+    assert mean.tolist() == pytest.approx([0.4914, 0.4822, 0.4465], abs=1e-3)
+
+
+def test_fashion_mnist_from_idx_files(shared_data):
+    ds = load_dataset("fashion_mnist", shared_data)
+    assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(ds.test_y).tolist() == [1000] * 10
+
+
+def _write_cifar100(folder, n_train=20, n_test=10):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"fine_labels": list(rng.integers(0, 100, n)), b"coarse_labels": [0] * n}
+        (folder / split).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def test_cifar100_in_the_official_format(tmp_path):
+    _write_cifar100(tmp_path / "cifar-100-python")
+    ds = load_dataset("cifar100", tmp_path)
+    assert ds.num_classes == 100 and ds.train_x.shape == (20, 3, 32, 32) and len(ds.test_y) == 10
+
+
+def test_cifar_pixel_layout_is_channel_major(tmp_path):
+    _write_cifar100(tmp_path / "cifar-100-python", n_train=1)
+    raw = read_pickle(tmp_path / "cifar-100-python" / "train")["data"][0]
+    ds = load_dataset("cifar100", tmp_path)
+    assert ds.train_x[0, 1, 2, 3].item() == raw[1024 + 2 * 32 + 3]  # R plane, then G, then B
+
+
+def test_imagenet32_npz_batches_with_one_based_labels(tmp_path):
+    folder = tmp_path / "imagenet32"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train_data_batch_1", 6), ("train_data_batch_2", 4), ("val_data", 5)):
+        np.savez(folder / f"{name}.npz", data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 labels=np.array([1, 1000] + [5] * (n - 2)), mean=np.zeros(3072))
+    ds = load_dataset("imagenet32", tmp_path)
+    assert ds.train_x.shape == (10, 3, 32, 32) and ds.num_classes == 1000
+    assert ds.train_y[:2].tolist() == [0, 999]
+
+
+def test_hostile_pickle_is_refused_without_running(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (folder / "test").write_bytes(pickle.dumps({b"data": Evil()}))
+    (folder / "train").write_bytes(pickle.dumps({b"data": Evil()}))
+    with pytest.raises(DataError, match="refusing"):
+        load_dataset("cifar100", tmp_path)
+    assert not marker.exists()
+
+
+def test_missing_and_corrupt_directories_name_the_fix(tmp_path):
+    with pytest.raises(DataError, match="--data.root"):
+        load_dataset("cifar10", tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="re-download"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_truncated_idx_file_is_a_data_error(tmp_path):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (folder / name).write_bytes(gzip.compress(b"\x00\x00\x08\x03\x00\x00\x00\x05"))
+    with pytest.raises(DataError, match="idx"):
+        load_dataset("fashion_mnist", tmp_path)
+
+
+def test_augment_crops_are_windows_of_the_padded_image_and_flips_mirror():
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    out = augment(x, "crop_flip", gen)
+    for i in range(2):
+        windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+    assert torch.equal(augment(x, "none", gen), x)

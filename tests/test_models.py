@@ -1,0 +1,97 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tiedmask.flops import count_macs
+from tiedmask.layers import MaskedConv2d, masked_layers
+from tiedmask.masks import MASK_KINDS, MASK_SCOPES
+from tiedmask.models import MODEL_PRESETS, count_params, create_model
+
+
+def tiny(name, **kw):
+    # Presets at their own depth/stages, narrowed so the whole registry runs in seconds.
+    return create_model(name, width=8, **kw)
+
+
+@pytest.mark.parametrize("name,kind,scope",
+                         list(itertools.product(sorted(MODEL_PRESETS), sorted(MASK_KINDS), MASK_SCOPES)))
+def test_every_model_and_mask_kind_runs_deterministically(name, kind, scope):
+    torch.manual_seed(0)
+    model = tiny(name, mask_kind=kind, mask_scope=scope, num_classes=7)
+    x = torch.randn(2, 3, 16, 16)
+    out = model(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    torch.manual_seed(0)
+    again = tiny(name, mask_kind=kind, mask_scope=scope, num_classes=7)
+    assert torch.equal(again(x), out.detach())
+
+
+def test_scopes_share_parameters_and_parameters_do_not_grow_with_depth():
+    counts = {count_params(create_model("tied-resnet-s", mask_scope=s, depth=d))
+              for s in MASK_SCOPES for d in (1, 4, 12)}
+    assert len(counts) == 1
+
+
+def test_scope_decides_how_many_distinct_masks_a_cell_has():
+    for scope, expected in (("dense", None), ("same", 1), ("multi", 5)):
+        model = create_model("tied-resnet-s", depth=5, mask_scope=scope)
+        for _, layer in masked_layers(model):
+            stack = layer.mask_stack()
+            assert (stack is None) if expected is None else len(stack) == expected
+    multi = create_model("tied-resnet-s", depth=3, mask_scope="multi")
+    stack = masked_layers(multi)[0][1].mask_stack()
+    assert not torch.equal(stack[0], stack[1])
+
+
+def test_masks_do_not_depend_on_construction_order():
+    a = create_model("tied-resnet-s", depth=3)
+    torch.manual_seed(99)
+    b = create_model("tied-resnet-s", depth=3)
+    for (name, la), lb in zip(reversed(masked_layers(a)), reversed([l for _, l in masked_layers(b)])):
+        lb.build_masks("unstructured", 3, 0.5, 0, f"{name}.weight")  # regenerate in reverse order
+        assert torch.equal(la.mask_stack(), lb.mask_stack())
+
+
+def test_masked_conv_equals_conv_with_zeroed_weights():
+    layer = MaskedConv2d(4, 6, 3, padding=1, bias=False)
+    layer.build_masks("unstructured", 2, 0.3, 0, "w")
+    x = torch.randn(2, 4, 5, 5)
+    for i in range(2):
+        mask = layer.mask_stack()[i]
+        expected = F.conv2d(x, layer.weight.detach() * mask.float(), padding=1)
+        assert torch.allclose(layer(x, i), expected, atol=1e-6)
+    assert torch.allclose(layer(x, None), F.conv2d(x, layer.weight, padding=1))
+
+
+def test_masked_weights_get_no_gradient_where_masked():
+    model = create_model("tied-resnet-xs", depth=1, mask_scope="same", in_channels=1)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    for _, layer in masked_layers(model):
+        assert (layer.weight.grad[~layer.mask_stack()[0]] == 0).all()
+
+
+def test_macs_match_closed_form():
+    w, depth, density = 8, 3, 0.5
+    model = create_model("tied-resnet-xs", width=w, depth=depth, density=density, in_channels=1)
+    macs = count_macs(model, (1, 8, 8))
+    stem = 64 * w * 9
+    cells = depth * 2 * 64 * w * w * 9
+    head = w * 16 * 10  # a 4x4 pooled grid
+    assert macs["dense"] == stem + cells + head
+    assert macs["effective"] == stem + cells * density + head
+
+
+def test_checkpointed_unrolling_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = create_model("tied-resnet-s", width=8, depth=3)
+    torch.manual_seed(0)
+    ckpt = create_model("tied-resnet-s", width=8, depth=3, checkpointing=True)
+    x = torch.randn(2, 3, 16, 16)
+    plain(x).sum().backward()
+    ckpt(x).sum().backward()
+    for a, b in zip(plain.parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)

@@ -1,0 +1,76 @@
+import importlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiedmask.config import load_config
+from tiedmask.data import load_dataset
+from tiedmask.train import lr_at, train
+
+QUICK = ["--data", "digits", "--model", "tied-resnet-xs", "--width", "8", "--depth", "2",
+         "--batch_size", "64", "--progress", "false"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def test_training_learns_the_digits(digits):
+    result = train(load_config(overrides=QUICK + ["--epochs", "4", "--lr", "1e-2"]), dataset=digits)
+    assert result.status == "ok" and result.test_acc > 0.5  # chance is 0.1
+    assert result.train_time_s > 0 and result.img_per_s > 0
+
+
+def test_run_directory_contents(tmp_path, digits):
+    out = tmp_path / "run"
+    train(load_config(overrides=QUICK + ["--epochs", "2"]), out=out, dataset=digits)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    result = json.loads((out / "result.json").read_text())
+    assert {"test_acc", "params", "train_time_s", "img_per_s", "seed"} <= set(result)
+    meta = json.loads((out / "checkpoint.json").read_text())
+    tensors = load_file(out / meta["tensor_file"])
+    assert any(k.startswith("optim.") for k in tensors)
+    assert json.loads((out / "config.json").read_text())["model"]["in_channels"] == 1
+
+
+def test_resume_reaches_the_uninterrupted_result(tmp_path, digits, monkeypatch):
+    cfg = load_config(overrides=QUICK + ["--epochs", "3"])
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(cfg, out=full, dataset=digits)
+
+    train_module = importlib.import_module("tiedmask.train")
+    real_epoch, calls = train_module.train_epoch, []
+
+    def interrupted_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", interrupted_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out=part, dataset=digits)
+    monkeypatch.setattr(train_module, "train_epoch", real_epoch)
+    assert not (part / "result.json").exists()
+    assert json.loads((part / "checkpoint.json").read_text())["epoch"] == 1
+
+    train(cfg, out=part, resume=True, dataset=digits)
+    a, b = (load_file(d / json.loads((d / "checkpoint.json").read_text())["tensor_file"])
+            for d in (full, part))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (full, part))
+    assert ra["test_acc"] == rb["test_acc"]
+    assert len((part / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_learning_rate_schedule_closed_form():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)  # half way through the cosine
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
