@@ -53,6 +53,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 10
+    time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
     batch_size: int = 128
     eval_batch_size: int = 500
     seed: int = 0
@@ -132,8 +133,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if cfg.data.train_subset < 0 or cfg.threads < 0:
-        raise ConfigError("data.train_subset and threads must be >= 0")
+    if cfg.data.train_subset < 0 or cfg.threads < 0 or cfg.time_budget_s < 0:
+        raise ConfigError("data.train_subset, threads and time_budget_s must be >= 0")
 
 
 def _leaf_index() -> dict[str, list[str]]:

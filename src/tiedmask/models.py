@@ -22,9 +22,12 @@ from .cells import CELLS, make_norm
 from .errors import ConfigError
 from .layers import masked_layers
 from .masks import check_mask_settings, num_masks
+from .deq import Equilibrium
+from .deq.solvers import SOLVERS
 from .unrolled import Unrolled
 
-EXECUTIONS = ("unrolled",)
+EXECUTIONS = ("unrolled", "equilibrium")
+WEIGHT_NORMS = ("none", "weight", "spectral")
 
 
 @dataclass
@@ -45,6 +48,22 @@ class ModelConfig:
     nm_m: int = 4  # M of N:M masks; N = density * M
     checkpointing: bool = False
     head_pool: int = 4  # average-pool to a head_pool x head_pool grid before the linear head
+    weight_norm: str = "none"  # none | weight | spectral, on the tied cell's weights
+    # Equilibrium (DEQ) execution; ignored when execution is unrolled.
+    deq_solver: str = "anderson"  # fixed_point | anderson | broyden
+    deq_grad: str = "implicit"  # implicit | phantom
+    deq_train_iter: int = 20  # forward solver iterations while training
+    deq_eval_iter: int = 30  # ... while evaluating
+    deq_backward_iter: int = 20  # adjoint solver iterations (implicit gradient)
+    deq_tol: float = 1e-3
+    deq_stop_mode: str = "rel"  # rel | abs residual
+    deq_anderson_m: int = 5
+    deq_anderson_lam: float = 1e-4
+    deq_anderson_beta: float = 1.0
+    deq_damping: float = 1.0  # fixed_point: z <- (1 - d) z + d f(z)
+    deq_phantom_steps: int = 5
+    deq_phantom_tau: float = 0.5
+    deq_jac_reg: float = 0.0  # weight of the Jacobian (Frobenius) regulariser
     in_channels: int = 3
     num_classes: int = 10
 
@@ -106,13 +125,50 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"unknown cell {cfg.cell!r}; choose one of {sorted(CELLS)}")
     if cfg.execution not in EXECUTIONS:
         raise ConfigError(f"unknown execution {cfg.execution!r}; choose one of {list(EXECUTIONS)}")
+    if cfg.weight_norm not in WEIGHT_NORMS:
+        raise ConfigError(f"unknown weight_norm {cfg.weight_norm!r}; choose one of {list(WEIGHT_NORMS)}")
+    if cfg.execution == "equilibrium":
+        if cfg.deq_solver not in SOLVERS:
+            raise ConfigError(f"unknown deq_solver {cfg.deq_solver!r}; choose one of {sorted(SOLVERS)}")
+        if cfg.mask_scope == "multi":
+            raise ConfigError("mask_scope 'multi' has no fixed point (each step would be another "
+                              "function); use mask_scope same or dense with execution equilibrium")
+        for key in ("deq_train_iter", "deq_eval_iter", "deq_backward_iter", "deq_anderson_m"):
+            if getattr(cfg, key) < 1:
+                raise ConfigError(f"model.{key} must be >= 1, got {getattr(cfg, key)}")
     check_mask_settings(cfg.mask_kind, cfg.mask_scope, cfg.density)
+
+
+def make_runner(cell: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """The way a stage runs its cell: unrolled `depth` times, or to its fixed point."""
+    if cfg.execution == "unrolled":
+        return Unrolled(cell, cfg.depth, cfg.mask_scope, cfg.checkpointing)
+    options = {
+        "anderson": {"m": cfg.deq_anderson_m, "lam": cfg.deq_anderson_lam, "beta": cfg.deq_anderson_beta},
+        "fixed_point": {"damping": cfg.deq_damping},
+    }.get(cfg.deq_solver, {})
+    return Equilibrium(cell, cfg.mask_scope, solver=cfg.deq_solver, grad=cfg.deq_grad,
+                       train_max_iter=cfg.deq_train_iter, eval_max_iter=cfg.deq_eval_iter,
+                       backward_max_iter=cfg.deq_backward_iter, tol=cfg.deq_tol,
+                       stop_mode=cfg.deq_stop_mode, solver_options=options,
+                       phantom_steps=cfg.deq_phantom_steps, phantom_tau=cfg.deq_phantom_tau,
+                       jac_reg=cfg.deq_jac_reg)
+
+
+def normalize_weights(cell: nn.Module, kind: str) -> None:
+    """Weight or spectral normalisation of the cell's masked weights (a DEQ stabiliser)."""
+    if kind == "none":
+        return
+    param = nn.utils.parametrizations
+    for _, layer in masked_layers(cell):
+        (param.weight_norm if kind == "weight" else param.spectral_norm)(layer, "weight")
 
 
 class Stage(nn.Module):
     def __init__(self, cell: nn.Module, cfg: ModelConfig):
         super().__init__()
-        self.tied = Unrolled(cell, cfg.depth, cfg.mask_scope, cfg.checkpointing)
+        normalize_weights(cell, cfg.weight_norm)
+        self.tied = make_runner(cell, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tied(x)
@@ -157,6 +213,21 @@ class TiedNet(nn.Module):
             layer.build_masks(
                 cfg.mask_kind, count, cfg.density, cfg.mask_seed, f"{name}.weight", nm_m=cfg.nm_m
             )
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Regularisers the runners add to the loss (DEQ Jacobian penalty), or None."""
+        terms = [s.tied.aux_loss for s in self.stages if getattr(s.tied, "aux_loss", None) is not None]
+        return sum(terms) if terms else None
+
+    def pop_solver_stats(self):
+        """(forward, backward) SolverStats since the last call; empty for unrolled models."""
+        forward, backward = [], []
+        for stage in self.stages:
+            if isinstance(stage.tied, Equilibrium):
+                f, b = stage.tied.pop_stats()
+                forward += f
+                backward += b
+        return forward, backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

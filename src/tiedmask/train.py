@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_write, atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from .config import TrainConfig, config_from_dict, config_hash, config_to_dict
 from .data import Dataset, augment, load_dataset, normalize
+from .deq.equilibrium import SolverDiverged
 from .errors import ConfigError
 from .flops import count_macs
 from .models import build_model, count_params
@@ -36,7 +37,7 @@ from .models import build_model, count_params
 
 @dataclass
 class Result:
-    status: str  # ok | diverged
+    status: str  # ok | diverged (with `reason`)
     test_acc: float
     best_test_acc: float
     final_train_loss: float
@@ -49,6 +50,9 @@ class Result:
     seed: int
     config_hash: str
     reason: str = ""
+    s_per_epoch: float = 0.0
+    peak_mem_mb: float = 0.0
+    solver: dict = dataclasses.field(default_factory=dict)  # DEQ: mean iterations, residuals
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,46 +154,103 @@ def evaluate(model, x_all, y_all, mean, std, cfg: TrainConfig, device) -> tuple[
     return correct / len(x_all), loss_sum / len(x_all)
 
 
-def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, total_steps, warmup):
-    """One epoch; returns (mean loss, train accuracy, images, seconds, next step, diverged)."""
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float
+    images: int
+    seconds: float
+    step: int
+    failure: str = ""  # why training stopped early: a diverged solver or loss
+    out_of_time: bool = False
+    solver: dict = dataclasses.field(default_factory=dict)
+
+
+def summarize_solver(forward, backward) -> dict:
+    """Mean iterations and residuals of DEQ solves (empty for unrolled models)."""
+    out = {}
+    for label, stats in (("fwd", forward), ("bwd", backward)):
+        if stats:
+            out[f"{label}_iters"] = sum(s.iterations for s in stats) / len(stats)
+            out[f"{label}_rel_residual"] = sum(s.rel_residual for s in stats) / len(stats)
+    return out
+
+
+def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, schedule,
+                time_left: float = math.inf) -> EpochStats:
+    """One epoch (or until `time_left` seconds of training are spent)."""
     model.train()
     train_x, train_y, aug = data
+    total_steps, warmup, elapsed_before = schedule
     gen = epoch_generator(cfg.seed, epoch, device)
     order = torch.randperm(len(train_x), device=device, generator=gen)
     n_batches = max(1, len(train_x) // cfg.batch_size)  # drop the last partial batch
     channels_last = use_channels_last(cfg, device)
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, forward, backward = 0.0, 0, 0, [], []
     bar = tqdm(range(n_batches), leave=False, desc=f"epoch {epoch}",
                disable=not (cfg.progress and sys.stderr.isatty()))
     start = time.perf_counter()
+    stats = EpochStats(math.nan, 0.0, 0, 0.0, step)
     for b in bar:
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         x = augment(normalize(train_x[idx], mean, std), aug, gen)
         y = train_y[idx]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        lr = lr_at(step, total_steps, warmup, cfg.optim.lr)
+        # With a wall-clock budget the schedule follows time, so it anneals when time runs out.
+        progress_step = step
+        if cfg.time_budget_s:
+            spent = elapsed_before + time.perf_counter() - start
+            progress_step = max(step, int(spent / cfg.time_budget_s * total_steps))
+        lr = lr_at(progress_step, total_steps, warmup, cfg.optim.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast_context(device, cfg.precision):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            with autocast_context(device, cfg.precision):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
+                aux = model.aux_loss() if hasattr(model, "aux_loss") else None
+                total = loss if aux is None else loss + aux
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+        except SolverDiverged as exc:
+            stats.failure = str(exc)
+            break
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         step += 1
+        if hasattr(model, "pop_solver_stats"):
+            f, bwd = model.pop_solver_stats()
+            forward += f
+            backward += bwd
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            return loss_value, 0.0, seen, time.perf_counter() - start, step, True
+            stats.failure = f"non-finite training loss at epoch {epoch}"
+            break
         loss_sum += loss_value * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{loss_value:.3f}")
+        if time.perf_counter() - start >= time_left:
+            stats.out_of_time = True
+            break
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return loss_sum / seen, correct / seen, seen, time.perf_counter() - start, step, False
+    stats.seconds, stats.step, stats.images = time.perf_counter() - start, step, seen
+    if seen:
+        stats.loss, stats.acc = loss_sum / seen, correct / seen
+    stats.solver = summarize_solver(forward, backward)
+    return stats
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max allocated; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _subset(ds: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,31 +303,44 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
     params = count_params(model)
     log(f"model {cfg.model.name} ({cfg.model.mask_scope}, density {cfg.model.density}): "
         f"{params:,} params, {macs['effective'] / 1e6:.1f}M effective MACs/img, on {device}")
-    status, reason, loss, test_acc = "ok", "", float("nan"), 0.0
+    status, reason, loss, test_acc, solver = "ok", "", float("nan"), 0.0, {}
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        loss, train_acc, images, seconds, state["step"], diverged = train_epoch(
-            model, optimizer, (train_x, train_y, aug), mean, std, cfg, device, epoch,
-            state["step"], total_steps, warmup)
-        state["train_time_s"] += seconds
-        state["images"] += images
-        if diverged:
-            status, reason = "diverged", f"non-finite training loss at epoch {epoch}"
+        time_left = cfg.time_budget_s - state["train_time_s"] if cfg.time_budget_s else math.inf
+        if time_left <= 0:
+            break
+        ep = train_epoch(model, optimizer, (train_x, train_y, aug), mean, std, cfg, device, epoch,
+                         state["step"], (total_steps, warmup, state["train_time_s"]), time_left)
+        state["step"] = ep.step
+        state["train_time_s"] += ep.seconds
+        state["images"] += ep.images
+        loss = ep.loss
+        if ep.failure:
+            status, reason = "diverged", ep.failure
             log(f"epoch {epoch}: {reason}")
             break
         test_acc, test_loss = evaluate(model, ds.test_x, ds.test_y, mean, std, cfg, device)
+        if hasattr(model, "pop_solver_stats"):
+            eval_fwd, _ = model.pop_solver_stats()
+            ep.solver.update({f"eval_{k}": v for k, v in summarize_solver(eval_fwd, []).items()})
+        solver = ep.solver
         state["best_test_acc"] = max(state["best_test_acc"], test_acc)
         state["epoch"] = epoch
-        row = {"epoch": epoch, "train_loss": loss, "train_acc": train_acc, "test_loss": test_loss,
-               "test_acc": test_acc, "lr": lr_at(state["step"] - 1, total_steps, warmup, cfg.optim.lr),
-               "epoch_time_s": seconds, "img_per_s": images / seconds}
-        log(f"epoch {epoch:>3}/{cfg.epochs}  loss {loss:.4f}  train {train_acc:6.2%}  "
-            f"test {test_acc:6.2%}  {seconds:6.1f}s  {images / seconds:7.1f} img/s")
+        row = {"epoch": epoch, "train_loss": loss, "train_acc": ep.acc, "test_loss": test_loss,
+               "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
+               "epoch_time_s": ep.seconds, "img_per_s": ep.images / ep.seconds, **solver}
+        solver_note = "".join(f"  {k} {v:.3g}" for k, v in solver.items() if k.endswith("iters"))
+        log(f"epoch {epoch:>3}/{cfg.epochs}  loss {loss:.4f}  train {ep.acc:6.2%}  "
+            f"test {test_acc:6.2%}  {ep.seconds:6.1f}s  {ep.images / ep.seconds:7.1f} img/s{solver_note}")
         if run_dir is not None:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             save_checkpoint(run_dir, model, optimizer, {**state, "last_test_acc": test_acc,
-                                                        "last_train_loss": loss})
-        state["last_test_acc"], state["last_train_loss"] = test_acc, loss
+                                                        "last_train_loss": loss, "solver": solver})
+        state["last_test_acc"], state["last_train_loss"], state["solver"] = test_acc, loss, solver
+        if ep.out_of_time:
+            log(f"time budget of {cfg.time_budget_s:.0f}s spent after epoch {epoch}")
+            break
+    epochs_done = state["epoch"]
     result = Result(
         status=status, reason=reason,
         test_acc=state.get("last_test_acc", test_acc), best_test_acc=state["best_test_acc"],
@@ -274,7 +348,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
         macs_dense=macs["dense"], macs_effective=macs["effective"],
         train_time_s=state["train_time_s"],
         img_per_s=state["images"] / state["train_time_s"] if state["train_time_s"] else 0.0,
-        epochs=state["epoch"], seed=cfg.seed, config_hash=state["config_hash"])
+        s_per_epoch=state["train_time_s"] / epochs_done if epochs_done else 0.0,
+        epochs=epochs_done, seed=cfg.seed, config_hash=state["config_hash"],
+        peak_mem_mb=peak_memory_mb(device), solver=state.get("solver", solver))
     if run_dir is not None:
         atomic_write_json(run_dir / "result.json", result.to_dict())
     return result
