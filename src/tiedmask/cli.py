@@ -98,6 +98,27 @@ def cmd_demo(args, overrides) -> int:
     return 0
 
 
+def cmd_bench(args, overrides) -> int:
+    from .bench import run_bench
+
+    report = run_bench(args.preset, args.out, workers=args.workers, threads=args.threads,
+                       seeds=args.seeds, budgets=args.budgets, variants=args.variants,
+                       epochs=args.epochs, time_budget_s=args.time_budget, data_root=args.data_root)
+    print(report)
+    return 0
+
+
+def cmd_report(args, overrides) -> int:
+    from .bench import write_bench_report
+    from .store import ResultsStore
+
+    records = ResultsStore(args.store).records()
+    if not records:
+        raise TiedmaskError(f"{args.store} holds no results.jsonl records; run bench or sweep into it")
+    print(write_bench_report(records, Path(args.store), Path(args.store).name))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tiedmask", description="Weight-tied vision networks with per-application sparse masks.")
@@ -121,6 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-size", type=int, default=32)
     p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("bench", help="tied (dense/same/multi) vs DEQ on one cell, over seeds and budgets")
+    p.add_argument("preset", help="demo (offline, minutes) or cifar10")
+    p.add_argument("--out", required=True, help="results store directory")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--budgets", nargs="+", default=["epochs", "time"], choices=["epochs", "time"])
+    p.add_argument("--variants", nargs="+", help="subset of variants (default: all)")
+    p.add_argument("--epochs", type=int, help="override the preset's epochs")
+    p.add_argument("--time-budget", type=float, help="seconds of training for the equal-time budget")
+    p.add_argument("--data-root", default="", help="folder with the dataset")
+    p.add_argument("--workers", type=int, default=1, help="runs at a time")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores / workers)")
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("report", help="tables and plots from a results store")
+    p.add_argument("store")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("demo", help="dense vs same vs multi-mask on 8x8 digits, offline, ~1 min")
     p.add_argument("--out", default="runs/demo")

@@ -34,6 +34,7 @@ class DataConfig:
     download: bool = False
     augment: str = "auto"  # auto picks crop_flip for natural images, crop for digits/clothes
     train_subset: int = 0  # train on a fixed random subset of this many images (0 = all)
+    test_subset: int = 0  # evaluate on a fixed random subset of the test set (0 = all)
 
 
 @dataclass
@@ -133,8 +134,8 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if cfg.data.train_subset < 0 or cfg.threads < 0 or cfg.time_budget_s < 0:
-        raise ConfigError("data.train_subset, threads and time_budget_s must be >= 0")
+    if min(cfg.data.train_subset, cfg.data.test_subset, cfg.threads, cfg.time_budget_s) < 0:
+        raise ConfigError("data.train_subset, data.test_subset, threads and time_budget_s must be >= 0")
 
 
 def _leaf_index() -> dict[str, list[str]]:
@@ -219,7 +220,11 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+RUNTIME_ONLY = ("threads", "progress")  # change how fast a run goes, not what it computes
+
+
 def config_hash(cfg: TrainConfig | dict) -> str:
     """A short stable hash of the resolved config (keys results stores and resumes)."""
     values = config_to_dict(cfg) if isinstance(cfg, TrainConfig) else cfg
+    values = {k: v for k, v in values.items() if k not in RUNTIME_ONLY}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

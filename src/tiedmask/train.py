@@ -253,12 +253,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _subset(ds: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if not n or n >= len(ds.train_x):
-        return ds.train_x, ds.train_y
-    # The same subset for every seed and variant (seed 0), so comparisons share their data.
-    keep = torch.randperm(len(ds.train_x), generator=torch.Generator().manual_seed(0))[:n]
-    return ds.train_x[keep], ds.train_y[keep]
+def fixed_subset(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n` of a seed-0 permutation: the same images for every run and variant."""
+    if not n or n >= len(x):
+        return x, y
+    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
+    return x[keep], y[keep]
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
@@ -275,7 +275,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, in_channels=ds.in_channels, num_classes=ds.num_classes))
     aug = ds.augment if cfg.data.augment == "auto" else cfg.data.augment
-    train_x, train_y = _subset(ds, cfg.data.train_subset)
+    train_x, train_y = fixed_subset(ds.train_x, ds.train_y, cfg.data.train_subset)
+    test_x, test_y = fixed_subset(ds.test_x, ds.test_y, cfg.data.test_subset)
     train_x, train_y = train_x.to(device), train_y.to(device)
     mean, std = (t.to(device) for t in ds.channel_stats())
 
@@ -318,7 +319,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
             status, reason = "diverged", ep.failure
             log(f"epoch {epoch}: {reason}")
             break
-        test_acc, test_loss = evaluate(model, ds.test_x, ds.test_y, mean, std, cfg, device)
+        test_acc, test_loss = evaluate(model, test_x, test_y, mean, std, cfg, device)
         if hasattr(model, "pop_solver_stats"):
             eval_fwd, _ = model.pop_solver_stats()
             ep.solver.update({f"eval_{k}": v for k, v in summarize_solver(eval_fwd, []).items()})

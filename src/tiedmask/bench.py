@@ -1,0 +1,113 @@
+"""`tiedmask bench PRESET`: the fair comparison of weight-tied and equilibrium runs of one cell.
+
+Every variant shares the cell, its parameters, the data pipeline and the optimiser; only the
+way the cell runs differs. Budgets: equal epochs, and equal wall-clock training time.
+
+>>> [j.variant for j in bench_jobs("demo", seeds=[0], budgets=("epochs",))][:3]
+['tied-dense', 'tied-same', 'tied-multi']
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from .errors import ConfigError
+from .report import bar_plot, markdown_table, scatter_plot, speed_ratio, summarize
+from .runner import Job, run_jobs
+from .store import ResultsStore
+
+VARIANTS = {  # variant -> model settings on top of the preset's model
+    "tied-dense": {"execution": "unrolled", "mask_scope": "dense"},
+    "tied-same": {"execution": "unrolled", "mask_scope": "same"},
+    "tied-multi": {"execution": "unrolled", "mask_scope": "multi"},
+    "deq-anderson-implicit": {"execution": "equilibrium", "mask_scope": "dense",
+                              "deq_solver": "anderson", "deq_grad": "implicit"},
+    "deq-anderson-phantom": {"execution": "equilibrium", "mask_scope": "dense",
+                             "deq_solver": "anderson", "deq_grad": "phantom"},
+}
+
+BENCH_PRESETS = {
+    # Offline, minutes: 8x8 digits.
+    "demo": {
+        "base": {"model": {"name": "tied-resnet-xs", "width": 16, "depth": 4, "density": 0.5},
+                 "data": {"name": "digits"}, "epochs": 5, "batch_size": 32,
+                 "optim": {"lr": 3e-3, "warmup_epochs": 1}},
+        "time_budget_s": 8.0,
+    },
+    # CIFAR-10 on a CPU budget: a fixed 5k-image train subset, 2k test images.
+    "cifar10": {
+        "base": {"model": {"name": "tied-resnet-s", "width": 16, "depth": 4, "density": 0.5},
+                 "data": {"name": "cifar10", "train_subset": 5000, "test_subset": 2000},
+                 "epochs": 2, "batch_size": 64, "optim": {"lr": 3e-3, "warmup_epochs": 0.25}},
+        "time_budget_s": 60.0,
+    },
+}
+
+
+def bench_jobs(preset: str, seeds=(0, 1), budgets=("epochs", "time"), variants=None,
+               epochs: int | None = None, time_budget_s: float | None = None,
+               data_root: str = "") -> list[Job]:
+    """The runs of a bench preset: every variant x seed x budget."""
+    if preset not in BENCH_PRESETS:
+        raise ConfigError(f"unknown bench preset {preset!r}; choose one of {sorted(BENCH_PRESETS)}")
+    spec = BENCH_PRESETS[preset]
+    chosen = variants or list(VARIANTS)
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    jobs = []
+    for budget in budgets:
+        if budget not in ("epochs", "time"):
+            raise ConfigError(f"unknown budget {budget!r}; use epochs and/or time")
+        for variant in chosen:
+            for seed in seeds:
+                cfg = copy.deepcopy(spec["base"])
+                cfg["model"].update(VARIANTS[variant])
+                cfg["seed"] = seed
+                if epochs:
+                    cfg["epochs"] = epochs
+                if data_root:
+                    cfg["data"]["root"] = data_root
+                if budget == "time":
+                    # Enough epochs that the clock, not the epoch count, ends every run.
+                    cfg["time_budget_s"] = time_budget_s or spec["time_budget_s"]
+                    cfg["epochs"] = max(cfg["epochs"] * 20, 50)
+                jobs.append(Job(variant, cfg, {"budget": "equal-epochs" if budget == "epochs"
+                                               else f"equal-time ({cfg['time_budget_s']:.0f}s)"}))
+    return jobs
+
+
+def run_bench(preset: str, out: str | Path, workers: int = 1, threads: int = 0, log=print,
+              **job_options) -> str:
+    """Run (or finish) a bench into `out` and write report.md and plots there."""
+    store = ResultsStore(out)
+    records = run_jobs(bench_jobs(preset, **job_options), store, workers, threads, log=log)
+    return write_bench_report(records, Path(out), preset)
+
+
+def write_bench_report(records: list[dict], out: Path, title: str) -> str:
+    by = ("budget", "variant")
+    rows = summarize(records, by)
+    metrics = ("test_acc", "final_train_loss", "s_per_epoch", "train_time_s", "epochs",
+               "img_per_s", "peak_mem_mb", "fwd_iters", "fwd_rel_residual", "bwd_iters")
+    lines = [f"# bench: {title}", "", markdown_table(rows, by, metrics), ""]
+    epoch_rows = [r for r in rows if r["budget"] == "equal-epochs"]
+    for deq in ("deq-anderson-implicit", "deq-anderson-phantom"):
+        ratio = speed_ratio(epoch_rows, deq, "tied-multi")
+        if ratio == ratio:  # not NaN
+            lines.append(f"- s/epoch of {deq} over tied-multi: **{ratio:.2f}x**")
+    failures = [r for r in rows if r["failed"]]
+    for r in failures:
+        lines.append(f"- {r['variant']} ({r['budget']}): {r['failed']} run(s) not ok: {'; '.join(r['reasons'])}")
+    for budget in sorted({r["budget"] for r in rows}):
+        sub = [r for r in rows if r["budget"] == budget]
+        tag = "epochs" if budget == "equal-epochs" else "time"
+        bar_plot(sub, ("variant",), "test_acc", out / f"acc_{tag}.png", f"{title}: test accuracy, {budget}")
+    if epoch_rows:
+        scatter_plot(epoch_rows, ("variant",), "s_per_epoch", "test_acc", out / "acc_vs_time.png",
+                     f"{title}: accuracy against seconds per epoch (equal epochs)")
+    lines += ["", "Plots: " + ", ".join(sorted(p.name for p in out.glob("*.png")))]
+    report = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(report)
+    return report

@@ -1,0 +1,114 @@
+"""Tables (Markdown) and plots (PNG) from a results store: mean ± std over seeds per group.
+
+>>> rows = summarize([{"variant": "a", "test_acc": 0.5, "status": "ok"},
+...                   {"variant": "a", "test_acc": 0.7, "status": "ok"}], by=("variant",))
+>>> round(rows[0]["test_acc"][0], 3), rows[0]["n"]
+(0.6, 2)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from .plots import plt
+
+METRICS = {  # key: (column title, scale, digits)
+    "test_acc": ("test acc (%)", 100.0, 2),
+    "final_train_loss": ("final train loss", 1.0, 3),
+    "train_time_s": ("train time (s)", 1.0, 1),
+    "s_per_epoch": ("s / epoch", 1.0, 1),
+    "img_per_s": ("img/s", 1.0, 0),
+    "peak_mem_mb": ("peak mem (MB)", 1.0, 0),
+    "epochs": ("epochs", 1.0, 1),
+}
+
+
+def _value(record: dict, key: str):
+    if key in record:
+        return record[key]
+    return record.get("solver", {}).get(key)
+
+
+def summarize(records: list[dict], by: tuple[str, ...], metrics=tuple(METRICS)) -> list[dict]:
+    """One row per group: n runs, (mean, std) per metric over the ok runs, failures counted."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(tuple(r.get(k) for k in by), []).append(r)
+    rows = []
+    for key, rs in groups.items():
+        ok = [r for r in rs if r.get("status") == "ok"]
+        row = {**dict(zip(by, key)), "n": len(ok), "failed": len(rs) - len(ok),
+               "reasons": sorted({r.get("reason", "") for r in rs if r.get("status") != "ok"})}
+        for m in metrics:
+            values = [v for v in (_value(r, m) for r in ok) if isinstance(v, (int, float))]
+            if values:
+                row[m] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        if ok:
+            row["params"] = ok[0].get("params")
+        rows.append(row)
+    return rows
+
+
+def fmt(pair, scale=1.0, digits=2) -> str:
+    if not pair:
+        return "–"
+    mean, std = pair
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def markdown_table(rows: list[dict], by: tuple[str, ...], metrics=tuple(METRICS)) -> str:
+    shown = [m for m in metrics if any(m in r for r in rows)]
+    head = [*by, "params", "runs", *[METRICS.get(m, (m, 1, 3))[0] for m in shown]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        runs = f"{r['n']}" + (f" (+{r['failed']} failed)" if r["failed"] else "")
+        params = f"{r['params']:,}" if r.get("params") else "–"
+        cells = [str(r.get(k)) for k in by] + [params, runs]
+        cells += [fmt(r.get(m), *METRICS.get(m, (m, 1.0, 3))[1:]) for m in shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_plot(rows: list[dict], label_keys: tuple[str, ...], metric: str, path: Path, title: str) -> Path:
+    labels = [" / ".join(str(r.get(k)) for k in label_keys) for r in rows if metric in r]
+    values = [r[metric] for r in rows if metric in r]
+    title_m, scale, _ = METRICS.get(metric, (metric, 1.0, 2))
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels)), 4), dpi=120)
+    ax.bar(range(len(values)), [v[0] * scale for v in values], yerr=[v[1] * scale for v in values],
+           capsize=4, color="#4C72B0")
+    ax.set_xticks(range(len(values)), labels, rotation=30, ha="right")
+    ax.set_ylabel(title_m)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def scatter_plot(rows: list[dict], label_keys, x: str, y: str, path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in rows:
+        if x in r and y in r:
+            sx, sy = METRICS.get(x, (x, 1.0, 0))[1], METRICS.get(y, (y, 1.0, 0))[1]
+            ax.errorbar(r[x][0] * sx, r[y][0] * sy, xerr=r[x][1] * sx, yerr=r[y][1] * sy,
+                        fmt="o", capsize=3, label=" / ".join(str(r.get(k)) for k in label_keys))
+    ax.set_xlabel(METRICS.get(x, (x,))[0])
+    ax.set_ylabel(METRICS.get(y, (y,))[0])
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def speed_ratio(rows: list[dict], slow: str, fast: str, key: str = "s_per_epoch") -> float:
+    """Mean `key` of variant `slow` over that of `fast` (NaN if either is missing)."""
+    pick = {r.get("variant"): r.get(key) for r in rows}
+    if not pick.get(slow) or not pick.get(fast):
+        return math.nan
+    return pick[slow][0] / pick[fast][0]

@@ -1,0 +1,83 @@
+"""Run many training configs, each in its own subprocess, into a results store.
+
+A crash, an out-of-memory kill or a diverged model ends only its own run: the parent records
+it (status failed, with the reason) and goes on. Interrupted runs resume from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import yaml
+
+from .checkpoint import atomic_write, read_json
+from .config import config_from_dict, config_hash, config_to_dict
+from .store import ResultsStore
+
+
+@dataclass
+class Job:
+    variant: str  # label in reports, e.g. "tied-multi"
+    config: dict  # nested config dict (as YAML)
+    tags: dict = field(default_factory=dict)  # extra columns, e.g. {"budget": "equal-time"}
+
+
+def run_jobs(jobs: list[Job], store: ResultsStore, workers: int = 1, threads: int = 0,
+             timeout_s: float | None = None, log=print) -> list[dict]:
+    """Run every unfinished job; returns the store's records for all `jobs`."""
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    resolved = []
+    for job in jobs:
+        cfg = config_from_dict(job.config)  # bad configs fail here, before anything runs
+        resolved.append((job, config_to_dict(cfg), config_hash(cfg)))
+    finished = store.finished()
+    todo = [r for r in resolved if r[2] not in finished]
+    log(f"{len(resolved)} runs: {len(resolved) - len(todo)} finished, {len(todo)} to run "
+        f"({workers} at a time, {threads} threads each)")
+
+    def one(item):
+        job, values, digest = item
+        record = _run_one(job, values, digest, store, threads, timeout_s)
+        store.append(record)
+        log(f"  {record['status']:<8} {job.variant:<24} seed {values['seed']}  "
+            + (f"test {record['test_acc']:.2%}  {record['train_time_s']:.0f}s"
+               if record["status"] == "ok" else record.get("reason", "")))
+        return record
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(one, todo))
+    wanted = {digest for _, _, digest in resolved}
+    return [r for r in store.records() if r["config_hash"] in wanted]
+
+
+def _run_one(job: Job, values: dict, digest: str, store: ResultsStore, threads: int,
+             timeout_s: float | None) -> dict:
+    run_dir = store.run_dir(digest)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base = {"variant": job.variant, **job.tags, "config": values, "config_hash": digest,
+            "seed": values["seed"]}
+    values = {**values, "threads": threads, "progress": False}
+    config_file = run_dir / "requested.yaml"
+    atomic_write(config_file, yaml.safe_dump(values).encode())
+    if (run_dir / "config.json").exists() and (run_dir / "checkpoint.json").exists():
+        args = ["train", "--resume", str(run_dir)]
+    else:
+        for stale in ("config.json", "metrics.jsonl"):  # a run that died before its first epoch
+            (run_dir / stale).unlink(missing_ok=True)
+        args = ["train", str(config_file), "--out", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    start = time.time()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tiedmask.cli", *args], capture_output=True,
+                              text=True, env=env, timeout=timeout_s)
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    except subprocess.TimeoutExpired:
+        tail = f"timed out after {timeout_s:.0f}s"
+    if (run_dir / "result.json").exists():
+        return {**read_json(run_dir / "result.json"), **base, "wall_s": time.time() - start}
+    return {**base, "status": "failed", "reason": tail[-500:], "wall_s": time.time() - start}

@@ -1,0 +1,69 @@
+import pytest
+
+from tiedmask.bench import VARIANTS, bench_jobs, write_bench_report
+from tiedmask.config import config_from_dict, config_hash
+from tiedmask.errors import ConfigError
+from tiedmask.report import markdown_table, summarize
+from tiedmask.runner import Job, run_jobs
+from tiedmask.store import ResultsStore
+
+TINY = {"model": {"name": "tied-resnet-xs", "width": 4, "depth": 1}, "data": {"name": "digits"},
+        "epochs": 1, "batch_size": 64}
+
+
+def test_bench_variants_share_parameters_and_differ_only_in_execution():
+    jobs = bench_jobs("cifar10", seeds=[0], budgets=("epochs",))
+    assert [j.variant for j in jobs] == list(VARIANTS)
+    models = [j.config["model"] for j in jobs]
+    shared = {k: v for k, v in models[0].items() if k not in ("execution", "mask_scope")}
+    for m in models:
+        assert {k: m[k] for k in shared} == shared
+    from tiedmask.models import count_params, resolve_model_config, build_model
+    counts = {count_params(build_model(resolve_model_config(m))) for m in models}
+    assert len(counts) == 1
+
+
+def test_equal_time_budget_lets_the_clock_end_runs():
+    jobs = bench_jobs("demo", seeds=[0], budgets=("time",), time_budget_s=5)
+    assert all(j.config["time_budget_s"] == 5 and j.config["epochs"] >= 50 for j in jobs)
+
+
+def test_bad_bench_arguments_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown bench preset"):
+        bench_jobs("imagenet-9000")
+    with pytest.raises(ConfigError, match="unknown variant"):
+        bench_jobs("demo", variants=["tied-best"])
+
+
+def test_runner_records_ok_failed_and_diverged_and_skips_finished(tmp_path):
+    store = ResultsStore(tmp_path / "store")
+    ok = Job("ok", TINY)
+    failing = Job("no-data", {**TINY, "data": {"name": "cifar10", "root": str(tmp_path / "none")}})
+    diverging = Job("diverging", {**TINY, "optim": {"name": "sgd", "lr": 1e12}})
+    records = {r["variant"]: r for r in run_jobs([ok, failing, diverging], store, log=lambda *a: None)}
+    assert records["ok"]["status"] == "ok" and 0 <= records["ok"]["test_acc"] <= 1
+    assert records["no-data"]["status"] == "failed" and "not found" in records["no-data"]["reason"]
+    assert records["diverging"]["status"] == "diverged" and "non-finite" in records["diverging"]["reason"]
+    assert records["ok"]["config_hash"] == config_hash(config_from_dict(TINY))
+
+    lines = []
+    run_jobs([ok, diverging], store, log=lines.append)
+    assert "2 finished, 0 to run" in lines[0]
+
+
+def test_summarize_gives_mean_and_sample_std_per_group():
+    records = [{"variant": "a", "status": "ok", "test_acc": v, "params": 10} for v in (0.2, 0.4, 0.6)]
+    records.append({"variant": "a", "status": "failed", "reason": "boom"})
+    (row,) = summarize(records, by=("variant",))
+    assert row["n"] == 3 and row["failed"] == 1 and row["reasons"] == ["boom"]
+    assert row["test_acc"] == pytest.approx((0.4, 0.2))
+    assert "| a | 10 | 3 (+1 failed) | 40.00 ± 20.00 |" in markdown_table([row], ("variant",), ("test_acc",))
+
+
+def test_bench_report_writes_markdown_and_plots(tmp_path):
+    records = [{"variant": v, "budget": "equal-epochs", "status": "ok", "test_acc": 0.5 + 0.1 * i,
+                "s_per_epoch": 1.0 + i, "params": 5, "seed": s}
+               for i, v in enumerate(["tied-multi", "deq-anderson-implicit"]) for s in (0, 1)]
+    report = write_bench_report(records, tmp_path, "t")
+    assert "deq-anderson-implicit over tied-multi: **2.00x**" in report
+    assert (tmp_path / "report.md").exists() and (tmp_path / "acc_epochs.png").exists()
