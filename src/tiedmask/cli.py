@@ -112,10 +112,39 @@ def cmd_report(args, overrides) -> int:
     from .bench import write_bench_report
     from .store import ResultsStore
 
+    from .report import write_sweep_report
+
     records = ResultsStore(args.store).records()
     if not records:
         raise TiedmaskError(f"{args.store} holds no results.jsonl records; run bench or sweep into it")
-    print(write_bench_report(records, Path(args.store), Path(args.store).name))
+    write = write_bench_report if any("budget" in r for r in records) else write_sweep_report
+    print(write(records, Path(args.store), Path(args.store).name))
+    return 0
+
+
+def cmd_sweep(args, overrides) -> int:
+    from .report import write_sweep_report
+    from .sweep import run_sweep
+
+    records = run_sweep(args.grid, args.out)
+    print(write_sweep_report(records, Path(args.out), Path(args.grid).stem))
+    return 0
+
+
+def cmd_advise(args, overrides) -> int:
+    from .advise import advise
+
+    print(advise(args.params, args.flops, args.store))
+    return 0
+
+
+def cmd_analyze(args, overrides) -> int:
+    from .analysis.analyze import analyze_run, summary_markdown
+    from .train import load_run_config
+
+    result = analyze_run(args.run_dir, images=args.images, data_root=args.data_root)
+    print(summary_markdown(result, load_run_config(args.run_dir), args.images))
+    print(f"wrote {Path(args.run_dir) / 'analysis'}")
     return 0
 
 
@@ -155,6 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores / workers)")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("analyze", help="CKA heatmaps, mask statistics and state dynamics of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--images", type=int, default=1000, help="test images to analyse")
+    p.add_argument("--data-root", default="", help="dataset folder, if not the run's")
+    p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("sweep", help="a grid of runs (YAML) into a results store")
+    p.add_argument("grid", help="grid YAML (see tiedmask.sweep)")
+    p.add_argument("--out", required=True, help="results store directory")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("advise", help="best measured depth/width/density/scope for a budget")
+    p.add_argument("--params", type=float, required=True, help="parameter budget")
+    p.add_argument("--flops", type=float, help="FLOPs per image budget")
+    p.add_argument("--store", nargs="+", help="results stores or results.jsonl files (default: shipped)")
+    p.set_defaults(fn=cmd_advise)
 
     p = sub.add_parser("report", help="tables and plots from a results store")
     p.add_argument("store")

@@ -30,3 +30,21 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path, ylabel: str, t
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_heatmap(matrix, path: Path, title: str, label: str = "application") -> Path:
+    """A square matrix (e.g. CKA between applications) with values in [0, 1]."""
+    fig, ax = plt.subplots(figsize=(4.6, 4), dpi=120)
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma", origin="lower")
+    n = len(matrix)
+    ticks = list(range(n)) if n <= 12 else list(range(0, n, max(1, n // 8)))
+    ax.set_xticks(ticks, [str(t + 1) for t in ticks])
+    ax.set_yticks(ticks, [str(t + 1) for t in ticks])
+    ax.set_xlabel(label)
+    ax.set_ylabel(label)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

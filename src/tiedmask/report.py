@@ -22,6 +22,8 @@ METRICS = {  # key: (column title, scale, digits)
     "img_per_s": ("img/s", 1.0, 0),
     "peak_mem_mb": ("peak mem (MB)", 1.0, 0),
     "epochs": ("epochs", 1.0, 1),
+    "macs_effective": ("effective MMACs/img", 1e-6, 1),
+    "cka_offdiag_mean": ("mean off-diagonal CKA", 1.0, 3),
 }
 
 
@@ -112,3 +114,58 @@ def speed_ratio(rows: list[dict], slow: str, fast: str, key: str = "s_per_epoch"
     if not pick.get(slow) or not pick.get(fast):
         return math.nan
     return pick[slow][0] / pick[fast][0]
+
+
+def _model(record: dict, key: str):
+    return record.get("config", {}).get("model", {}).get(key)
+
+
+def line_plot(records: list[dict], x_key: str, series_key, path: Path, title: str, metric="test_acc") -> Path:
+    """Mean ± std of `metric` against model setting `x_key`, one line per series."""
+    series: dict[str, dict] = {}
+    for r in records:
+        if r.get("status") == "ok" and _model(r, x_key) is not None:
+            series.setdefault(series_key(r), {}).setdefault(_model(r, x_key), []).append(r[metric])
+    title_m, scale, _ = METRICS[metric]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, points in sorted(series.items()):
+        xs = sorted(points)
+        means = [statistics.mean(points[x]) * scale for x in xs]
+        stds = [(statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0) * scale for x in xs]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(title_m)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_sweep_report(records: list[dict], out: Path, title: str) -> str:
+    """Table per variant, accuracy against density and against depth, CKA against scope."""
+    rows = summarize(records, ("variant",))
+    metrics = ("test_acc", "final_train_loss", "macs_effective", "cka_offdiag_mean", "train_time_s")
+    lines = [f"# sweep: {title}", "", markdown_table(rows, ("variant",), metrics), ""]
+    ok = [r for r in records if r.get("status") == "ok"]
+
+    if len({_model(r, "density") for r in ok}) > 1:
+        line_plot(ok, "density", lambda r: f"{_model(r, 'cell')} {_model(r, 'mask_scope')} "
+                  f"w{_model(r, 'width')} d{_model(r, 'depth')}", out / "acc_vs_density.png",
+                  f"{title}: test accuracy against density")
+    if len({_model(r, "depth") for r in ok}) > 1:
+        line_plot(ok, "depth", lambda r: f"{_model(r, 'mask_scope')} w{_model(r, 'width')} "
+                  f"density {_model(r, 'density')}", out / "acc_vs_depth.png",
+                  f"{title}: test accuracy against depth")
+    with_cka = [r for r in summarize(ok, ("variant",)) if "cka_offdiag_mean" in r]
+    if with_cka:
+        bar_plot(with_cka, ("variant",), "cka_offdiag_mean", out / "cka_by_variant.png",
+                 f"{title}: mean off-diagonal CKA between applications")
+    if len(rows) > 1:
+        bar_plot(rows, ("variant",), "test_acc", out / "acc_by_variant.png", f"{title}: test accuracy")
+    lines += ["Plots: " + ", ".join(sorted(p.name for p in out.glob("*.png")))]
+    report = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(report)
+    return report

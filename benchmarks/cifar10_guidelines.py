@@ -1,0 +1,58 @@
+"""The measurements behind docs/guidelines.md, on real CIFAR-10 (about 60 min on 2 CPU cores).
+
+1. density sweep of the multi-mask ResNet-like tied model      (grids/cifar10_density.yaml)
+2. width against depth at equal active parameters and FLOPs   (grids/cifar10_width_depth.yaml)
+3. CKA heatmaps of the dense, same-mask and multi-mask deep-narrow models trained by
+   benchmarks/cifar10_masks.py (run that first; skipped if its runs are missing)
+
+    python benchmarks/cifar10_guidelines.py
+
+Results: runs/sweep-*/report.md and plots, benchmarks/results/guidelines.json, and the shipped
+store src/tiedmask/resources/measured_results.jsonl that `tiedmask advise` reads by default.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tiedmask.analysis.analyze import analyze_run
+from tiedmask.report import summarize, write_sweep_report
+from tiedmask.sweep import run_sweep
+
+HERE = Path(__file__).parent
+SWEEPS = {"density": HERE / "grids/cifar10_density.yaml", "width_depth": HERE / "grids/cifar10_width_depth.yaml"}
+MASK_RUNS = Path("runs/bench-cifar10-masks")
+
+
+def main() -> None:
+    out = {}
+    shipped = HERE.parent / "src/tiedmask/resources/measured_results.jsonl"
+    lines = []
+    for name, grid in SWEEPS.items():
+        store = Path(f"runs/sweep-{name}")
+        records = run_sweep(grid, store)
+        print(write_sweep_report(records, store, name))
+        out[name] = [{k: v for k, v in row.items() if k != "reasons"}
+                     for row in summarize(records, ("variant",),
+                                          ("test_acc", "cka_offdiag_mean", "macs_effective"))]
+        lines += (store / "results.jsonl").read_text().splitlines()
+    shipped.write_text("\n".join(lines) + "\n")
+    cka = {}
+    for scope in ("dense", "same", "multi"):
+        run = MASK_RUNS / f"16w8d-{scope}-s0"
+        if (run / "result.json").exists():
+            result = analyze_run(run, images=1000)
+            cka[scope] = {"offdiag": result["cka_offdiag_mean"], "adjacent": result["cka_adjacent_mean"],
+                          "heatmaps": [str(p) for p in sorted((run / "analysis").glob("*.png"))]}
+            for png in (run / "analysis").glob("*.png"):
+                shutil.copy(png, HERE.parent / "docs/img" / f"cka_{scope}_{png.name}")
+    out["cka_by_scope"] = cka
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results/guidelines.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(cka, indent=1))
+
+
+if __name__ == "__main__":
+    main()

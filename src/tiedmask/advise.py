@@ -1,0 +1,70 @@
+"""`tiedmask advise --params N [--flops F]`: the best measured configuration within a budget.
+
+It only recommends what was measured: it reads results stores (default: the results this
+project ships, measured on CIFAR-10 with the commands in docs/results.md) and names the runs
+that back its answer.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from .errors import TiedmaskError
+from .store import ResultsStore
+
+SHIPPED = Path(__file__).parent / "resources" / "measured_results.jsonl"
+SETTINGS = ("execution", "width", "depth", "stages", "density", "mask_kind", "mask_scope", "cell")
+
+
+def _setting(record: dict) -> tuple:
+    model = record.get("config", {}).get("model", {})
+    return tuple(model.get(k) for k in SETTINGS)
+
+
+def load_records(paths: list[str | Path]) -> list[dict]:
+    records = []
+    for path in paths:
+        path = Path(path)
+        store = ResultsStore(path.parent if path.suffix == ".jsonl" else path)
+        if path.suffix == ".jsonl":
+            store.path = path
+        if not store.path.exists():
+            raise TiedmaskError(f"no results at {store.path}; point --store at a bench or sweep directory")
+        records += store.records()
+    return records
+
+
+def advise(params: int, flops: float | None = None, stores: list[str | Path] | None = None) -> str:
+    stores = stores or [SHIPPED]
+    records = [r for r in load_records(stores) if r.get("status") == "ok" and "params" in r]
+    if not records:
+        raise TiedmaskError("the results hold no finished runs; run `tiedmask sweep` first")
+    fits = [r for r in records if r["params"] <= params
+            and (flops is None or 2 * r.get("macs_effective", 0) <= flops)]
+    if not fits:
+        smallest = min(records, key=lambda r: r["params"])
+        raise TiedmaskError(
+            f"no measured configuration fits {params:,} parameters"
+            + (f" and {flops:.3g} FLOPs" if flops else "")
+            + f"; the smallest measured has {smallest['params']:,} parameters and "
+            f"{2 * smallest.get('macs_effective', 0):.3g} FLOPs/img; raise the budget or run a sweep")
+    groups: dict[tuple, list[dict]] = {}
+    for r in fits:
+        data = r.get("config", {}).get("data", {}).get("name")
+        groups.setdefault((data, _setting(r)), []).append(r)
+    ranked = sorted(groups.items(), key=lambda kv: -statistics.mean(r["test_acc"] for r in kv[1]))
+    lines = [f"budget: <= {params:,} parameters" + (f", <= {flops:.3g} FLOPs/img" if flops else ""),
+             f"{len(fits)} measured runs fit ({len(groups)} settings) in {', '.join(map(str, stores))}", ""]
+    for rank, ((data, setting), rs) in enumerate(ranked[:3], 1):
+        s = dict(zip(SETTINGS, setting))
+        accs = [r["test_acc"] for r in rs]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(
+            f"{rank}. {s['execution']} {s['cell']} width {s['width']}, depth {s['depth']}, "
+            f"{s['mask_scope']} {s['mask_kind']} masks at density {s['density']}: "
+            f"{100 * statistics.mean(accs):.2f} ± {100 * sd:.2f}% on {data} "
+            f"(n={len(rs)}, {rs[0]['params']:,} params, {2 * rs[0].get('macs_effective', 0) / 1e6:.1f} MFLOPs/img, "
+            f"runs {', '.join(r['config_hash'] for r in rs)})")
+    lines += ["", "Short budgets (a few epochs on CPU) favour fast learners; re-measure at your budget."]
+    return "\n".join(lines)

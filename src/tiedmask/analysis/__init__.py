@@ -1,0 +1,1 @@
+"""Analysis of trained models: layer-to-layer CKA, mask statistics, state dynamics."""

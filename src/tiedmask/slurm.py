@@ -1,0 +1,48 @@
+"""Sweeps on a Slurm cluster through submitit (the `slurm` extra)."""
+
+from __future__ import annotations
+
+from .config import config_from_dict, config_hash, config_to_dict
+from .errors import ConfigError
+from .store import ResultsStore
+
+
+def train_job(values: dict, run_dir: str) -> dict:
+    """What one cluster job runs: train (resuming if the run dir has a checkpoint)."""
+    from pathlib import Path
+
+    from .train import train
+
+    resume = (Path(run_dir) / "checkpoint.json").exists()
+    return train(config_from_dict(values), out=run_dir, resume=resume, log=lambda *a: None).to_dict()
+
+
+def run_jobs_slurm(jobs, store: ResultsStore, slurm_options: dict, log=print, cluster: str | None = None):
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("launcher slurm needs submitit: pip install 'tiedmask[slurm]'") from None
+    executor = submitit.AutoExecutor(folder=str(store.root / "slurm"), cluster=cluster)
+    executor.update_parameters(**slurm_options)
+    finished = store.finished()
+    submitted = []
+    for job in jobs:
+        cfg = config_from_dict(job.config)
+        values, digest = config_to_dict(cfg), config_hash(cfg)
+        if digest in finished:
+            continue
+        run_dir = store.run_dir(digest)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        submitted.append((job, values, digest, executor.submit(train_job, values, str(run_dir))))
+    log(f"submitted {len(submitted)} jobs to {executor.cluster}")
+    for job, values, digest, future in submitted:
+        base = {"variant": job.variant, **job.tags, "config": values, "config_hash": digest,
+                "seed": values["seed"]}
+        try:
+            record = {**future.result(), **base}
+        except Exception as exc:  # the job's own failure, reported by submitit
+            record = {**base, "status": "failed", "reason": str(exc).strip().splitlines()[-1][-500:]}
+        store.append(record)
+        log(f"  {record['status']:<8} {job.variant} seed {values['seed']}")
+    wanted = {config_hash(config_from_dict(j.config)) for j in jobs}
+    return [r for r in store.records() if r["config_hash"] in wanted]

@@ -1,0 +1,114 @@
+"""`tiedmask sweep GRID.yaml --out DIR`: a grid of runs into a results store.
+
+A grid file:
+
+    base:                      # a run config, as for `tiedmask train`
+      model: {name: tied-resnet-s, width: 16}
+      data: {name: cifar10, train_subset: 6000}
+      epochs: 2
+    grid:                      # dotted keys -> values; every combination runs
+      model.density: [0.1, 0.5, 1.0]
+    variants:                  # optional named settings, each crossed with the grid
+      - {label: wide, model.width: 32, model.depth: 2}
+      - {label: deep, model.width: 16, model.depth: 8}
+    seeds: [0, 1]
+    workers: 2                 # runs at a time (local launcher)
+    threads: 1                 # torch threads per run
+    launcher: local            # or slurm (needs the `slurm` extra: submitit)
+    slurm: {partition: gpu, timeout_min: 60, cpus_per_task: 4}
+    analyze: true              # CKA between applications after each run (adds cka_* columns)
+
+>>> jobs, options = grid_jobs({"base": {"data": {"name": "digits"}}, "grid": {"model.depth": [2, 4]}})
+>>> [j.variant for j in jobs]
+['depth=2', 'depth=4']
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+
+from .analysis.analyze import analyze_run
+from .config import config_from_dict, read_yaml
+from .errors import ConfigError
+from .runner import Job, run_jobs
+from .store import ResultsStore
+
+GRID_KEYS = {"base", "grid", "variants", "seeds", "workers", "threads", "launcher", "slurm", "analyze",
+             "timeout_s"}
+
+
+def _set_dotted(values: dict, key: str, value) -> None:
+    node = values
+    *parents, last = key.split(".")
+    for p in parents:
+        child = node.setdefault(p, {})
+        if isinstance(child, str):  # `model: tied-resnet-s` shorthand
+            child = node[p] = {"name": child}
+        node = child
+    node[last] = value
+
+
+def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
+    """Jobs and launcher options from a grid spec (the parsed YAML)."""
+    unknown = sorted(set(spec) - GRID_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown grid key(s) {unknown}; valid: {sorted(GRID_KEYS)}")
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ConfigError("grid must map dotted keys to non-empty lists, e.g. model.density: [0.5, 1.0]")
+    variants = spec.get("variants") or [{}]
+    seeds = spec.get("seeds", [0])
+    jobs = []
+    for variant in variants:
+        variant = dict(variant)
+        label = variant.pop("label", None)
+        for combo in itertools.product(*grid.values()):
+            for seed in seeds:
+                values = copy.deepcopy(spec.get("base") or {})
+                for key, value in {**variant, **dict(zip(grid, combo))}.items():
+                    _set_dotted(values, key, value)
+                values["seed"] = seed
+                parts = ([label] if label else []) + [f"{k.split('.')[-1]}={v}" for k, v in zip(grid, combo)]
+                tags = {k.split(".")[-1]: v for k, v in dict(zip(grid, combo)).items()}
+                jobs.append(Job(",".join(parts) or "base", values, tags))
+    for job in jobs:
+        config_from_dict(job.config)  # every cell of the grid must be valid before anything runs
+    options = {k: spec[k] for k in ("workers", "threads", "launcher", "slurm", "analyze", "timeout_s")
+               if k in spec}
+    return jobs, options
+
+
+def run_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
+    jobs, options = grid_jobs(read_yaml(grid_file))
+    store = ResultsStore(out)
+    launcher = options.get("launcher", "local")
+    if launcher == "local":
+        records = run_jobs(jobs, store, options.get("workers", 1), options.get("threads", 0),
+                           timeout_s=options.get("timeout_s"), log=log)
+    elif launcher == "slurm":
+        from .slurm import run_jobs_slurm
+
+        records = run_jobs_slurm(jobs, store, options.get("slurm", {}), log=log)
+    else:
+        raise ConfigError(f"unknown launcher {launcher!r}; use local or slurm")
+    if options.get("analyze"):
+        records = add_cka(records, store, log)
+    return records
+
+
+def add_cka(records: list[dict], store: ResultsStore, log=print) -> list[dict]:
+    """Analyse every ok run that has no CKA yet; the store gets the updated record."""
+    out = []
+    for record in records:
+        if record.get("status") == "ok" and "cka_offdiag_mean" not in record:
+            result = analyze_run(store.run_dir(record["config_hash"]), images=500)
+            stages = result["cka_offdiag_mean"]
+            record = {**record, "cka_offdiag_mean": sum(stages) / len(stages),
+                      "cka_adjacent_mean": sum(result["cka_adjacent_mean"]) / len(stages)}
+            store.append(record)
+            log(f"  analysed {record['variant']} seed {record['seed']}: "
+                f"mean off-diagonal CKA {record['cka_offdiag_mean']:.3f}")
+        out.append(record)
+    return out

@@ -1,0 +1,72 @@
+import itertools
+
+import pytest
+import torch
+
+from tiedmask.analysis.cka import MinibatchCKA, linear_cka, unbiased_hsic
+from tiedmask.analysis.states import relative_changes, stage_states
+from tiedmask.models import create_model
+
+
+def brute_force_hsic(k: torch.Tensor, l: torch.Tensor) -> float:
+    """The U-statistic definition: average over ordered distinct (i, j, q, r)."""
+    n = k.shape[0]
+    total, count = 0.0, 0
+    for i, j, q, r in itertools.permutations(range(n), 4):
+        total += k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]
+        count += 1
+    return float(total / count)
+
+
+def test_unbiased_hsic_matches_the_u_statistic_definition():
+    torch.manual_seed(0)
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    k, l = x @ x.T, y @ y.T
+    assert float(unbiased_hsic(k, l)) == pytest.approx(brute_force_hsic(k, l), rel=1e-9, abs=1e-12)
+
+
+def test_cka_of_a_representation_with_itself_is_one():
+    x = torch.randn(50, 20)
+    assert float(linear_cka([x, x])[0, 1]) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_cka_is_invariant_to_orthogonal_maps_and_isotropic_scaling():
+    torch.manual_seed(1)
+    x, y = torch.randn(60, 16), torch.randn(60, 16)
+    y = y + x  # some shared structure
+    q, _ = torch.linalg.qr(torch.randn(16, 16))
+    base = float(linear_cka([x, y])[0, 1])
+    assert float(linear_cka([x @ q, 4.2 * y])[0, 1]) == pytest.approx(base, abs=1e-6)
+
+
+def test_cka_is_near_zero_for_independent_representations():
+    torch.manual_seed(2)
+    acc = MinibatchCKA(2)
+    for _ in range(20):
+        acc.update([torch.randn(64, 50), torch.randn(64, 50)])
+    assert abs(float(acc.compute()[0, 1])) < 0.02
+
+
+def test_minibatch_cka_approaches_the_full_batch_linear_cka():
+    torch.manual_seed(3)
+    w = torch.randn(30, 30)
+    xs = [torch.randn(100, 30) for _ in range(30)]
+    acc = MinibatchCKA(2)
+    for x in xs:
+        acc.update([x, torch.relu(x @ w)])
+    x = torch.cat(xs)
+    y = torch.relu(x @ w)
+    x, y = (t.double() - t.double().mean(0) for t in (x, y))
+    full = (y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm())  # Kornblith et al. 2019
+    assert float(acc.compute()[0, 1]) == pytest.approx(float(full), abs=0.02)
+
+
+@pytest.mark.parametrize("execution,scope", [("unrolled", "multi"), ("equilibrium", "same")])
+def test_states_are_captured_for_every_application(execution, scope):
+    model = create_model("tied-resnet-s", width=8, depth=3, execution=execution, mask_scope=scope,
+                         deq_eval_iter=5, deq_tol=1e-12)
+    states = stage_states(model, torch.randn(4, 3, 16, 16))
+    assert len(states) == 2
+    assert all(len(s) == (3 if execution == "unrolled" else 5) for s in states)
+    assert len(relative_changes(states[0])) == len(states[0]) - 1
+    assert model.stages[0].tied.trace is None  # tracing is switched off again

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import yaml
+
+from tiedmask.advise import advise
+from tiedmask.cli import main
+from tiedmask.errors import ConfigError, TiedmaskError
+from tiedmask.store import ResultsStore
+from tiedmask.sweep import grid_jobs, run_sweep
+
+BASE = {"model": {"name": "tied-resnet-xs", "width": 4}, "data": {"name": "digits"},
+        "epochs": 1, "batch_size": 64}
+
+
+def test_grid_is_the_cartesian_product_crossed_with_variants_and_seeds():
+    jobs, _ = grid_jobs({"base": BASE, "grid": {"model.density": [0.25, 0.5], "model.depth": [1, 2]},
+                         "variants": [{"label": "a"}, {"label": "b", "model.width": 8}], "seeds": [0, 1]})
+    assert len(jobs) == 2 * 2 * 2 * 2
+    widths = {j.variant.split(",")[0]: j.config["model"].get("width") for j in jobs}
+    assert widths == {"a": 4, "b": 8}
+    assert {(j.config["model"]["density"], j.config["model"]["depth"]) for j in jobs} == {
+        (0.25, 1), (0.25, 2), (0.5, 1), (0.5, 2)}
+
+
+@pytest.mark.parametrize("spec,match", [
+    ({"grid": {"model.density": 0.5}}, "non-empty lists"),
+    ({"gird": {}}, "unknown grid key"),
+    ({"grid": {"model.density": [2.0]}}, "outside"),
+    ({"grid": {"model.colour": ["red"]}}, "unknown"),
+])
+def test_bad_grids_fail_before_anything_runs(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        grid_jobs(spec)
+
+
+def test_sweep_with_cka_then_report_and_advise(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"base": BASE, "grid": {"model.mask_scope": ["dense", "multi"]},
+                                    "variants": [{"label": "d2", "model.depth": 2}], "analyze": True}))
+    store = tmp_path / "store"
+    records = run_sweep(grid, store, log=lambda *a: None)
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert all(0 <= r["cka_offdiag_mean"] <= 1.0 + 1e-6 for r in records)
+    assert main(["report", str(store)]) == 0
+    assert "mean off-diagonal CKA" in (store / "report.md").read_text()
+    text = advise(10**6, stores=[store])
+    best = max(records, key=lambda r: r["test_acc"])
+    assert f"{100 * best['test_acc']:.2f}" in text.splitlines()[3] and best["config_hash"] in text
+    with pytest.raises(TiedmaskError, match="no measured configuration fits"):
+        advise(10, stores=[store])
+
+
+def test_advise_reads_the_shipped_results_or_says_what_is_missing(tmp_path):
+    with pytest.raises(TiedmaskError, match="no results"):
+        advise(10**6, stores=[tmp_path / "empty"])
+
+
+def test_slurm_launcher_through_submitit(tmp_path):
+    submitit = pytest.importorskip("submitit")
+    from tiedmask.runner import Job
+    from tiedmask.slurm import run_jobs_slurm
+
+    assert submitit
+    store = ResultsStore(tmp_path / "store")
+    records = run_jobs_slurm([Job("tiny", {**BASE, "model": {**BASE["model"], "depth": 1}})], store, {},
+                             log=lambda *a: None, cluster="debug")
+    assert records[0]["status"] == "ok"
+    assert json.loads((store.run_dir(records[0]["config_hash"]) / "result.json").read_text())["status"] == "ok"
+
+
+def test_analyze_command_writes_heatmaps_and_summary(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--model", "tied-resnet-xs", "--width", "4", "--depth", "3",
+                 "--epochs", "1", "--progress", "false", "--out", str(out)]) == 0
+    assert main(["analyze", str(out), "--images", "64"]) == 0
+    assert (out / "analysis" / "cka_stage0.png").exists()
+    cka = json.loads((out / "analysis" / "analysis.json").read_text())["cka"][0]
+    assert len(cka) == 3 and all(abs(cka[i][i] - 1) < 1e-6 for i in range(3))
