@@ -12,7 +12,7 @@ from tiedmask.models import MODEL_PRESETS, count_params, create_model
 
 def tiny(name, **kw):
     # Presets at their own depth/stages, narrowed so the whole registry runs in seconds.
-    return create_model(name, width=8, **kw)
+    return create_model(name, width=8, image_size=16, **kw)
 
 
 @pytest.mark.parametrize("name,kind,scope",
@@ -95,3 +95,34 @@ def test_checkpointed_unrolling_gives_the_same_gradients():
     ckpt(x).sum().backward()
     for a, b in zip(plain.parameters(), ckpt.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_transformer_macs_match_closed_form():
+    d, depth, n_tokens, classes = 16, 3, 16, 10  # 16x16 image, patch 4 -> 16 tokens
+    model = create_model("tied-vit-s", width=d, depth=depth, heads=4, mlp_ratio=2.0, image_size=16,
+                         density=0.25)
+    macs = count_macs(model, (3, 16, 16))
+    embed = n_tokens * d * 3 * 4 * 4
+    linear = n_tokens * (3 * d * d + d * d + 2 * d * 2 * d)  # qkv, proj, fc1, fc2
+    attention = 2 * n_tokens * n_tokens * d  # scores and weighted values: never masked
+    head = d * classes
+    assert macs["dense"] == embed + depth * (linear + attention) + head
+    assert macs["effective"] == embed + depth * (0.25 * linear + attention) + head
+
+
+def test_transformer_masks_every_linear_of_the_tied_block():
+    model = create_model("tied-vit-s", width=16, depth=3, image_size=16)
+    names = sorted(n.split(".")[-1] for n, _ in masked_layers(model))
+    assert names == ["fc1", "fc2", "proj", "qkv"]
+    assert all(len(layer.mask_stack()) == 3 for _, layer in masked_layers(model))
+
+
+def test_transformer_config_errors_name_the_fix():
+    from tiedmask.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stages 1"):
+        create_model("tied-vit-s", stages=2)
+    with pytest.raises(ConfigError, match="divisible by heads"):
+        create_model("tied-vit-s", width=30, heads=4)
+    with pytest.raises(ConfigError, match="does not fit the transformer"):
+        create_model("tied-vit-s", norm="batch")

@@ -35,12 +35,12 @@ BENCH_PRESETS = {
                  "optim": {"lr": 3e-3, "warmup_epochs": 1}},
         "time_budget_s": 8.0,
     },
-    # CIFAR-10 on a CPU budget: a fixed 5k-image train subset, 2k test images.
+    # CIFAR-10 on a CPU budget: a fixed 4k-image train subset, 2k test images.
     "cifar10": {
         "base": {"model": {"name": "tied-resnet-s", "width": 16, "depth": 4, "density": 0.5},
-                 "data": {"name": "cifar10", "train_subset": 5000, "test_subset": 2000},
+                 "data": {"name": "cifar10", "train_subset": 4000, "test_subset": 2000},
                  "epochs": 2, "batch_size": 64, "optim": {"lr": 3e-3, "warmup_epochs": 0.25}},
-        "time_budget_s": 60.0,
+        "time_budget_s": 45.0,
     },
 }
 

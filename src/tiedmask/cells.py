@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .layers import MaskedConv2d
+from .layers import MaskedConv2d, MaskedLinear
 
 CELLS: dict[str, Callable[..., nn.Module]] = {}
-NORMS = ("group", "batch", "none")
+NORMS = ("auto", "group", "batch", "layer", "none")  # auto: group for conv cells, layer for tokens
 
 
 def register_cell(name: str):
@@ -31,14 +31,15 @@ def register_cell(name: str):
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
-    if kind == "group":
+    """A norm for conv feature maps [B, C, H, W]."""
+    if kind in ("group", "auto"):
         # 8 groups as in the DEQ ResNet cell; gcd keeps odd widths valid.
         return nn.GroupNorm(math.gcd(8, channels), channels)
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "none":
         return nn.Identity()
-    raise ConfigError(f"unknown norm {kind!r}; choose one of {list(NORMS)}")
+    raise ConfigError(f"norm {kind!r} does not fit conv cells; choose group, batch or none")
 
 
 @register_cell("resnet")
@@ -64,3 +65,44 @@ class ResNetCell(nn.Module):
     def forward(self, z: torch.Tensor, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         y = self.norm1(F.relu(self.conv1(z, index)))
         return self.norm3(F.relu(z + self.norm2(x + self.conv2(y, index))))
+
+
+@register_cell("transformer")
+class TransformerCell(nn.Module):
+    """A pre-norm Transformer block on tokens [B, N, D] with input injection:
+
+        h  = z + x
+        h  = h + proj(attention(norm1(h)))
+        z' = h + fc2(gelu(fc1(norm2(h))))
+
+    Every Linear weight (qkv, proj, fc1, fc2) is masked.
+    """
+
+    def __init__(self, width: int, norm: str = "auto", heads: int = 4, mlp_ratio: float = 2.0):
+        super().__init__()
+        if norm not in ("auto", "layer", "none"):
+            raise ConfigError(f"norm {norm!r} does not fit the transformer cell; use layer or none")
+        if width % heads:
+            raise ConfigError(f"width {width} is not divisible by heads {heads}; change one of them")
+        hidden = int(round(width * mlp_ratio))
+        make = (lambda: nn.LayerNorm(width)) if norm != "none" else nn.Identity
+        self.heads = heads
+        self.norm1, self.norm2 = make(), make()
+        self.qkv = MaskedLinear(width, 3 * width)
+        self.proj = MaskedLinear(width, width)
+        self.fc1 = MaskedLinear(width, hidden)
+        self.fc2 = MaskedLinear(hidden, width)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        b, n, d = z.shape
+        h = z + x
+        qkv = self.qkv(self.norm1(h), index).view(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        h = h + self.proj(attended, index)
+        return h + self.fc2(F.gelu(self.fc1(self.norm2(h), index)), index)
+
+    def extra_macs(self, args, output) -> int:
+        """Attention scores and weighted values, which no Linear layer counts: 2 N^2 D per image."""
+        _, n, d = output.shape
+        return 2 * n * n * d

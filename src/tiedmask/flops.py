@@ -30,8 +30,14 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
         totals["dense"] += dense
         totals["effective"] += dense * density
 
+    def extra(module, args, output):  # products no Conv/Linear carries (attention)
+        macs = module.extra_macs(args, output)
+        totals["dense"] += macs
+        totals["effective"] += macs
+
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles += [m.register_forward_hook(extra) for m in model.modules() if hasattr(m, "extra_macs")]
     was_training = model.training
     try:
         model.eval()

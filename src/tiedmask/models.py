@@ -35,19 +35,23 @@ class ModelConfig:
     """Everything that defines a model; `name` picks a preset whose values fill the defaults."""
 
     name: str = "tied-resnet-s"
-    cell: str = "resnet"
+    cell: str = "resnet"  # resnet | transformer
     execution: str = "unrolled"
     width: int = 32  # channels of the first stage; each later stage doubles it
     depth: int = 4  # applications of the tied cell per stage
     stages: int = 2
-    norm: str = "group"
+    norm: str = "auto"  # auto: group for resnet, layer for transformer
     mask_kind: str = "unstructured"
     mask_scope: str = "multi"  # dense | same | multi
     density: float = 0.5  # kept share of each masked weight
     mask_seed: int = 0
     nm_m: int = 4  # M of N:M masks; N = density * M
     checkpointing: bool = False
-    head_pool: int = 4  # average-pool to a head_pool x head_pool grid before the linear head
+    head_pool: int = 4  # resnet: average-pool to a head_pool x head_pool grid before the head
+    patch_size: int = 4  # transformer: patch embedding stride
+    heads: int = 4  # transformer: attention heads
+    mlp_ratio: float = 2.0  # transformer: MLP hidden width / width
+    image_size: int = 32  # transformer: input side (sets the number of tokens)
     weight_norm: str = "none"  # none | weight | spectral, on the tied cell's weights
     # Equilibrium (DEQ) execution; ignored when execution is unrolled.
     deq_solver: str = "anderson"  # fixed_point | anderson | broyden
@@ -96,6 +100,12 @@ def tied_resnet_deep() -> dict:
 
 
 @register_model
+def tied_vit_s() -> dict:
+    """Transformer-like: patch 4, width 96, 4 heads, one tied block applied 6 times."""
+    return dict(cell="transformer", width=96, depth=6, stages=1, heads=4, patch_size=4)
+
+
+@register_model
 def tied_resnet_m() -> dict:
     """Two stages of width 64/128, depth 4: closer to the paper's CIFAR-10 setting."""
     return dict(width=64, depth=4, stages=2)
@@ -117,7 +127,8 @@ def resolve_model_config(values: dict | None = None, **overrides) -> ModelConfig
 
 
 def validate_model_config(cfg: ModelConfig) -> None:
-    for key in ("width", "depth", "stages", "in_channels", "num_classes", "head_pool"):
+    for key in ("width", "depth", "stages", "in_channels", "num_classes", "head_pool", "patch_size",
+                "heads", "image_size"):
         value = getattr(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"model.{key} must be an integer >= 1, got {value!r}")
@@ -125,6 +136,11 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"unknown cell {cfg.cell!r}; choose one of {sorted(CELLS)}")
     if cfg.execution not in EXECUTIONS:
         raise ConfigError(f"unknown execution {cfg.execution!r}; choose one of {list(EXECUTIONS)}")
+    if cfg.cell == "transformer":
+        if cfg.stages != 1:
+            raise ConfigError("the transformer cell runs one stage of tokens; set model.stages 1")
+        if cfg.image_size % cfg.patch_size:
+            raise ConfigError(f"image_size {cfg.image_size} is not divisible by patch_size {cfg.patch_size}")
     if cfg.weight_norm not in WEIGHT_NORMS:
         raise ConfigError(f"unknown weight_norm {cfg.weight_norm!r}; choose one of {list(WEIGHT_NORMS)}")
     if cfg.execution == "equilibrium":
@@ -174,36 +190,11 @@ class Stage(nn.Module):
         return self.tied(x)
 
 
-class TiedNet(nn.Module):
-    """stem -> [stage, downsample]* -> average pool to a small grid -> linear head.
+class Backbone(nn.Module):
+    """What every tied backbone shares: masks from the config, DEQ losses and statistics."""
 
-    The head pools to a grid rather than globally: the cell ends in a GroupNorm, which sets
-    each group's mean over space to zero per image, so a global average would discard most of
-    what the features say (a width-8 model did not learn the digits at all). A 4x4 grid, as in
-    the DEQ ResNet recipe, keeps where things are.
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        widths = [cfg.width * 2**s for s in range(cfg.stages)]
-        self.stem = nn.Sequential(
-            nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1, bias=False),
-            make_norm(cfg.norm, widths[0]),
-            nn.ReLU(inplace=True),
-        )
-        self.stages = nn.ModuleList(Stage(CELLS[cfg.cell](w, norm=cfg.norm), cfg) for w in widths)
-        self.downsamples = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(w_in, w_out, 3, stride=2, padding=1, bias=False),
-                make_norm(cfg.norm, w_out),
-                nn.ReLU(inplace=True),
-            )
-            for w_in, w_out in zip(widths[:-1], widths[1:])
-        )
-        self.pool = nn.AdaptiveAvgPool2d(cfg.head_pool)
-        self.head = nn.Linear(widths[-1] * cfg.head_pool**2, cfg.num_classes)
-        self.rebuild_masks()
+    config: ModelConfig
+    stages: nn.ModuleList
 
     def rebuild_masks(self) -> None:
         """(Re)generate every mask from the config; they are never stored in checkpoints."""
@@ -229,6 +220,44 @@ class TiedNet(nn.Module):
                 backward += b
         return forward, backward
 
+
+def make_cell(cfg: ModelConfig, width: int) -> nn.Module:
+    if cfg.cell == "transformer":
+        return CELLS[cfg.cell](width, norm=cfg.norm, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+    return CELLS[cfg.cell](width, norm=cfg.norm)
+
+
+class TiedNet(Backbone):
+    """stem -> [stage, downsample]* -> average pool to a small grid -> linear head.
+
+    The head pools to a grid rather than globally: the cell ends in a GroupNorm, which sets
+    each group's mean over space to zero per image, so a global average would discard most of
+    what the features say (a width-8 model did not learn the digits at all). A 4x4 grid, as in
+    the DEQ ResNet recipe, keeps where things are.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        widths = [cfg.width * 2**s for s in range(cfg.stages)]
+        self.stem = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1, bias=False),
+            make_norm(cfg.norm, widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        self.stages = nn.ModuleList(Stage(make_cell(cfg, w), cfg) for w in widths)
+        self.downsamples = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(w_in, w_out, 3, stride=2, padding=1, bias=False),
+                make_norm(cfg.norm, w_out),
+                nn.ReLU(inplace=True),
+            )
+            for w_in, w_out in zip(widths[:-1], widths[1:])
+        )
+        self.pool = nn.AdaptiveAvgPool2d(cfg.head_pool)
+        self.head = nn.Linear(widths[-1] * cfg.head_pool**2, cfg.num_classes)
+        self.rebuild_masks()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for s, stage in enumerate(self.stages):
@@ -238,12 +267,35 @@ class TiedNet(nn.Module):
         return self.head(self.pool(x).flatten(1))
 
 
-def build_model(cfg: ModelConfig) -> TiedNet:
+class TiedViT(Backbone):
+    """patch embedding + positions -> one tied Transformer stage -> LayerNorm, mean pool, head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        tokens = (cfg.image_size // cfg.patch_size) ** 2
+        self.embed = nn.Conv2d(cfg.in_channels, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.pos = nn.Parameter(torch.randn(1, tokens, cfg.width) * 0.02)
+        self.stages = nn.ModuleList([Stage(make_cell(cfg, cfg.width), cfg)])
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.num_classes)
+        self.rebuild_masks()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        if tokens.shape[1] != self.pos.shape[1]:
+            raise ValueError(f"{tokens.shape[1]} tokens for {self.pos.shape[1]} positions: "
+                             f"the model was built for image_size {self.config.image_size}")
+        z = self.stages[0](tokens + self.pos)
+        return self.head(self.norm(z).mean(1))
+
+
+def build_model(cfg: ModelConfig) -> Backbone:
     validate_model_config(cfg)
-    return TiedNet(cfg)
+    return TiedViT(cfg) if cfg.cell == "transformer" else TiedNet(cfg)
 
 
-def create_model(name: str = ModelConfig.name, **overrides) -> TiedNet:
+def create_model(name: str = ModelConfig.name, **overrides) -> Backbone:
     """A model from a preset name plus keyword overrides (timm-style)."""
     return build_model(resolve_model_config({"name": name}, **overrides))
 

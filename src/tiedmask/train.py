@@ -273,7 +273,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
         torch.set_num_threads(cfg.threads)
     ds = dataset or load_dataset(cfg.data.name, cfg.data.root, cfg.data.download)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, in_channels=ds.in_channels, num_classes=ds.num_classes))
+        cfg.model, in_channels=ds.in_channels, num_classes=ds.num_classes,
+        image_size=ds.train_x.shape[-1]))
     aug = ds.augment if cfg.data.augment == "auto" else cfg.data.augment
     train_x, train_y = fixed_subset(ds.train_x, ds.train_y, cfg.data.train_subset)
     test_x, test_y = fixed_subset(ds.test_x, ds.test_y, cfg.data.test_subset)
