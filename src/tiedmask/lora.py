@@ -1,0 +1,166 @@
+"""Multi-mask LoRA (CapaBoost, arXiv 2407.01320) for any nn.Linear of any PyTorch model.
+
+    delta W = (alpha / r) * sum_i (B * M_B^i) @ (A * M_A^i)
+
+One shared dense pair A [r, in], B [out, r] and n static masks per factor (kinds, density and
+seed as in `tiedmask.masks`, named by the module path, so they are regenerated, never stored).
+Stacking the masked copies gives the same update as one LoRA of rank n*r,
+
+    A_cat = [A * M_A^1; ...; A * M_A^n]   (n r x in),   B_cat = [B * M_B^1, ..., B * M_B^n],
+    delta W = (alpha / r) * B_cat @ A_cat,
+
+whose rank can reach n*r for the parameters of rank r. With n = 1 and density 1 it is LoRA.
+
+>>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+>>> net = apply_multimask_lora(net, targets=r"^0$", rank=2, n_masks=3, density=0.5)
+>>> trainable_parameters(net)
+32
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+
+from .checkpoint import atomic_write
+from .errors import ConfigError, TiedmaskError
+from .masks import check_mask_settings, make_mask
+
+
+class MaskedFactor(torch.nn.Module):
+    """A shared weight and n masks, acting as the stacked matrix of its masked copies.
+
+    `stack_dim` 0 stacks rows (A: n r x in); 1 stacks columns (B: out x n r). Exposes `weight`
+    (the stacked matrix), so code that reads a Linear's weight (peft's merge) works unchanged.
+    """
+
+    def __init__(self, shape, stack_dim: int, n_masks: int, kind: str, density: float, seed: int, name: str):
+        super().__init__()
+        self.shared = torch.nn.Parameter(torch.zeros(shape))
+        self.stack_dim = stack_dim
+        masks = [make_mask(kind, tuple(shape), density, seed, name, i) for i in range(n_masks)]
+        self.register_buffer("masks", torch.stack(masks), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        copies = self.shared.unsqueeze(0) * self.masks.to(self.shared.dtype)
+        return torch.cat(list(copies), dim=self.stack_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class MultiMaskLoRALinear(torch.nn.Module):
+    """A frozen base Linear plus a multi-mask LoRA update; `merge()` folds it into the base."""
+
+    def __init__(self, base: torch.nn.Linear, name: str, rank: int = 4, alpha: float | None = None,
+                 n_masks: int = 2, density: float = 0.5, kind: str = "unstructured", seed: int = 0):
+        super().__init__()
+        if rank < 1 or n_masks < 1:
+            raise ConfigError(f"rank and n_masks must be >= 1, got {rank} and {n_masks}")
+        check_mask_settings(kind, "multi", density)
+        self.base = base
+        self.rank, self.n_masks = rank, n_masks
+        self.scaling = (alpha if alpha is not None else rank) / rank
+        self.lora_A = MaskedFactor((rank, base.in_features), 0, n_masks, kind, density, seed, f"{name}.lora_A")
+        self.lora_B = MaskedFactor((base.out_features, rank), 1, n_masks, kind, density, seed, f"{name}.lora_B")
+        torch.nn.init.kaiming_uniform_(self.lora_A.shared, a=math.sqrt(5))  # B = 0: starts as the base
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * self.lora_B.weight @ self.lora_A.weight
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        out = self.base(x, *args)
+        if self.merged:
+            return out
+        return out + self.scaling * self.lora_B(self.lora_A(x.to(self.lora_A.shared.dtype)))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+
+def adapters(model: torch.nn.Module) -> dict[str, MultiMaskLoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, MultiMaskLoRALinear)}
+
+
+def apply_multimask_lora(model: torch.nn.Module, targets: str, rank: int = 4, alpha: float | None = None,
+                         n_masks: int = 2, density: float = 0.5, kind: str = "unstructured",
+                         seed: int = 0, train_also: str | None = None) -> torch.nn.Module:
+    """Wrap every nn.Linear whose qualified name matches the regex `targets`; freeze the rest.
+
+    `train_also` is a regex of parameter names left trainable (e.g. a new head: ``head``).
+    """
+    pattern = re.compile(targets)
+    chosen = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and pattern.search(n)]
+    if not chosen:
+        raise ConfigError(f"no nn.Linear module name matches {targets!r}; "
+                          f"Linear modules: {[n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:12]}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in chosen:
+        wrapped = MultiMaskLoRALinear(module, name, rank, alpha, n_masks, density, kind, seed)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, wrapped.to(module.weight.device))
+    if train_also:
+        keep = re.compile(train_also)
+        for n, p in model.named_parameters():
+            if keep.search(n) and "lora_" not in n:
+                p.requires_grad_(True)
+    model._multimask_lora = {"targets": targets, "rank": rank, "alpha": alpha, "n_masks": n_masks,
+                             "density": density, "kind": kind, "seed": seed}
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge_all(model: torch.nn.Module) -> None:
+    for a in adapters(model).values():
+        a.merge()
+
+
+def unmerge_all(model: torch.nn.Module) -> None:
+    for a in adapters(model).values():
+        a.unmerge()
+
+
+def save_adapter(model: torch.nn.Module, path: str | Path) -> None:
+    """Only the adapter tensors (safetensors) and its settings (JSON, in the header)."""
+    tensors = {f"{n}.{f}": getattr(a, f).shared.detach().cpu().contiguous()
+               for n, a in adapters(model).items() for f in ("lora_A", "lora_B")}
+    settings = json.dumps(getattr(model, "_multimask_lora", {}))
+    atomic_write(Path(path), save(tensors, metadata={"multimask_lora": settings}))
+
+
+def load_adapter(model: torch.nn.Module, path: str | Path) -> None:
+    """Load tensors saved by `save_adapter` into a model with the same adapters applied."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise TiedmaskError(f"cannot read adapter {path} ({exc})") from None
+    found = adapters(model)
+    for key, value in tensors.items():
+        name, factor = key.rsplit(".", 1)
+        if name not in found:
+            raise TiedmaskError(f"adapter {path} has {name!r}, which this model lacks; "
+                                "apply_multimask_lora with the same targets first")
+        getattr(found[name], factor).shared.data.copy_(value)
