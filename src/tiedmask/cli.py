@@ -37,6 +37,21 @@ def cmd_train(args, overrides) -> int:
     return 0 if result.status == "ok" else 1
 
 
+def cmd_finetune(args, overrides) -> int:
+    from .config import config_from_dict, merge, parse_overrides
+    from .finetune import pretrained_defaults
+    from .train import train
+
+    if not (Path(args.run_dir) / "config.json").exists():
+        raise TiedmaskError(f"{args.run_dir} holds no trained run (no config.json); train one first")
+    values = merge(pretrained_defaults(args.run_dir), {"finetune": {"method": args.method}})
+    cfg = config_from_dict(merge(values, parse_overrides(overrides)))
+    result = train(cfg, out=args.out)
+    print(f"{result.status}: test acc {result.test_acc:.2%}, {result.trainable_params:,} of "
+          f"{result.params:,} parameters trained ({args.method})")
+    return 0 if result.status == "ok" else 1
+
+
 def cmd_eval(args, overrides) -> int:
     import dataclasses
 
@@ -159,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
     p.set_defaults(fn=cmd_train)
 
+    p = sub.add_parser("finetune", help="fine-tune a trained run on a new dataset (full, lora, multimask_lora)",
+                       epilog="overrides as for train, e.g. --data fashion_mnist --finetune.rank 8 --epochs 2")
+    p.add_argument("run_dir", help="the pre-trained run")
+    p.add_argument("--method", default="multimask_lora", choices=["full", "lora", "multimask_lora"])
+    p.add_argument("--out", help="run directory")
+    p.set_defaults(fn=cmd_finetune)
+
     p = sub.add_parser("eval", help="score a run's checkpoint on its test set",
                        epilog="data overrides, e.g. --data.root DIR, are accepted")
     p.add_argument("run_dir")
@@ -216,11 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "info", "eval"):
+    if extra and args.command not in ("train", "info", "eval", "finetune"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # A YAML config is the first bare word after the command; argparse would otherwise take
     # the value of an override (`--model NAME`) for it.
-    args.config = extra.pop(0) if extra and not extra[0].startswith("-") else None
+    if args.command in ("train", "info"):
+        args.config = extra.pop(0) if extra and not extra[0].startswith("-") else None
     try:
         return args.fn(args, extra)
     except TiedmaskError as exc:

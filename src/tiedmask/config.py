@@ -35,6 +35,8 @@ class DataConfig:
     augment: str = "auto"  # auto picks crop_flip for natural images, crop for digits/clothes
     train_subset: int = 0  # train on a fixed random subset of this many images (0 = all)
     test_subset: int = 0  # evaluate on a fixed random subset of the test set (0 = all)
+    channels: int = 0  # 0 = as stored; 3 repeats grey images, 1 averages colour (for transfer)
+    image_size: int = 0  # 0 = as stored; else zero-pad (or resize) to this side (for transfer)
 
 
 @dataclass
@@ -49,10 +51,23 @@ class OptimConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    init_from: str = ""  # run directory of the pre-trained model ("" = train from scratch)
+    method: str = "full"  # full | lora | multimask_lora
+    rank: int = 4
+    alpha: float = 0.0  # LoRA scale alpha / rank; 0 means alpha = rank
+    n_masks: int = 2  # multimask_lora: masked copies of the shared A and B
+    density: float = 0.5  # multimask_lora: kept share of each copy
+    targets: str = r"(qkv|proj|fc1|fc2)$"  # regex of nn.Linear names that get adapters
+    train_head: bool = True  # re-initialise and train the classifier head
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     epochs: int = 10
     time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
     batch_size: int = 128
@@ -65,7 +80,8 @@ class TrainConfig:
     progress: bool = True
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "finetune": FinetuneConfig}
+FINETUNE_METHODS = ("full", "lora", "multimask_lora")
 
 
 def _check_type(key: str, value, expected) -> object:
@@ -102,7 +118,7 @@ def config_from_dict(values: dict) -> TrainConfig:
     sections = {}
     for name, cls in SECTIONS.items():
         section = values.get(name, {})
-        if isinstance(section, str):  # `model: tied-resnet-s` is short for `model: {name: ...}`
+        if isinstance(section, str) and name != "finetune":  # `model: tied-resnet-s` = {name: ...}
             section = {"name": section}
         if not isinstance(section, dict):
             raise ConfigError(f"{name} must be a mapping or a name, got {section!r}")
@@ -112,6 +128,7 @@ def config_from_dict(values: dict) -> TrainConfig:
         model=resolve_model_config(sections["model"]),
         data=DataConfig(**sections["data"]),
         optim=OptimConfig(**sections["optim"]),
+        finetune=FinetuneConfig(**sections["finetune"]),
         **top,
     )
     validate(cfg)
@@ -125,6 +142,8 @@ def validate(cfg: TrainConfig) -> None:
         "channels_last": (cfg.channels_last, ("auto", "true", "false")),
         "optim.name": (cfg.optim.name, OPTIMIZERS),
         "data.augment": (cfg.data.augment, AUGMENTS),
+        "data.channels": (cfg.data.channels, (0, 1, 3)),
+        "finetune.method": (cfg.finetune.method, FINETUNE_METHODS),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -145,7 +164,8 @@ def _leaf_index() -> dict[str, list[str]]:
         if f.name in SECTIONS:
             for sub in dataclasses.fields(SECTIONS[f.name]):
                 index.setdefault(sub.name, []).append(f"{f.name}.{sub.name}")
-            index.setdefault(f.name, []).append(f"{f.name}.name")
+            if f.name != "finetune":
+                index.setdefault(f.name, []).append(f"{f.name}.name")
         else:
             index.setdefault(f.name, []).append(f.name)
     return index

@@ -300,5 +300,5 @@ def create_model(name: str = ModelConfig.name, **overrides) -> Backbone:
     return build_model(resolve_model_config({"name": name}, **overrides))
 
 
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -31,6 +31,7 @@ from .config import TrainConfig, config_from_dict, config_hash, config_to_dict
 from .data import Dataset, augment, load_dataset, normalize
 from .deq.equilibrium import SolverDiverged
 from .errors import ConfigError
+from .finetune import adapt_dataset, attach_adapters, prepare_finetune
 from .flops import count_macs
 from .models import build_model, count_params
 
@@ -51,6 +52,7 @@ class Result:
     config_hash: str
     reason: str = ""
     s_per_epoch: float = 0.0
+    trainable_params: int = 0
     peak_mem_mb: float = 0.0
     solver: dict = dataclasses.field(default_factory=dict)  # DEQ: mean iterations, residuals
 
@@ -92,8 +94,9 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     # No weight decay on norms and biases (1-D tensors), as is usual for AdamW.
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    params = [p for p in model.parameters() if p.requires_grad]  # adapters only, when fine-tuning
+    decay = [p for p in params if p.dim() > 1]
+    no_decay = [p for p in params if p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if o.name == "sgd":
@@ -272,6 +275,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ds = dataset or load_dataset(cfg.data.name, cfg.data.root, cfg.data.download)
+    ds = adapt_dataset(ds, cfg.data.channels, cfg.data.image_size)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, in_channels=ds.in_channels, num_classes=ds.num_classes,
         image_size=ds.train_x.shape[-1]))
@@ -282,7 +286,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
     mean, std = (t.to(device) for t in ds.channel_stats())
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if cfg.finetune.init_from:
+        model = prepare_finetune(model, cfg)
+    model = model.to(device)
     macs = count_macs(model, tuple(ds.train_x.shape[1:]))
     if use_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
@@ -302,9 +309,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
             log(f"resuming {run_dir} after epoch {state['epoch']}")
         atomic_write_json(run_dir / "config.json", config_to_dict(cfg))
 
-    params = count_params(model)
+    params, trainable = count_params(model), count_params(model, trainable_only=True)
     log(f"model {cfg.model.name} ({cfg.model.mask_scope}, density {cfg.model.density}): "
-        f"{params:,} params, {macs['effective'] / 1e6:.1f}M effective MACs/img, on {device}")
+        f"{params:,} params ({trainable:,} trained), {macs['effective'] / 1e6:.1f}M effective MACs/img, on {device}")
     status, reason, loss, test_acc, solver = "ok", "", float("nan"), 0.0, {}
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         time_left = cfg.time_budget_s - state["train_time_s"] if cfg.time_budget_s else math.inf
@@ -347,6 +354,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
         status=status, reason=reason,
         test_acc=state.get("last_test_acc", test_acc), best_test_acc=state["best_test_acc"],
         final_train_loss=state.get("last_train_loss", loss), params=params,
+        trainable_params=trainable,
         macs_dense=macs["dense"], macs_effective=macs["effective"],
         train_time_s=state["train_time_s"],
         img_per_s=state["images"] / state["train_time_s"] if state["train_time_s"] else 0.0,
@@ -365,7 +373,7 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 def load_trained_model(run_dir: str | Path, device: str = "cpu"):
     """(model with the run's last checkpoint, its config)."""
     cfg = load_run_config(run_dir)
-    model = build_model(cfg.model)
+    model = attach_adapters(build_model(cfg.model), cfg)
     model_state, _, _ = load_checkpoint(Path(run_dir))
     model.load_state_dict(model_state)
     return model.to(device), cfg
