@@ -14,7 +14,6 @@ def test_yaml_then_overrides(tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (["--model.colour", "red"], "unknown"),
-    (["--name", "x"], "ambiguous"),
     (["--model", "resnet9000"], "unknown model"),
     (["--depth", "0"], ">= 1"),
     (["--depth", "two"], "integer"),
@@ -38,3 +37,8 @@ def test_yaml_is_read_safely(tmp_path):
 def test_override_values_are_typed():
     assert parse_overrides(["--model.checkpointing", "true", "--epochs", "4"]) == {
         "model": {"checkpointing": True}, "epochs": 4}
+
+
+def test_shared_leaf_names_mean_the_model_setting():
+    cfg = load_config(overrides=["--density", "0.25", "--finetune.density", "0.75", "--name", "tied-resnet-xs"])
+    assert cfg.model.density == 0.25 and cfg.finetune.density == 0.75 and cfg.model.name == "tied-resnet-xs"

@@ -158,7 +158,11 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def _leaf_index() -> dict[str, list[str]]:
-    """Leaf name -> dotted keys, so that `--depth 6` can stand for `--model.depth 6`."""
+    """Leaf name -> dotted keys, so that `--depth 6` can stand for `--model.depth 6`.
+
+    A leaf in several sections is ambiguous unless the model has it: then the model's wins
+    (`--density` is model.density; finetune.density must be spelled out).
+    """
     index: dict[str, list[str]] = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name in SECTIONS:
@@ -189,6 +193,8 @@ def parse_overrides(args: list[str]) -> dict:
         key = key.replace("-", "_")
         if "." not in key:
             matches = leaves.get(key, [])
+            if f"model.{key}" in matches:  # a shared leaf name means the model's setting
+                matches = [f"model.{key}"]
             if len(matches) != 1:
                 hint = f"ambiguous: use one of {matches}" if matches else "no such key"
                 raise ConfigError(f"unknown override --{key} ({hint}); see `tiedmask train --help`")
