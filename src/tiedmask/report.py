@@ -73,6 +73,21 @@ def markdown_table(rows: list[dict], by: tuple[str, ...], metrics=tuple(METRICS)
     return "\n".join(lines)
 
 
+def _finish(fig, ax, path: Path, title: str, xlabel: str | None, ylabel: str, legend: bool) -> Path:
+    """Labels, grid, legend, save and close: the same for every plot here."""
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def bar_plot(rows: list[dict], label_keys: tuple[str, ...], metric: str, path: Path, title: str) -> Path:
     labels = [" / ".join(str(r.get(k)) for k in label_keys) for r in rows if metric in r]
     values = [r[metric] for r in rows if metric in r]
@@ -81,13 +96,7 @@ def bar_plot(rows: list[dict], label_keys: tuple[str, ...], metric: str, path: P
     ax.bar(range(len(values)), [v[0] * scale for v in values], yerr=[v[1] * scale for v in values],
            capsize=4, color="#4C72B0")
     ax.set_xticks(range(len(values)), labels, rotation=30, ha="right")
-    ax.set_ylabel(title_m)
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, None, title_m, legend=False)
 
 
 def scatter_plot(rows: list[dict], label_keys, x: str, y: str, path: Path, title: str) -> Path:
@@ -97,15 +106,7 @@ def scatter_plot(rows: list[dict], label_keys, x: str, y: str, path: Path, title
             sx, sy = METRICS.get(x, (x, 1.0, 0))[1], METRICS.get(y, (y, 1.0, 0))[1]
             ax.errorbar(r[x][0] * sx, r[y][0] * sy, xerr=r[x][1] * sx, yerr=r[y][1] * sy,
                         fmt="o", capsize=3, label=" / ".join(str(r.get(k)) for k in label_keys))
-    ax.set_xlabel(METRICS.get(x, (x,))[0])
-    ax.set_ylabel(METRICS.get(y, (y,))[0])
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, METRICS.get(x, (x,))[0], METRICS.get(y, (y,))[0], legend=True)
 
 
 def speed_ratio(rows: list[dict], slow: str, fast: str, key: str = "s_per_epoch") -> float:
@@ -133,15 +134,7 @@ def line_plot(records: list[dict], x_key: str, series_key, path: Path, title: st
         means = [statistics.mean(points[x]) * scale for x in xs]
         stds = [(statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0) * scale for x in xs]
         ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
-    ax.set_xlabel(x_key)
-    ax.set_ylabel(title_m)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, x_key, title_m, legend=True)
 
 
 def write_sweep_report(records: list[dict], out: Path, title: str) -> str:
