@@ -67,3 +67,16 @@ def test_bench_report_writes_markdown_and_plots(tmp_path):
     report = write_bench_report(records, tmp_path, "t")
     assert "deq-anderson-implicit over tied-multi: **2.00x**" in report
     assert (tmp_path / "report.md").exists() and (tmp_path / "acc_epochs.png").exists()
+
+
+def test_store_survives_new_config_fields(tmp_path):
+    """A record written before a field existed is found under today's hash of its config."""
+    import json
+
+    store = ResultsStore(tmp_path)
+    old_config = {"model": {"name": "tied-resnet-xs", "width": 4}, "data": {"name": "digits"}, "epochs": 1}
+    store.append({"variant": "v", "status": "ok", "config": old_config, "config_hash": "old-hash"})
+    (record,) = store.records()
+    assert record["config_hash"] == config_hash(config_from_dict(old_config))
+    assert store.run_dir_of(record) == tmp_path / "runs" / "old-hash"
+    assert json.loads(store.path.read_text())["config_hash"] == "old-hash"  # the file is untouched

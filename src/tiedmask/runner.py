@@ -60,7 +60,7 @@ def _run_one(job: Job, values: dict, digest: str, store: ResultsStore, threads: 
     run_dir = store.run_dir(digest)
     run_dir.mkdir(parents=True, exist_ok=True)
     base = {"variant": job.variant, **job.tags, "config": values, "config_hash": digest,
-            "seed": values["seed"]}
+            "seed": values["seed"], "run_dir": str(run_dir.relative_to(store.root))}
     values = {**values, "threads": threads, "progress": False}
     config_file = run_dir / "requested.yaml"
     atomic_write(config_file, yaml.safe_dump(values).encode())

@@ -37,7 +37,7 @@ def run_jobs_slurm(jobs, store: ResultsStore, slurm_options: dict, log=print, cl
     log(f"submitted {len(submitted)} jobs to {executor.cluster}")
     for job, values, digest, future in submitted:
         base = {"variant": job.variant, **job.tags, "config": values, "config_hash": digest,
-                "seed": values["seed"]}
+                "seed": values["seed"], "run_dir": f"runs/{digest}"}
         try:
             record = {**future.result(), **base}
         except Exception as exc:  # the job's own failure, reported by submitit

@@ -7,7 +7,9 @@ Layout of a store directory:
 
 `bench` and `sweep` both write here and `report` reads any store, so there is one format.
 A config whose latest record is ok or diverged is finished and skipped on a re-run; a failed
-one is tried again.
+one is tried again. Records are re-keyed on reading by the hash of their config as this
+version resolves it, so a store stays valid when config fields are added (with defaults);
+each record keeps the run directory it was written to.
 """
 
 from __future__ import annotations
@@ -16,6 +18,20 @@ import json
 from pathlib import Path
 
 FINISHED = ("ok", "diverged")
+
+
+def rekey(record: dict) -> dict:
+    """The record under the hash that its config has today (see the module docstring)."""
+    from .config import config_from_dict, config_hash
+    from .errors import ConfigError
+
+    record.setdefault("run_dir", f"runs/{record['config_hash']}")
+    if "config" in record:
+        try:
+            record["config_hash"] = config_hash(config_from_dict(record["config"]))
+        except ConfigError:
+            pass  # a config this version cannot read keeps its old key
+    return record
 
 
 class ResultsStore:
@@ -33,9 +49,12 @@ class ResultsStore:
         latest: dict[str, dict] = {}
         for line in self.path.read_text().splitlines():
             if line.strip():
-                record = json.loads(line)
+                record = rekey(json.loads(line))
                 latest[record["config_hash"]] = record
         return list(latest.values())
+
+    def run_dir_of(self, record: dict) -> Path:
+        return self.root / record.get("run_dir", f"runs/{record['config_hash']}")
 
     def finished(self) -> set[str]:
         return {r["config_hash"] for r in self.records() if r.get("status") in FINISHED}
