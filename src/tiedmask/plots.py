@@ -33,10 +33,24 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path, ylabel: str, t
 
 
 def plot_heatmap(matrix, path: Path, title: str, label: str = "application") -> Path:
-    """A square matrix (e.g. CKA between applications) with values in [0, 1]."""
-    fig, ax = plt.subplots(figsize=(4.6, 4), dpi=120)
-    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma", origin="lower")
+    """A square matrix (e.g. CKA between applications) with values up to 1.
+
+    The colour scale starts at the matrix's minimum rounded down to 0.05: tied layers are
+    often all above 0.9, which a 0..1 scale shows as one flat colour. Small matrices get
+    their values printed.
+    """
+    import math
+
     n = len(matrix)
+    low = min(min(row) for row in matrix)
+    vmin = min(0.95, math.floor(low * 20) / 20)
+    fig, ax = plt.subplots(figsize=(5.2, 4.4), dpi=120)
+    image = ax.imshow(matrix, vmin=vmin, vmax=1, cmap="magma", origin="lower")
+    if n <= 10:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{matrix[i][j]:.3f}", ha="center", va="center", fontsize=6,
+                        color="white" if matrix[i][j] < (vmin + 1) / 2 else "black")
     ticks = list(range(n)) if n <= 12 else list(range(0, n, max(1, n // 8)))
     ax.set_xticks(ticks, [str(t + 1) for t in ticks])
     ax.set_yticks(ticks, [str(t + 1) for t in ticks])
