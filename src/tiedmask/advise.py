@@ -45,7 +45,7 @@ def advise(params: int, flops: float | None = None, stores: list[str | Path] | N
     if not fits:
         smallest = min(records, key=lambda r: r["params"])
         raise TiedmaskError(
-            f"no measured configuration fits {params:,} parameters"
+            f"no measured configuration fits {int(params):,} parameters"
             + (f" and {flops:.3g} FLOPs" if flops else "")
             + f"; the smallest measured has {smallest['params']:,} parameters and "
             f"{2 * smallest.get('macs_effective', 0):.3g} FLOPs/img; raise the budget or run a sweep")
@@ -54,7 +54,7 @@ def advise(params: int, flops: float | None = None, stores: list[str | Path] | N
         data = r.get("config", {}).get("data", {}).get("name")
         groups.setdefault((data, _setting(r)), []).append(r)
     ranked = sorted(groups.items(), key=lambda kv: -statistics.mean(r["test_acc"] for r in kv[1]))
-    lines = [f"budget: <= {params:,} parameters" + (f", <= {flops:.3g} FLOPs/img" if flops else ""),
+    lines = [f"budget: <= {int(params):,} parameters" + (f", <= {flops:.3g} FLOPs/img" if flops else ""),
              f"{len(fits)} measured runs fit ({len(groups)} settings) in {', '.join(map(str, stores))}", ""]
     for rank, ((data, setting), rs) in enumerate(ranked[:3], 1):
         s = dict(zip(SETTINGS, setting))
