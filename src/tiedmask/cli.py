@@ -9,11 +9,14 @@ from pathlib import Path
 from .errors import TiedmaskError
 
 OVERRIDES_HELP = """overrides: --KEY VALUE for any config key, dotted (--model.depth 6) or by its
-unique leaf name (--depth 6); --model NAME / --data NAME pick a preset / dataset.
-Sections: model (name cell width depth stages norm mask_kind mask_scope density mask_seed nm_m
-checkpointing), data (name root download augment train_subset), optim (name lr weight_decay
-momentum warmup_epochs label_smoothing grad_clip), and epochs batch_size eval_batch_size seed
-device precision channels_last threads progress."""
+leaf name (--depth 6; a name shared with the model means the model's); --model NAME and
+--data NAME pick a preset and a dataset.
+Sections: model (name cell execution width depth stages norm mask_kind mask_scope density
+mask_seed nm_m checkpointing head_pool weight_norm patch_size heads mlp_ratio deq_*), data
+(name root download augment train_subset test_subset channels image_size), optim (name lr
+weight_decay momentum warmup_epochs label_smoothing grad_clip), finetune (init_from method rank
+alpha n_masks density targets train_head), and epochs time_budget_s batch_size eval_batch_size
+seed device precision channels_last threads progress. `tiedmask info` shows a resolved model."""
 
 
 def cmd_train(args, overrides) -> int:
