@@ -171,3 +171,19 @@ def test_weight_normalisation_keeps_masks(kind):
 def test_multi_mask_has_no_fixed_point():
     with pytest.raises(ConfigError, match="no fixed point"):
         create_model("tied-resnet-s", execution="equilibrium", mask_scope="multi")
+
+
+def test_epoch_solver_statistics_count_only_training_solves(tmp_path):
+    """The MAC-count probe (an eval-mode forward) must not leak into the first epoch's stats."""
+    import json
+
+    from tiedmask.config import load_config
+    from tiedmask.train import train
+
+    cfg = load_config(overrides=["--data", "digits", "--model", "tied-resnet-xs", "--width", "4",
+                                 "--execution", "equilibrium", "--mask_scope", "dense",
+                                 "--deq_train_iter", "3", "--deq_eval_iter", "7", "--deq_tol", "1e-12",
+                                 "--epochs", "1", "--batch_size", "256", "--progress", "false"])
+    train(cfg, out=tmp_path / "run", log=lambda *a: None)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert row["fwd_iters"] == 3 and row["eval_fwd_iters"] == 7

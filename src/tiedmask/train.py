@@ -212,7 +212,7 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
             with autocast_context(device, cfg.precision):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.optim.label_smoothing)
-                aux = model.aux_loss() if hasattr(model, "aux_loss") else None
+                aux = model.aux_loss()
                 total = loss if aux is None else loss + aux
             optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -223,10 +223,9 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         step += 1
-        if hasattr(model, "pop_solver_stats"):
-            f, bwd = model.pop_solver_stats()
-            forward += f
-            backward += bwd
+        f, bwd = model.pop_solver_stats()
+        forward += f
+        backward += bwd
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             stats.failure = f"non-finite training loss at epoch {epoch}"
@@ -291,6 +290,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
         model = prepare_finetune(model, cfg)
     model = model.to(device)
     macs = count_macs(model, tuple(ds.train_x.shape[1:]))
+    model.pop_solver_stats()  # the MAC-count probe is not a training solve
     if use_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
@@ -328,9 +328,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
             log(f"epoch {epoch}: {reason}")
             break
         test_acc, test_loss = evaluate(model, test_x, test_y, mean, std, cfg, device)
-        if hasattr(model, "pop_solver_stats"):
-            eval_fwd, _ = model.pop_solver_stats()
-            ep.solver.update({f"eval_{k}": v for k, v in summarize_solver(eval_fwd, []).items()})
+        eval_fwd, _ = model.pop_solver_stats()
+        ep.solver.update({f"eval_{k}": v for k, v in summarize_solver(eval_fwd, []).items()})
         solver = ep.solver
         state["best_test_acc"] = max(state["best_test_acc"], test_acc)
         state["epoch"] = epoch
