@@ -4,10 +4,12 @@ multi-mask LoRA, through the ordinary training pipeline (`train` calls `prepare_
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, read_json
 from .config import TrainConfig
 from .data import Dataset
 from .errors import ConfigError
@@ -54,9 +56,6 @@ def attach_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module
 
 def pretrained_defaults(run_dir: str) -> dict:
     """Config values a fine-tune inherits from the pre-trained run: its model and input shape."""
-    from .checkpoint import read_json
-    from pathlib import Path
-
     values = read_json(Path(run_dir) / "config.json")
     model = values["model"]
     return {"model": model, "data": {"channels": model["in_channels"], "image_size": model["image_size"]},

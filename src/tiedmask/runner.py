@@ -27,14 +27,31 @@ class Job:
     tags: dict = field(default_factory=dict)  # extra columns, e.g. {"budget": "equal-time"}
 
 
+def resolve_jobs(jobs: list[Job]) -> list[tuple[Job, dict, str]]:
+    """(job, resolved config values, config hash); bad configs fail here, before anything runs."""
+    resolved = []
+    for job in jobs:
+        cfg = config_from_dict(job.config)
+        resolved.append((job, config_to_dict(cfg), config_hash(cfg)))
+    return resolved
+
+
+def record_header(job: Job, values: dict, digest: str, run_dir: str) -> dict:
+    """What every record of a job says besides its result."""
+    return {"variant": job.variant, **job.tags, "config": values, "config_hash": digest,
+            "seed": values["seed"], "run_dir": run_dir}
+
+
+def records_of(store: ResultsStore, resolved) -> list[dict]:
+    wanted = {digest for _, _, digest in resolved}
+    return [r for r in store.records() if r["config_hash"] in wanted]
+
+
 def run_jobs(jobs: list[Job], store: ResultsStore, workers: int = 1, threads: int = 0,
              timeout_s: float | None = None, log=print) -> list[dict]:
     """Run every unfinished job; returns the store's records for all `jobs`."""
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    resolved = []
-    for job in jobs:
-        cfg = config_from_dict(job.config)  # bad configs fail here, before anything runs
-        resolved.append((job, config_to_dict(cfg), config_hash(cfg)))
+    resolved = resolve_jobs(jobs)
     finished = store.finished()
     todo = [r for r in resolved if r[2] not in finished]
     log(f"{len(resolved)} runs: {len(resolved) - len(todo)} finished, {len(todo)} to run "
@@ -51,16 +68,14 @@ def run_jobs(jobs: list[Job], store: ResultsStore, workers: int = 1, threads: in
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(pool.map(one, todo))
-    wanted = {digest for _, _, digest in resolved}
-    return [r for r in store.records() if r["config_hash"] in wanted]
+    return records_of(store, resolved)
 
 
 def _run_one(job: Job, values: dict, digest: str, store: ResultsStore, threads: int,
              timeout_s: float | None) -> dict:
     run_dir = store.run_dir(digest)
     run_dir.mkdir(parents=True, exist_ok=True)
-    base = {"variant": job.variant, **job.tags, "config": values, "config_hash": digest,
-            "seed": values["seed"], "run_dir": str(run_dir.relative_to(store.root))}
+    base = record_header(job, values, digest, str(run_dir.relative_to(store.root)))
     values = {**values, "threads": threads, "progress": False}
     config_file = run_dir / "requested.yaml"
     atomic_write(config_file, yaml.safe_dump(values).encode())

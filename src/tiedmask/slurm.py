@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .config import config_from_dict, config_hash, config_to_dict
+from .config import config_from_dict
 from .errors import ConfigError
+from .runner import record_header, records_of, resolve_jobs
 from .store import ResultsStore
 
 
@@ -24,11 +25,10 @@ def run_jobs_slurm(jobs, store: ResultsStore, slurm_options: dict, log=print, cl
         raise ConfigError("launcher slurm needs submitit: pip install 'tiedmask[slurm]'") from None
     executor = submitit.AutoExecutor(folder=str(store.root / "slurm"), cluster=cluster)
     executor.update_parameters(**slurm_options)
+    resolved = resolve_jobs(jobs)
     finished = store.finished()
     submitted = []
-    for job in jobs:
-        cfg = config_from_dict(job.config)
-        values, digest = config_to_dict(cfg), config_hash(cfg)
+    for job, values, digest in resolved:
         if digest in finished:
             continue
         run_dir = store.run_dir(digest)
@@ -36,13 +36,11 @@ def run_jobs_slurm(jobs, store: ResultsStore, slurm_options: dict, log=print, cl
         submitted.append((job, values, digest, executor.submit(train_job, values, str(run_dir))))
     log(f"submitted {len(submitted)} jobs to {executor.cluster}")
     for job, values, digest, future in submitted:
-        base = {"variant": job.variant, **job.tags, "config": values, "config_hash": digest,
-                "seed": values["seed"], "run_dir": f"runs/{digest}"}
+        base = record_header(job, values, digest, f"runs/{digest}")
         try:
             record = {**future.result(), **base}
         except Exception as exc:  # the job's own failure, reported by submitit
             record = {**base, "status": "failed", "reason": str(exc).strip().splitlines()[-1][-500:]}
         store.append(record)
         log(f"  {record['status']:<8} {job.variant} seed {values['seed']}")
-    wanted = {config_hash(config_from_dict(j.config)) for j in jobs}
-    return [r for r in store.records() if r["config_hash"] in wanted]
+    return records_of(store, resolved)
