@@ -27,12 +27,8 @@ def off_diagonal_mean(matrix: torch.Tensor) -> float:
     return float((matrix.sum() - matrix.diagonal().sum()) / (n * n - n))
 
 
-@torch.no_grad()
-def analyze_model(model, x_uint8: torch.Tensor, mean, std, batch_size: int = 250) -> dict:
-    """CKA matrices, relative changes and mask statistics of `model` on images `x_uint8`."""
-    for r in runners(model):
-        if isinstance(r, Equilibrium):
-            r.tol = 0.0  # run every iteration, so each batch has the same number of states
+def _accumulate(model, x_uint8, mean, std, batch_size):
+    """Per stage: a CKA accumulator over all batches and the mean relative change per step."""
     accumulators, changes = None, None
     for start in range(0, len(x_uint8) - 3, batch_size):
         batch = x_uint8[start:start + batch_size]
@@ -46,6 +42,22 @@ def analyze_model(model, x_uint8: torch.Tensor, mean, std, batch_size: int = 250
             acc.update(stage)
             for i, c in enumerate(relative_changes(stage)):
                 ch[i] += c * len(batch) / len(x_uint8)
+    return accumulators, changes
+
+
+@torch.no_grad()
+def analyze_model(model, x_uint8: torch.Tensor, mean, std, batch_size: int = 250) -> dict:
+    """CKA matrices, relative changes and mask statistics of `model` on images `x_uint8`."""
+    # Run every DEQ iteration, so each batch has the same number of states; restored after.
+    deqs = [r for r in runners(model) if isinstance(r, Equilibrium)]
+    saved = [r.tol for r in deqs]
+    for r in deqs:
+        r.tol = 0.0
+    try:
+        accumulators, changes = _accumulate(model, x_uint8, mean, std, batch_size)
+    finally:
+        for r, tol in zip(deqs, saved):
+            r.tol = tol
     cka = [acc.compute() for acc in accumulators]
     masks = {}
     for name, layer in masked_layers(model):
