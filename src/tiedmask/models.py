@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .layers import masked_layers
 from .masks import check_mask_settings, num_masks
 from .deq import Equilibrium
+from .deq.equilibrium import NO_MULTI_MASK_FIXED_POINT
 from .deq.solvers import SOLVERS
 from .unrolled import Unrolled
 
@@ -147,8 +148,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
         if cfg.deq_solver not in SOLVERS:
             raise ConfigError(f"unknown deq_solver {cfg.deq_solver!r}; choose one of {sorted(SOLVERS)}")
         if cfg.mask_scope == "multi":
-            raise ConfigError("mask_scope 'multi' has no fixed point (each step would be another "
-                              "function); use mask_scope same or dense with execution equilibrium")
+            raise ConfigError(NO_MULTI_MASK_FIXED_POINT)
         for key in ("deq_train_iter", "deq_eval_iter", "deq_backward_iter", "deq_anderson_m"):
             if getattr(cfg, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(cfg, key)}")

@@ -16,6 +16,8 @@ from ..masks import mask_index
 from .solvers import SolverStats, solve
 
 GRADIENTS = ("implicit", "phantom")
+NO_MULTI_MASK_FIXED_POINT = ("mask_scope 'multi' has no fixed point (each step would be another "
+                             "function); use mask_scope same or dense with execution equilibrium")
 
 
 class SolverDiverged(TiedmaskError):
@@ -77,8 +79,7 @@ class Equilibrium(nn.Module):
                  phantom_steps: int = 5, phantom_tau: float = 0.5, jac_reg: float = 0.0):
         super().__init__()
         if scope == "multi":
-            raise ConfigError("mask_scope 'multi' has no fixed point (each step would be another "
-                              "function); use mask_scope same or dense with execution equilibrium")
+            raise ConfigError(NO_MULTI_MASK_FIXED_POINT)
         if grad not in GRADIENTS:
             raise ConfigError(f"unknown DEQ gradient {grad!r}; choose one of {list(GRADIENTS)}")
         if phantom_steps < 1 or not 0 < phantom_tau <= 1:
