@@ -67,6 +67,31 @@ class ResNetCell(nn.Module):
         return self.norm3(F.relu(z + self.norm2(x + self.conv2(y, index))))
 
 
+@register_cell("conv")
+class ConvCell(nn.Module):
+    """One masked 3x3 convolution with a norm per application (airbench's second conv, looped):
+
+        z' = gelu(norm_step(conv(z + x)))
+
+    With z_0 = 0 the first application is exactly a plain conv block; later ones see the stage
+    input again through the injection, which acts as a skip connection. BatchNorm statistics
+    differ per application (and per mask), so each application owns its norm (2 * width
+    parameters); the conv weight is the only tied weight. No fixed point: unrolled only.
+    """
+
+    norm_per_application = True
+
+    def __init__(self, width: int, norm: str = "auto", depth: int = 1):
+        super().__init__()
+        self.conv = MaskedConv2d(width, width, 3, padding=1, bias=False)
+        kind = "batch" if norm == "auto" else norm
+        self.norms = nn.ModuleList(make_norm(kind, width) for _ in range(depth))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor, index: int | None = None,
+                step: int = 0) -> torch.Tensor:
+        return F.gelu(self.norms[step](self.conv(z + x, index)))
+
+
 @register_cell("transformer")
 class TransformerCell(nn.Module):
     """A pre-norm Transformer block on tokens [B, N, D] with input injection:

@@ -25,6 +25,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 AUGMENTS = ("auto", "crop_flip", "crop", "none")
+TTAS = ("none", "flip")
 
 
 @dataclass
@@ -75,7 +76,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto = cuda when present, else cpu
     precision: str = "auto"  # auto = bf16 on cuda, fp32 on cpu (bf16 measured slower on cpu)
-    channels_last: str = "auto"  # auto = on for cuda, off for cpu; or "true" / "false"
+    channels_last: str = "auto"  # auto = on (measured 1.1-1.7x faster on cpu too); or "false"
+    compile: bool = False  # torch.compile the model (measured no faster on this 2-core cpu)
+    eval_tta: str = "none"  # flip: average the logits of each test image and its mirror image
     threads: int = 0  # torch threads on cpu; 0 = all cores
     progress: bool = True
 
@@ -142,6 +145,7 @@ def validate(cfg: TrainConfig) -> None:
         "channels_last": (cfg.channels_last, ("auto", "true", "false")),
         "optim.name": (cfg.optim.name, OPTIMIZERS),
         "data.augment": (cfg.data.augment, AUGMENTS),
+        "eval_tta": (cfg.eval_tta, TTAS),
         "data.channels": (cfg.data.channels, (0, 1, 3)),
         "finetune.method": (cfg.finetune.method, FINETUNE_METHODS),
     }
@@ -246,7 +250,7 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-RUNTIME_ONLY = ("threads", "progress")  # change how fast a run goes, not what it computes
+RUNTIME_ONLY = ("threads", "progress", "compile")  # change how fast a run goes, not what it computes
 
 
 def config_hash(cfg: TrainConfig | dict) -> str:

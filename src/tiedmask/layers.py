@@ -6,6 +6,8 @@ The masks are a non-persistent buffer: they are regenerated from the model confi
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,7 @@ class MaskedWeight:
     """
 
     masks: torch.Tensor | None
+    _built: torch.Tensor | None = None  # every masked weight of this forward pass, [n, *shape]
 
     def _init_masks(self) -> None:
         self.register_buffer("masks", None, persistent=False)
@@ -37,7 +40,14 @@ class MaskedWeight:
     def masked_weight(self, index: int | None) -> torch.Tensor:
         if index is None or self.masks is None:
             return self.weight
+        if self._built is not None:
+            return self._built[index]
         return self.weight * self.masks[index].view(self.weight.shape)
+
+    def build_all(self) -> None:
+        """Mask the weight with every mask in one operation, for reuse by every application."""
+        if self.masks is not None:
+            self._built = self.weight.unsqueeze(0) * self.masks.view(-1, *self.weight.shape)
 
     def mask_density(self, index: int | None) -> float:
         if index is None or self.masks is None:
@@ -65,6 +75,24 @@ class MaskedLinear(nn.Linear, MaskedWeight):
 
     def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         return F.linear(x, self.masked_weight(index), self.bias)
+
+
+@contextlib.contextmanager
+def masked_weights_built_once(module: nn.Module):
+    """Within the block, each masked layer under `module` masks its weight once for all
+    applications (one fused multiply, one in the backward pass) instead of once per call:
+    a same-mask model or a DEQ solve reuses one product; a multi-mask model builds all its
+    masked weights together. The products are dropped on exit, so weights updated by the
+    optimizer are never served stale.
+    """
+    layers = [layer for _, layer in masked_layers(module)]
+    for layer in layers:
+        layer.build_all()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._built = None
 
 
 def masked_layers(module: nn.Module) -> list[tuple[str, MaskedWeight]]:

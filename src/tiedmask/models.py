@@ -16,16 +16,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cells import CELLS, make_norm
 from .errors import ConfigError
-from .layers import masked_layers
+from .layers import masked_layers, masked_weights_built_once
 from .masks import check_mask_settings, num_masks
 from .deq import Equilibrium
 from .deq.equilibrium import NO_MULTI_MASK_FIXED_POINT
 from .deq.solvers import SOLVERS
 from .unrolled import Unrolled
+from .whitening import whitening_filters
 
 EXECUTIONS = ("unrolled", "equilibrium")
 WEIGHT_NORMS = ("none", "weight", "spectral")
@@ -36,12 +38,12 @@ class ModelConfig:
     """Everything that defines a model; `name` picks a preset whose values fill the defaults."""
 
     name: str = "tied-resnet-s"
-    cell: str = "resnet"  # resnet | transformer
+    cell: str = "resnet"  # resnet | conv | transformer
     execution: str = "unrolled"
     width: int = 32  # channels of the first stage; each later stage doubles it
     depth: int = 4  # applications of the tied cell per stage
     stages: int = 2
-    norm: str = "auto"  # auto: group for resnet, layer for transformer
+    norm: str = "auto"  # auto: group for resnet, batch for conv, layer for transformer
     mask_kind: str = "unstructured"
     mask_scope: str = "multi"  # dense | same | multi
     density: float = 0.5  # kept share of each masked weight
@@ -107,6 +109,13 @@ def tied_vit_s() -> dict:
 
 
 @register_model
+def tied_fast() -> dict:
+    """airbench-style (whitened stem, conv-pool-BN-GELU stages, max-pooled head) with one
+    masked conv per stage applied twice; widths 56/112/224, 0.89M parameters: `--recipe cifar10-fast`."""
+    return dict(cell="conv", width=56, depth=2, stages=3, density=0.5)
+
+
+@register_model
 def tied_resnet_m() -> dict:
     """Two stages of width 64/128, depth 4: closer to the paper's CIFAR-10 setting."""
     return dict(width=64, depth=4, stages=2)
@@ -145,6 +154,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
     if cfg.weight_norm not in WEIGHT_NORMS:
         raise ConfigError(f"unknown weight_norm {cfg.weight_norm!r}; choose one of {list(WEIGHT_NORMS)}")
     if cfg.execution == "equilibrium":
+        if cfg.cell == "conv":
+            raise ConfigError("the conv cell keeps a BatchNorm per application, which has no fixed "
+                              "point; use --model.cell resnet for equilibrium execution")
         if cfg.deq_solver not in SOLVERS:
             raise ConfigError(f"unknown deq_solver {cfg.deq_solver!r}; choose one of {sorted(SOLVERS)}")
         if cfg.mask_scope == "multi":
@@ -187,7 +199,12 @@ class Stage(nn.Module):
         self.tied = make_runner(cell, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tied(x)
+        if getattr(self.tied, "checkpointing", False):
+            # Recomputation in the backward pass must save exactly what the forward pass saved,
+            # so each application masks its own weight.
+            return self.tied(x)
+        with masked_weights_built_once(self.tied):
+            return self.tied(x)
 
 
 class Backbone(nn.Module):
@@ -204,6 +221,9 @@ class Backbone(nn.Module):
             layer.build_masks(
                 cfg.mask_kind, count, cfg.density, cfg.mask_seed, f"{name}.weight", nm_m=cfg.nm_m
             )
+
+    def init_from_data(self, images: torch.Tensor) -> None:
+        """Data-dependent initialisation from normalised training images (default: none)."""
 
     def aux_loss(self) -> torch.Tensor | None:
         """Regularisers the runners add to the loss (DEQ Jacobian penalty), or None."""
@@ -224,6 +244,8 @@ class Backbone(nn.Module):
 def make_cell(cfg: ModelConfig, width: int) -> nn.Module:
     if cfg.cell == "transformer":
         return CELLS[cfg.cell](width, norm=cfg.norm, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+    if cfg.cell == "conv":
+        return CELLS[cfg.cell](width, norm=cfg.norm, depth=cfg.depth)
     return CELLS[cfg.cell](width, norm=cfg.norm)
 
 
@@ -267,6 +289,44 @@ class TiedNet(Backbone):
         return self.head(self.pool(x).flatten(1))
 
 
+class TiedFastNet(Backbone):
+    """whitening stem -> [conv, max-pool, BN, GELU, tied conv cell x depth]* -> max pool -> head.
+
+    The layout of airbench's CIFAR-10 network with each block's second convolution replaced by
+    one masked convolution applied `depth` times. Only the tied convolutions are masked. The
+    whitening filters are set from the data (`init_from_data`) and frozen; their bias trains.
+    """
+
+    logit_scale = 1 / 8  # small initial logits keep high-lr SGD stable in the first steps
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        widths = [cfg.width * 2**s for s in range(cfg.stages)]
+        whiten_width = 2 * cfg.in_channels * 4
+        self.whiten = nn.Conv2d(cfg.in_channels, whiten_width, 2)
+        self.whiten.weight.requires_grad_(False)
+        norm = "batch" if cfg.norm == "auto" else cfg.norm
+        self.entries = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(w_in, w_out, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                          make_norm(norm, w_out), nn.GELU())
+            for w_in, w_out in zip([whiten_width] + widths[:-1], widths)
+        )
+        self.stages = nn.ModuleList(Stage(make_cell(cfg, w), cfg) for w in widths)
+        self.head = nn.Linear(widths[-1], cfg.num_classes, bias=False)
+        self.rebuild_masks()
+
+    def init_from_data(self, images: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.whiten.weight.copy_(whitening_filters(images.cpu()).to(self.whiten.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.whiten(x))
+        for entry, stage in zip(self.entries, self.stages):
+            x = stage(entry(x))
+        return self.head(torch.amax(x, dim=(2, 3))) * self.logit_scale
+
+
 class TiedViT(Backbone):
     """patch embedding + positions -> one tied Transformer stage -> LayerNorm, mean pool, head."""
 
@@ -292,7 +352,7 @@ class TiedViT(Backbone):
 
 def build_model(cfg: ModelConfig) -> Backbone:
     validate_model_config(cfg)
-    return TiedViT(cfg) if cfg.cell == "transformer" else TiedNet(cfg)
+    return {"transformer": TiedViT, "conv": TiedFastNet}.get(cfg.cell, TiedNet)(cfg)
 
 
 def create_model(name: str = ModelConfig.name, **overrides) -> Backbone:

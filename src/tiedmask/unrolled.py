@@ -37,12 +37,14 @@ class Unrolled(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.zeros_like(x)
+        # Cells with a norm per application (ConvCell) are also told which application runs.
+        per_step = getattr(self.cell, "norm_per_application", False)
         for step in range(self.depth):
-            index = mask_index(self.scope, step)
+            args = (z, x, mask_index(self.scope, step)) + ((step,) if per_step else ())
             if self.checkpointing and torch.is_grad_enabled():
-                z = checkpoint(self.cell, z, x, index, use_reentrant=False)
+                z = checkpoint(self.cell, *args, use_reentrant=False)
             else:
-                z = self.cell(z, x, index)
+                z = self.cell(*args)
             if self.trace is not None:
                 self.trace.append(z.detach())
         return z
