@@ -1,15 +1,18 @@
 """Training and inference images/s of every registered model on this machine, with FLOPs and
 model FLOP utilisation (MFU) against a measured fp32 matmul peak; multi-mask against dense.
 
-    python benchmarks/throughput.py            # ~3 min on 2 CPU cores; run it alone
+    python benchmarks/throughput.py            # ~6 min on 2 CPU cores; run it alone
+    python benchmarks/throughput.py --compile  # adds torch.compile rows (minutes of compiling)
 
-Batch 128 of 3x32x32 inputs, fp32, NCHW, AdamW steps; 2 warm-up steps excluded, the median of
-5 timed steps reported. Training FLOPs are taken as 3x the forward (effective, masked) FLOPs.
-Writes benchmarks/results/throughput.json.
+Batch 128 of 3x32x32 inputs, AdamW steps; 2 warm-up steps excluded, the median of 5 timed
+steps reported. Training FLOPs are taken as 3x the forward (effective, masked) FLOPs.
+Layouts: `fast` is what `tiedmask train` does by default (fp32, channels_last); `naive` is fp32
+NCHW eager; `bf16` is bf16 autocast + channels_last. Writes benchmarks/results/throughput.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -38,44 +41,68 @@ def matmul_peak_gflops(n: int = 2048) -> float:
     return 2 * n**3 / timed(lambda: a @ b) / 1e9
 
 
-def measure(name: str, scope: str, batch: int = 128) -> dict:
+LAYOUTS = ("fast", "naive", "bf16")
+
+
+def measure(name: str, scope: str, layout: str = "fast", batch: int = 128, compile: bool = False) -> dict:
     torch.manual_seed(0)
     model = create_model(name, mask_scope=scope)
+    macs = count_macs(model, (3, 32, 32))
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    if layout != "naive":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)
+    run = torch.compile(model) if compile else model
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=layout == "bf16")  # noqa: E731
 
     def step():
-        loss = F.cross_entropy(model(x), y)
+        with autocast():
+            loss = F.cross_entropy(run(x).float(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     train_s = timed(step)
     model.eval()
-    with torch.no_grad():
-        infer_s = timed(lambda: model(x))
-    macs = count_macs(model, (3, 32, 32))
-    return {"model": name, "scope": scope, "params": count_params(model),
+    with torch.no_grad(), autocast():
+        infer_s = timed(lambda: run(x))
+    return {"model": name, "scope": scope, "layout": layout + ("+compile" if compile else ""),
+            "params": count_params(model),
             "mflops_effective": 2 * macs["effective"] / 1e6, "mflops_dense": 2 * macs["dense"] / 1e6,
             "train_img_s": batch / train_s, "infer_img_s": batch / infer_s,
             "train_gflops_s": 3 * 2 * macs["effective"] * batch / train_s / 1e9}
 
 
 def main() -> None:
-    torch.set_num_threads(torch.get_num_threads())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (slow to build)")
+    args = parser.parse_args()
     peak = matmul_peak_gflops()
     rows = [measure(name, scope) for name in sorted(MODEL_PRESETS) for scope in ("dense", "multi")]
+    rows += [measure(name, "multi", layout) for name in sorted(MODEL_PRESETS) for layout in LAYOUTS[1:]]
+    if args.compile:
+        rows += [measure(name, "multi", compile=True) for name in sorted(MODEL_PRESETS)]
     print(f"fp32 matmul peak (2048^2): {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads\n")
-    print("| model | masks | params | MFLOPs/img (eff.) | train img/s | infer img/s | train GFLOP/s | MFU |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | masks | layout | params | MFLOPs/img (eff.) | train img/s | infer img/s | train GFLOP/s | MFU |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['scope']} | {r['params']:,} | {r['mflops_effective']:.1f} | "
+        print(f"| {r['model']} | {r['scope']} | {r['layout']} | {r['params']:,} | {r['mflops_effective']:.1f} | "
               f"{r['train_img_s']:.0f} | {r['infer_img_s']:.0f} | {r['train_gflops_s']:.1f} | "
               f"{100 * r['train_gflops_s'] / peak:.1f}% |")
-    print("\nmulti-mask training step / dense step of the same shape:")
+
+    def row(name, scope, layout):
+        return next((r for r in rows if (r["model"], r["scope"], r["layout"]) == (name, scope, layout)), None)
+
+    print("\nmulti-mask step time / dense step time (fast layout), and training img/s ratios:")
+    print("| model | multi step / dense step | fast / naive img/s | bf16 / fast img/s | compile / fast img/s |")
+    print("|---|---:|---:|---:|---:|")
     for name in sorted(MODEL_PRESETS):
-        d, m = (next(r for r in rows if r["model"] == name and r["scope"] == s) for s in ("dense", "multi"))
-        print(f"  {name}: {d['train_img_s'] / m['train_img_s']:.3f}x")
+        fast, compiled = row(name, "multi", "fast"), row(name, "multi", "fast+compile")
+        print(f"| {name} | {row(name, 'dense', 'fast')['train_img_s'] / fast['train_img_s']:.3f} | "
+              f"{fast['train_img_s'] / row(name, 'multi', 'naive')['train_img_s']:.2f}x | "
+              f"{row(name, 'multi', 'bf16')['train_img_s'] / fast['train_img_s']:.2f}x | "
+              + (f"{compiled['train_img_s'] / fast['train_img_s']:.2f}x |" if compiled else "- |"))
     out = Path(__file__).parent / "results" / "throughput.json"
     out.write_text(json.dumps({"matmul_peak_gflops": peak, "threads": torch.get_num_threads(),
                                "rows": rows}, indent=1) + "\n")

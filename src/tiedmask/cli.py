@@ -16,15 +16,16 @@ mask_seed nm_m checkpointing head_pool weight_norm patch_size heads mlp_ratio de
 (name root download augment train_subset test_subset channels image_size), optim (name lr
 weight_decay momentum warmup_epochs label_smoothing grad_clip), finetune (init_from method rank
 alpha n_masks density targets train_head), and epochs time_budget_s batch_size eval_batch_size
-seed device precision channels_last threads progress. `tiedmask info` shows a resolved model."""
+seed device precision channels_last compile eval_tta threads progress. `tiedmask info` shows a
+resolved model. Data-parallel: `torchrun --nproc_per_node N -m tiedmask.cli train ...`."""
 
 
 def cmd_train(args, overrides) -> int:
-    from .config import load_config
+    from .config import load_config, recipe_path
     from .train import load_run_config, train
 
     if args.resume:
-        if args.config or overrides or args.out:
+        if args.config or args.recipe or overrides or args.out:
             raise TiedmaskError("--resume DIR continues a run with its saved config; "
                                 "drop the config file, --out and overrides")
         if not (Path(args.resume) / "config.json").exists():
@@ -32,7 +33,10 @@ def cmd_train(args, overrides) -> int:
                                 "start one with `tiedmask train --out DIR`")
         cfg, out, resume = load_run_config(args.resume), args.resume, True
     else:
-        cfg, out, resume = load_config(args.config, overrides), args.out, False
+        if args.recipe and args.config:
+            raise TiedmaskError("give a config file or --recipe, not both (overrides go on top of either)")
+        path = recipe_path(args.recipe) if args.recipe else args.config
+        cfg, out, resume = load_config(path, overrides), args.out, False
     result = train(cfg, out=out, resume=resume)
     print(f"{result.status}: test acc {result.test_acc:.2%}, {result.params:,} params, "
           f"{result.train_time_s:.1f}s training, {result.img_per_s:.0f} img/s"
@@ -171,10 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tiedmask", description="Weight-tied vision networks with per-application sparse masks.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model", usage="tiedmask train [CONFIG.yaml] [--out DIR | --resume DIR] [--KEY VALUE ...]", epilog=OVERRIDES_HELP,
+    p = sub.add_parser("train", help="train a model", usage="tiedmask train [CONFIG.yaml | --recipe NAME] [--out DIR | --resume DIR] [--KEY VALUE ...]", epilog=OVERRIDES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="run directory for config, metrics, checkpoint and result")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
+    p.add_argument("--recipe", metavar="NAME", help="start from a shipped recipe: cifar10-fast "
+                   "(time-to-accuracy, multi-mask tied model under 1M parameters)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a trained run on a new dataset (full, lora, multimask_lora)",

@@ -240,6 +240,21 @@ def read_yaml(path: str | Path) -> dict:
     return values
 
 
+RECIPES_DIR = Path(__file__).parent / "resources" / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    """The YAML file of a recipe shipped with the package (`tiedmask train --recipe NAME`)."""
+    path = RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {name!r}; recipes: {recipe_names()}")
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Defaults <- YAML file <- CLI overrides."""
     values = read_yaml(path) if path else {}
