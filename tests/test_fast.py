@@ -177,3 +177,21 @@ def test_semi_structured_model_matches_the_masked_dense_model():
         dense = model(x).float()
         sparse = to_semi_structured(model)(x).float()
     torch.testing.assert_close(sparse, dense, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("name", ["tied-fast", "tied-resnet-xs", "tied-vit-s"])
+def test_channels_last_computes_what_nchw_computes(name):
+    torch.manual_seed(0)
+    model = create_model(name, width=16, heads=4, image_size=16)
+    x = torch.randn(4, 3, 16, 16)
+    reference = model(x)
+    reference.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model = model.to(memory_format=torch.channels_last)
+    out = model(x.contiguous(memory_format=torch.channels_last))
+    out.square().sum().backward()
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-3, rtol=1e-3, msg=n)
