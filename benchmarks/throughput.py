@@ -2,7 +2,7 @@
 model FLOP utilisation (MFU) against a measured fp32 matmul peak; multi-mask against dense.
 
     python benchmarks/throughput.py            # ~6 min on 2 CPU cores; run it alone
-    python benchmarks/throughput.py --compile  # adds torch.compile rows (minutes of compiling)
+    python benchmarks/throughput.py --compile tied-fast  # adds torch.compile rows (slow to build)
 
 Batch 128 of 3x32x32 inputs, AdamW steps; 2 warm-up steps excluded, the median of 5 timed
 steps reported. Training FLOPs are taken as 3x the forward (effective, masked) FLOPs.
@@ -76,13 +76,13 @@ def measure(name: str, scope: str, layout: str = "fast", batch: int = 128, compi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (slow to build)")
+    parser.add_argument("--compile", nargs="*", default=[], metavar="MODEL",
+                        help="also time these models under torch.compile (minutes to build each)")
     args = parser.parse_args()
     peak = matmul_peak_gflops()
     rows = [measure(name, scope) for name in sorted(MODEL_PRESETS) for scope in ("dense", "multi")]
     rows += [measure(name, "multi", layout) for name in sorted(MODEL_PRESETS) for layout in LAYOUTS[1:]]
-    if args.compile:
-        rows += [measure(name, "multi", compile=True) for name in sorted(MODEL_PRESETS)]
+    rows += [measure(name, "multi", compile=True) for name in args.compile]
     print(f"fp32 matmul peak (2048^2): {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads\n")
     print("| model | masks | layout | params | MFLOPs/img (eff.) | train img/s | infer img/s | train GFLOP/s | MFU |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
