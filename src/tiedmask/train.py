@@ -81,9 +81,10 @@ def autocast_context(device: torch.device, precision: str):
 
 
 def use_channels_last(cfg: TrainConfig) -> bool:
-    # Measured on the 2-core Xeon: 1.66x (conv cell, BatchNorm), 1.12x (resnet cell, GroupNorm),
-    # 1.02x (transformer) training throughput; on GPUs channels_last is the tensor-core layout.
-    return cfg.channels_last != "false"
+    # Measured on the 2-core Xeon (docs/results.md §6): 1.2-1.6x the NCHW training throughput
+    # at 32x32, but 0.85x on the 8x8 digits, where the layout conversions outweigh the convs.
+    # (`cfg.model.image_size` is the dataset's side by the time a run asks.)
+    return cfg.channels_last == "true" or (cfg.channels_last == "auto" and cfg.model.image_size >= 32)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
