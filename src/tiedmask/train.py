@@ -291,12 +291,14 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
     device = resolve_device(cfg)
     ctx = setup_distributed(device.type, cfg.batch_size)
     try:
-        return _train(cfg, out, resume, dataset, log if ctx.is_main else (lambda *_: None), ctx)
+        if device.type == "cuda" and ctx.enabled:
+            device = torch.device("cuda", ctx.local_rank)
+        return _train(cfg, out, resume, dataset, log if ctx.is_main else (lambda *_: None), ctx, device)
     finally:
         teardown_distributed(ctx)
 
 
-def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist) -> Result:
+def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device: torch.device) -> Result:
     if ctx.is_main:
         run_dir = prepare_run_dir(out, resume) if out is not None else None
     ctx.barrier()
@@ -305,9 +307,6 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist) -> Resu
     if resume and run_dir is not None and (run_dir / "result.json").exists():
         log(f"{run_dir} is already finished; its result stands")
         return Result(**read_json(run_dir / "result.json"))
-    device = resolve_device(cfg)
-    if device.type == "cuda" and ctx.enabled:
-        device = torch.device("cuda", ctx.local_rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ds = dataset or load_dataset(cfg.data.name, cfg.data.root, cfg.data.download)
