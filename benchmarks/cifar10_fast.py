@@ -27,6 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from tiedmask.report import fmt  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (0.80, 0.85, 0.90, 0.94)
 
@@ -56,7 +58,7 @@ def first_time_at(points, target: float) -> float | None:
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f} (1 seed)"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    return fmt((statistics.mean(values), statistics.stdev(values)))
 
 
 def main() -> None:

@@ -42,6 +42,11 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     raise ConfigError(f"norm {kind!r} does not fit conv cells; choose group, batch or none")
 
 
+def batch_norm_if_auto(kind: str) -> str:
+    """The fast conv layout's norm: BatchNorm unless another is asked for."""
+    return "batch" if kind == "auto" else kind
+
+
 @register_cell("resnet")
 class ResNetCell(nn.Module):
     """The DEQ-style residual cell with input injection:
@@ -84,8 +89,7 @@ class ConvCell(nn.Module):
     def __init__(self, width: int, norm: str = "auto", depth: int = 1):
         super().__init__()
         self.conv = MaskedConv2d(width, width, 3, padding=1, bias=False)
-        kind = "batch" if norm == "auto" else norm
-        self.norms = nn.ModuleList(make_norm(kind, width) for _ in range(depth))
+        self.norms = nn.ModuleList(make_norm(batch_norm_if_auto(norm), width) for _ in range(depth))
 
     def forward(self, z: torch.Tensor, x: torch.Tensor, index: int | None = None,
                 step: int = 0) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cells import CELLS, make_norm
+from .cells import CELLS, batch_norm_if_auto, make_norm
 from .errors import ConfigError
 from .layers import masked_layers, masked_weights_built_once
 from .masks import check_mask_settings, num_masks
@@ -27,7 +27,7 @@ from .deq import Equilibrium
 from .deq.equilibrium import NO_MULTI_MASK_FIXED_POINT
 from .deq.solvers import SOLVERS
 from .unrolled import Unrolled
-from .whitening import whitening_filters
+from .whitening import WHITEN_KERNEL, whitening_filters
 
 EXECUTIONS = ("unrolled", "equilibrium")
 WEIGHT_NORMS = ("none", "weight", "spectral")
@@ -305,10 +305,10 @@ class TiedFastNet(Backbone):
         super().__init__()
         self.config = cfg
         widths = [cfg.width * 2**s for s in range(cfg.stages)]
-        whiten_width = 2 * cfg.in_channels * 4
-        self.whiten = nn.Conv2d(cfg.in_channels, whiten_width, 2)
+        whiten_width = 2 * cfg.in_channels * WHITEN_KERNEL**2  # each eigen-filter and its negative
+        self.whiten = nn.Conv2d(cfg.in_channels, whiten_width, WHITEN_KERNEL)
         self.whiten.weight.requires_grad_(False)
-        norm = "batch" if cfg.norm == "auto" else cfg.norm
+        norm = batch_norm_if_auto(cfg.norm)
         self.entries = nn.ModuleList(
             nn.Sequential(nn.Conv2d(w_in, w_out, 3, padding=1, bias=False), nn.MaxPool2d(2),
                           make_norm(norm, w_out), nn.GELU())
@@ -320,7 +320,8 @@ class TiedFastNet(Backbone):
 
     def init_from_data(self, images: torch.Tensor) -> None:
         with torch.no_grad():
-            self.whiten.weight.copy_(whitening_filters(images.cpu()).to(self.whiten.weight.device))
+            filters = whitening_filters(images.cpu(), WHITEN_KERNEL)
+            self.whiten.weight.copy_(filters.to(self.whiten.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.whiten(x))

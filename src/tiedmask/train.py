@@ -150,11 +150,12 @@ def evaluate(model, x_all, y_all, mean, std, cfg: TrainConfig, device,
     model.eval()
     ctx.average_buffers(model)
     mine = range(ctx.rank, math.ceil(len(x_all) / cfg.eval_batch_size), ctx.world)
+    channels_last = use_channels_last(cfg)
     correct, loss_sum = 0, 0.0
     for start in (b * cfg.eval_batch_size for b in mine):
         x = normalize(x_all[start:start + cfg.eval_batch_size].to(device), mean, std)
         y = y_all[start:start + cfg.eval_batch_size].to(device)
-        if use_channels_last(cfg):
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, cfg.precision):
             logits = model(x).float()
@@ -250,7 +251,8 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{loss_value:.3f}")
-        if spent_epoch >= time_left or (not ctx.enabled and time.perf_counter() - start >= time_left):
+        # One process: its clock after the step. Several: rank 0's clock before it (all agree).
+        if (spent_epoch if ctx.enabled else time.perf_counter() - start) >= time_left:
             stats.out_of_time = True
             break
     if device.type == "cuda":

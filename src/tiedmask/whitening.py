@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 
 
-def whitening_filters(images: torch.Tensor, kernel: int = 2, eps: float = 5e-4) -> torch.Tensor:
+WHITEN_KERNEL = 2  # 2x2 patches, as in airbench
+
+
+def whitening_filters(images: torch.Tensor, kernel: int = WHITEN_KERNEL, eps: float = 5e-4) -> torch.Tensor:
     """``[2 * c * k * k, c, k, k]`` filters that whiten the k x k patches of `images` [N, C, H, W]."""
     c = images.shape[1]
     patches = F.unfold(images.double(), kernel).transpose(1, 2).reshape(-1, c * kernel * kernel)
