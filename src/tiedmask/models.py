@@ -26,10 +26,10 @@ from .masks import check_mask_settings, num_masks
 from .deq import Equilibrium
 from .deq.equilibrium import NO_MULTI_MASK_FIXED_POINT
 from .deq.solvers import SOLVERS
-from .unrolled import Unrolled
+from .unrolled import Unrolled, Untied
 from .whitening import WHITEN_KERNEL, whitening_filters
 
-EXECUTIONS = ("unrolled", "equilibrium")
+EXECUTIONS = ("unrolled", "equilibrium", "untied")
 WEIGHT_NORMS = ("none", "weight", "spectral")
 
 
@@ -153,6 +153,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
             raise ConfigError(f"image_size {cfg.image_size} is not divisible by patch_size {cfg.patch_size}")
     if cfg.weight_norm not in WEIGHT_NORMS:
         raise ConfigError(f"unknown weight_norm {cfg.weight_norm!r}; choose one of {list(WEIGHT_NORMS)}")
+    if cfg.execution == "untied" and cfg.mask_scope != "dense":
+        raise ConfigError("untied execution gives every application weights of its own, so there "
+                          "is nothing to mask per application; use mask_scope dense")
     if cfg.execution == "equilibrium":
         if cfg.cell == "conv":
             raise ConfigError("the conv cell keeps a BatchNorm per application, which has no fixed "
@@ -167,8 +170,12 @@ def validate_model_config(cfg: ModelConfig) -> None:
     check_mask_settings(cfg.mask_kind, cfg.mask_scope, cfg.density)
 
 
-def make_runner(cell: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """The way a stage runs its cell: unrolled `depth` times, or to its fixed point."""
+def make_runner(make: Callable[[], nn.Module], cfg: ModelConfig) -> nn.Module:
+    """The way a stage runs its cell: unrolled `depth` times, to its fixed point, or untied
+    (`depth` cells of their own); `make()` builds one cell."""
+    if cfg.execution == "untied":
+        return Untied([make() for _ in range(cfg.depth)], cfg.checkpointing)
+    cell = make()
     if cfg.execution == "unrolled":
         return Unrolled(cell, cfg.depth, cfg.mask_scope, cfg.checkpointing)
     options = {
@@ -193,10 +200,10 @@ def normalize_weights(cell: nn.Module, kind: str) -> None:
 
 
 class Stage(nn.Module):
-    def __init__(self, cell: nn.Module, cfg: ModelConfig):
+    def __init__(self, make: Callable[[], nn.Module], cfg: ModelConfig):
         super().__init__()
-        normalize_weights(cell, cfg.weight_norm)
-        self.tied = make_runner(cell, cfg)
+        self.tied = make_runner(make, cfg)
+        normalize_weights(self.tied, cfg.weight_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self.tied, "checkpointing", False):
@@ -241,12 +248,14 @@ class Backbone(nn.Module):
         return forward, backward
 
 
-def make_cell(cfg: ModelConfig, width: int) -> nn.Module:
+def cell_factory(cfg: ModelConfig, width: int) -> Callable[[], nn.Module]:
+    """A function that builds one cell of the stage of `width` channels."""
     if cfg.cell == "transformer":
-        return CELLS[cfg.cell](width, norm=cfg.norm, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
-    if cfg.cell == "conv":
-        return CELLS[cfg.cell](width, norm=cfg.norm, depth=cfg.depth)
-    return CELLS[cfg.cell](width, norm=cfg.norm)
+        return lambda: CELLS[cfg.cell](width, norm=cfg.norm, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+    if cfg.cell == "conv":  # one norm per application it runs: untied cells run once each
+        applications = 1 if cfg.execution == "untied" else cfg.depth
+        return lambda: CELLS[cfg.cell](width, norm=cfg.norm, depth=applications)
+    return lambda: CELLS[cfg.cell](width, norm=cfg.norm)
 
 
 class TiedNet(Backbone):
@@ -267,7 +276,7 @@ class TiedNet(Backbone):
             make_norm(cfg.norm, widths[0]),
             nn.ReLU(inplace=True),
         )
-        self.stages = nn.ModuleList(Stage(make_cell(cfg, w), cfg) for w in widths)
+        self.stages = nn.ModuleList(Stage(cell_factory(cfg, w), cfg) for w in widths)
         self.downsamples = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(w_in, w_out, 3, stride=2, padding=1, bias=False),
@@ -314,7 +323,7 @@ class TiedFastNet(Backbone):
                           make_norm(norm, w_out), nn.GELU())
             for w_in, w_out in zip([whiten_width] + widths[:-1], widths)
         )
-        self.stages = nn.ModuleList(Stage(make_cell(cfg, w), cfg) for w in widths)
+        self.stages = nn.ModuleList(Stage(cell_factory(cfg, w), cfg) for w in widths)
         self.head = nn.Linear(widths[-1], cfg.num_classes, bias=False)
         self.rebuild_masks()
 
@@ -339,7 +348,7 @@ class TiedViT(Backbone):
         tokens = (cfg.image_size // cfg.patch_size) ** 2
         self.embed = nn.Conv2d(cfg.in_channels, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.pos = nn.Parameter(torch.randn(1, tokens, cfg.width) * 0.02)
-        self.stages = nn.ModuleList([Stage(make_cell(cfg, cfg.width), cfg)])
+        self.stages = nn.ModuleList([Stage(cell_factory(cfg, cfg.width), cfg)])
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.num_classes)
         self.rebuild_masks()

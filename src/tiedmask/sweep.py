@@ -11,7 +11,7 @@ A grid file:
     variants:                  # optional named settings, each crossed with the grid
       - {label: wide, model.width: 32, model.depth: 2}
       - {label: deep, model.width: 16, model.depth: 8}
-    seeds: [0, 1]
+    seeds: [0, 1]              # runs go seed by seed, so a stopped sweep leaves paired sets
     workers: 2                 # runs at a time (local launcher)
     threads: 1                 # torch threads per run
     launcher: local            # or slurm (needs the `slurm` extra: submitit)
@@ -73,6 +73,8 @@ def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
                 parts = ([label] if label else []) + [f"{k.split('.')[-1]}={v}" for k, v in zip(grid, combo)]
                 tags = {k.split(".")[-1]: v for k, v in dict(zip(grid, combo)).items()}
                 jobs.append(Job(",".join(parts) or "base", values, tags))
+    # Seed by seed: a sweep stopped part-way leaves complete sets of variants to pair by seed.
+    jobs.sort(key=lambda job: job.config["seed"])
     for job in jobs:
         config_from_dict(job.config)  # every cell of the grid must be valid before anything runs
     options = {k: spec[k] for k in ("workers", "threads", "launcher", "slurm", "analyze", "timeout_s")

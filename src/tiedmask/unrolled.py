@@ -1,4 +1,5 @@
-"""Weight-tied execution: one cell applied `depth` times, z_0 = 0, z_{l+1} = f(z_l, x; M_l)."""
+"""Weight-tied execution, z_0 = 0, z_{l+1} = f(z_l, x; M_l), and its untied baseline, where
+every application has weights of its own (the ordinary deep network of the same shape)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,34 @@ class Unrolled(nn.Module):
                 z = checkpoint(self.cell, *args, use_reentrant=False)
             else:
                 z = self.cell(*args)
+            if self.trace is not None:
+                self.trace.append(z.detach())
+        return z
+
+
+class Untied(nn.Module):
+    """Apply `depth` separate cells once each: the untied network of the same shape.
+
+    `cells[l]` runs application l with its own weights, so the network has `depth` times the
+    tied cell's parameters at the same FLOPs. Cells with a norm per application are built for
+    one application and told step 0.
+    """
+
+    def __init__(self, cells: list[nn.Module], checkpointing: bool = False):
+        super().__init__()
+        self.cells = nn.ModuleList(cells)
+        self.depth = len(cells)
+        self.checkpointing = checkpointing
+        self.trace: list[torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.zeros_like(x)
+        for cell in self.cells:
+            args = (z, x, None) + ((0,) if getattr(cell, "norm_per_application", False) else ())
+            if self.checkpointing and torch.is_grad_enabled():
+                z = checkpoint(cell, *args, use_reentrant=False)
+            else:
+                z = cell(*args)
             if self.trace is not None:
                 self.trace.append(z.detach())
         return z
