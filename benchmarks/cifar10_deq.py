@@ -17,9 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from tiedmask.bench import run_bench
-from tiedmask.report import summarize
-from tiedmask.store import ResultsStore
+from tiedmask.experiments.bench import run_bench
+from tiedmask.experiments.report import summarize
+from tiedmask.experiments.store import ResultsStore
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from tiedmask.report import fmt  # noqa: E402
+from tiedmask.experiments.report import fmt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (0.80, 0.85, 0.90, 0.94)

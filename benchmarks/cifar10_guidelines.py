@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 
 from tiedmask.analysis.analyze import analyze_run
-from tiedmask.report import summarize, write_sweep_report
-from tiedmask.sweep import run_sweep
+from tiedmask.experiments.report import summarize, write_sweep_report
+from tiedmask.experiments.sweep import run_sweep
 
 HERE = Path(__file__).parent
 SWEEPS = {"density": HERE / "grids/cifar10_density.yaml", "width_depth": HERE / "grids/cifar10_width_depth.yaml"}

@@ -32,8 +32,8 @@ SCOPES = ("dense", "same", "multi")
 def run_one(job: dict) -> dict:
     import torch
 
-    from tiedmask.config import config_from_dict
-    from tiedmask.train import train
+    from tiedmask.training.settings import config_from_dict
+    from tiedmask.training.train import train
 
     torch.set_num_threads(job["threads"])
     cfg = config_from_dict(job["config"])

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from tiedmask.models import create_model
-from tiedmask.sparse24 import gpu_problem, to_semi_structured
+from tiedmask.core.presets import create_model
+from tiedmask.core.sparse24 import gpu_problem, to_semi_structured
 
 
 def images_per_s(model, x, repeats: int = 20) -> float:

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tiedmask.flops import count_macs
-from tiedmask.models import MODEL_PRESETS, count_params, create_model
+from tiedmask.core.flops import count_macs
+from tiedmask.core.backbones import count_params
+from tiedmask.core.presets import MODEL_PRESETS, create_model
 
 
 def timed(fn, warmup: int = 2, repeats: int = 5) -> float:

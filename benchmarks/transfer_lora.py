@@ -20,13 +20,13 @@ import argparse
 import json
 from pathlib import Path
 
-from tiedmask.config import config_from_dict
-from tiedmask.finetune import pretrained_defaults
-from tiedmask.config import merge
-from tiedmask.report import markdown_table, summarize
-from tiedmask.runner import Job, run_jobs
-from tiedmask.store import ResultsStore
-from tiedmask.train import train
+from tiedmask.training.settings import config_from_dict
+from tiedmask.training.finetune import pretrained_defaults
+from tiedmask.training.settings import merge
+from tiedmask.experiments.report import markdown_table, summarize
+from tiedmask.experiments.runner import Job, run_jobs
+from tiedmask.experiments.store import ResultsStore
+from tiedmask.training.train import train
 
 METHODS = {
     "full": {"method": "full"},

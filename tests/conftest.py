@@ -1,11 +1,14 @@
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-torch.set_num_threads(2)
+# TIEDMASK_TEST_THREADS=1 leaves a core to a benchmark running beside the tests.
+torch.set_num_threads(int(os.environ.get("TIEDMASK_TEST_THREADS", "2")))
 
 
 @pytest.fixture

@@ -1,11 +1,13 @@
 import pytest
 
-from tiedmask.bench import VARIANTS, bench_jobs, write_bench_report
-from tiedmask.config import config_from_dict, config_hash
+from tiedmask.experiments.bench import VARIANTS, bench_jobs, write_bench_report
+from tiedmask.training.settings import config_from_dict, config_hash
+from tiedmask.core.backbones import count_params
+from tiedmask.core.presets import build_model, resolve_model_config
 from tiedmask.errors import ConfigError
-from tiedmask.report import markdown_table, summarize
-from tiedmask.runner import Job, run_jobs
-from tiedmask.store import ResultsStore
+from tiedmask.experiments.report import markdown_table, summarize
+from tiedmask.experiments.runner import Job, run_jobs
+from tiedmask.experiments.store import ResultsStore
 
 TINY = {"model": {"name": "tied-resnet-xs", "width": 4, "depth": 1}, "data": {"name": "digits"},
         "epochs": 1, "batch_size": 64}
@@ -14,13 +16,14 @@ TINY = {"model": {"name": "tied-resnet-xs", "width": 4, "depth": 1}, "data": {"n
 def test_bench_variants_share_parameters_and_differ_only_in_execution():
     jobs = bench_jobs("cifar10", seeds=[0], budgets=("epochs",))
     assert [j.variant for j in jobs] == list(VARIANTS)
-    models = [j.config["model"] for j in jobs]
-    shared = {k: v for k, v in models[0].items() if k not in ("execution", "mask_scope")}
-    for m in models:
-        assert {k: m[k] for k in shared} == shared
-    from tiedmask.models import count_params, resolve_model_config, build_model
-    counts = {count_params(build_model(resolve_model_config(m))) for m in models}
-    assert len(counts) == 1
+    models = {j.variant: resolve_model_config(j.config["model"]) for j in jobs}
+    for m in models.values():
+        assert (m.name, m.width, m.depth, m.masks.density) == ("tied-resnet-s", 16, 4, 0.5)
+    counts = {v: count_params(build_model(m)) for v, m in models.items()}
+    assert len({c for v, c in counts.items() if v != "untied"}) == 1
+    # Untied: the same network with its own cell per application, depth times the cell's weights.
+    cells = sum(count_params(r.cells[0]) for r in build_model(models["untied"]).runners())
+    assert counts["untied"] - counts["tied-dense"] == (4 - 1) * cells
 
 
 def test_equal_time_budget_lets_the_clock_end_runs():

@@ -1,6 +1,6 @@
 import pytest
 
-from tiedmask.config import load_config, parse_overrides
+from tiedmask.training.settings import load_config, parse_overrides
 from tiedmask.errors import ConfigError
 
 
@@ -9,7 +9,7 @@ def test_yaml_then_overrides(tmp_path):
     path.write_text("model:\n  name: tied-resnet-deep\n  density: 0.25\nepochs: 3\n")
     cfg = load_config(path, ["--model.density", "0.75", "--lr=1e-3"])
     assert cfg.model.name == "tied-resnet-deep" and cfg.model.width == 24  # preset filled in
-    assert cfg.model.density == 0.75 and cfg.optim.lr == 1e-3 and cfg.epochs == 3
+    assert cfg.model.masks.density == 0.75 and cfg.optim.lr == 1e-3 and cfg.epochs == 3
 
 
 @pytest.mark.parametrize("args,match", [
@@ -41,4 +41,4 @@ def test_override_values_are_typed():
 
 def test_shared_leaf_names_mean_the_model_setting():
     cfg = load_config(overrides=["--density", "0.25", "--finetune.density", "0.75", "--name", "tied-resnet-xs"])
-    assert cfg.model.density == 0.25 and cfg.finetune.density == 0.75 and cfg.model.name == "tied-resnet-xs"
+    assert cfg.model.masks.density == 0.25 and cfg.finetune.density == 0.75 and cfg.model.name == "tied-resnet-xs"

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from tiedmask.data import augment, load_dataset, read_pickle
+from tiedmask.training.data import augment, channel_stats
+from tiedmask.training.datasets import load_dataset, read_pickle
 from tiedmask.errors import DataError
 
 
@@ -15,7 +16,7 @@ def test_cifar10_from_the_shared_directory(shared_data):
     assert ds.train_x.dtype == torch.uint8
     assert torch.bincount(ds.train_y).tolist() == [5000] * 10
     assert torch.bincount(ds.test_y).tolist() == [1000] * 10
-    mean, _ = ds.channel_stats()  # published CIFAR-10 channel means
+    mean, _ = channel_stats(ds.train_x)  # published CIFAR-10 channel means
     assert mean.tolist() == pytest.approx([0.4914, 0.4822, 0.4465], abs=1e-3)
 
 

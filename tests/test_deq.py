@@ -4,10 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from tiedmask.deq import Equilibrium, solve
-from tiedmask.deq.equilibrium import SolverDiverged
+from tiedmask.core.deq import Equilibrium, solve
+from tiedmask.core.deq.equilibrium import SolverDiverged
+from tiedmask.core.spec import DeqConfig
 from tiedmask.errors import ConfigError
-from tiedmask.models import create_model
+from tiedmask.core.presets import create_model
 
 torchdeq = pytest.importorskip("torchdeq")
 
@@ -25,7 +26,7 @@ class TanhCell(nn.Module):
             self.lin.weight.mul_(scale / torch.linalg.matrix_norm(self.lin.weight, 2))
         self.linear = linear
 
-    def forward(self, z, x, index=None):
+    def forward(self, z, x, index=None, step=0):
         out = self.lin(z) + x
         return out if self.linear else torch.tanh(out)
 
@@ -70,8 +71,8 @@ def test_implicit_gradient_equals_the_closed_form(solver):
     torch.manual_seed(2)
     cell = TanhCell(dim=8, scale=0.5, linear=True)  # z* = (I - W)^-1 x, exactly differentiable
     x = torch.randn(3, 8, requires_grad=True)
-    deq = Equilibrium(cell, "dense", solver=solver, grad="implicit", train_max_iter=200,
-                      backward_max_iter=200, tol=1e-7, stop_mode="abs").train()
+    deq = Equilibrium(cell, "dense", DeqConfig(solver=solver, grad="implicit", train_iter=200,
+                      backward_iter=200, tol=1e-7, stop_mode="abs")).train()
     target = torch.randn(3, 8)
     ((deq(x) - target) ** 2).sum().backward()
     ours_w, ours_x = cell.lin.weight.grad.clone(), x.grad.clone()
@@ -89,8 +90,8 @@ def test_implicit_gradient_matches_torchdeq():
     cell = TanhCell(dim=12, scale=0.8)
     x = torch.randn(4, 12)
     target = torch.randn(4, 12)
-    ours = Equilibrium(cell, "dense", solver="anderson", grad="implicit", train_max_iter=60,
-                       backward_max_iter=60, tol=1e-6, stop_mode="abs").train()
+    ours = Equilibrium(cell, "dense", DeqConfig(solver="anderson", grad="implicit", train_iter=60,
+                       backward_iter=60, tol=1e-6, stop_mode="abs")).train()
     ((ours(x) - target) ** 2).sum().backward()
     ours_grad = cell.lin.weight.grad.clone()
     cell.lin.weight.grad = None
@@ -107,8 +108,8 @@ def test_phantom_gradient_matches_torchdeq():
     torch.manual_seed(4)
     cell = TanhCell(dim=12, scale=0.8)
     x = torch.randn(4, 12)
-    ours = Equilibrium(cell, "dense", solver="fixed_point", grad="phantom", train_max_iter=80,
-                       tol=1e-6, stop_mode="abs", phantom_steps=3, phantom_tau=0.6).train()
+    ours = Equilibrium(cell, "dense", DeqConfig(solver="fixed_point", grad="phantom", train_iter=80,
+                       tol=1e-6, stop_mode="abs", phantom_steps=3, phantom_tau=0.6)).train()
     ours(x).pow(2).sum().backward()
     ours_grad = cell.lin.weight.grad.clone()
     cell.lin.weight.grad = None
@@ -132,11 +133,11 @@ def test_divergence_is_reported_not_hidden(bad):
         assert stats.diverged or (stats.abs_residual > 1.0 and torch.isfinite(z).all()), solver
 
     class Exploding(nn.Module):
-        def forward(self, z, x, index=None):
+        def forward(self, z, x, index=None, step=0):
             return bad(z) + x
 
     with pytest.raises(SolverDiverged, match="diverged"):
-        Equilibrium(Exploding(), "dense", solver="fixed_point", train_max_iter=50)(torch.zeros(2, 4))
+        Equilibrium(Exploding(), "dense", DeqConfig(solver="fixed_point", train_iter=50))(torch.zeros(2, 4))
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -177,8 +178,8 @@ def test_epoch_solver_statistics_count_only_training_solves(tmp_path):
     """The MAC-count probe (an eval-mode forward) must not leak into the first epoch's stats."""
     import json
 
-    from tiedmask.config import load_config
-    from tiedmask.train import train
+    from tiedmask.training.settings import load_config
+    from tiedmask.training.train import train
 
     cfg = load_config(overrides=["--data", "digits", "--model", "tied-resnet-xs", "--width", "4",
                                  "--execution", "equilibrium", "--mask_scope", "dense",

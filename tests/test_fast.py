@@ -10,15 +10,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tiedmask.cells import ConvCell
-from tiedmask.config import load_config, recipe_path
+from tiedmask.core.cells import ConvCell
+from tiedmask.training.settings import load_config, recipe_path
 from tiedmask.errors import ConfigError
-from tiedmask.layers import masked_weights_built_once
-from tiedmask.masks import make_mask
-from tiedmask.models import count_params, create_model
-from tiedmask.train import evaluate
-from tiedmask.unrolled import Unrolled
-from tiedmask.whitening import whitening_filters
+from tiedmask.core.layers import masked_weights_built_once
+from tiedmask.core.masks import make_mask
+from tiedmask.core.backbones import count_params
+from tiedmask.core.presets import create_model
+from tiedmask.training.train import evaluate
+from tiedmask.core.execution import Unrolled
+from tiedmask.core.whitening import whitening_filters
 
 
 def test_one_conv_cell_application_is_a_plain_conv_bn_gelu_block():
@@ -114,8 +115,8 @@ def test_flip_tta_averages_the_logits_of_an_image_and_its_mirror():
 
 def test_recipe_resolves_to_a_multi_mask_model_under_a_million_parameters():
     cfg = load_config(recipe_path("cifar10-fast"))
-    assert cfg.model.mask_scope == "multi" and cfg.data.name == "cifar10"
-    assert count_params(create_model(cfg.model.name, **{"density": cfg.model.density})) < 1_000_000
+    assert cfg.model.masks.scope == "multi" and cfg.data.name == "cifar10"
+    assert count_params(create_model(cfg.model.name, masks={"density": cfg.model.masks.density})) < 1_000_000
     with pytest.raises(ConfigError, match="unknown recipe"):
         recipe_path("cifar10-slow")
 
@@ -148,7 +149,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
 
 
 def test_semi_structured_conversion_names_what_stops_it():
-    from tiedmask.sparse24 import semi_structured_problems, to_semi_structured
+    from tiedmask.core.sparse24 import semi_structured_problems, to_semi_structured
 
     ready = create_model("tied-vit-s", width=64, heads=4, mask_kind="nm", nm_m=4, density=0.5)
     assert semi_structured_problems(ready) == []
@@ -167,7 +168,7 @@ def test_semi_structured_conversion_names_what_stops_it():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
                     reason="2:4 sparse kernels need an Ampere or newer GPU")
 def test_semi_structured_model_matches_the_masked_dense_model():
-    from tiedmask.sparse24 import to_semi_structured
+    from tiedmask.core.sparse24 import to_semi_structured
 
     torch.manual_seed(0)
     model = create_model("tied-vit-s", width=128, heads=4, mask_kind="nm", nm_m=4, density=0.5)

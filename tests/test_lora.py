@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from tiedmask.errors import ConfigError
-from tiedmask.lora import (MultiMaskLoRALinear, adapters, apply_multimask_lora, load_adapter,
+from tiedmask.core.lora import (MultiMaskLoRALinear, adapters, apply_multimask_lora, load_adapter,
                            merge_all, save_adapter, trainable_parameters, unmerge_all)
 
 
@@ -103,7 +103,7 @@ def test_no_matching_module_is_a_clear_error():
 
 def test_peft_integration_matches_our_adapter_and_merges_exactly():
     peft = pytest.importorskip("peft")
-    from tiedmask.peft_integration import multimask_peft
+    from tiedmask.core.peft_integration import multimask_peft
 
     reference = peft.get_peft_model(mlp(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"],
                                                            lora_dropout=0.0))

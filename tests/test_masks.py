@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tiedmask.errors import ConfigError
-from tiedmask.masks import MASK_KINDS, make_mask, mask_statistics
+from tiedmask.core.masks import MASK_KINDS, make_mask, mask_statistics
 
 SHAPES = [(16, 16, 3, 3), (10, 7), (64, 32, 1, 1), (3, 5, 3, 3)]
 
@@ -60,7 +60,7 @@ def test_masks_are_a_function_of_seed_name_and_index_only(kind):
 
 
 def test_masks_match_across_processes():
-    code = ("from tiedmask.masks import make_mask;"
+    code = ("from tiedmask.core.masks import make_mask;"
             "print(make_mask('unstructured',(8,8,3,3),0.5,seed=1,name='x',index=4).flatten().nonzero().flatten().tolist())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     here = make_mask("unstructured", (8, 8, 3, 3), 0.5, seed=1, name="x", index=4)

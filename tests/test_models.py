@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiedmask.flops import count_macs
-from tiedmask.layers import MaskedConv2d, masked_layers
-from tiedmask.masks import MASK_KINDS, MASK_SCOPES
-from tiedmask.models import MODEL_PRESETS, count_params, create_model
+from tiedmask.core.flops import count_macs
+from tiedmask.core.layers import MaskedConv2d, masked_layers
+from tiedmask.core.masks import MASK_KINDS, MASK_SCOPES
+from tiedmask.core.backbones import count_params
+from tiedmask.core.presets import MODEL_PRESETS, create_model
 
 
 def tiny(name, **kw):

@@ -3,11 +3,11 @@ import json
 import pytest
 import yaml
 
-from tiedmask.advise import advise
+from tiedmask.experiments.advise import advise
 from tiedmask.cli import main
 from tiedmask.errors import ConfigError, TiedmaskError
-from tiedmask.store import ResultsStore
-from tiedmask.sweep import grid_jobs, run_sweep
+from tiedmask.experiments.store import ResultsStore
+from tiedmask.experiments.sweep import grid_jobs, run_sweep
 
 BASE = {"model": {"name": "tied-resnet-xs", "width": 4}, "data": {"name": "digits"},
         "epochs": 1, "batch_size": 64}
@@ -58,8 +58,8 @@ def test_advise_reads_the_shipped_results_or_says_what_is_missing(tmp_path):
 
 def test_slurm_launcher_through_submitit(tmp_path):
     submitit = pytest.importorskip("submitit")
-    from tiedmask.runner import Job
-    from tiedmask.slurm import run_jobs_slurm
+    from tiedmask.experiments.runner import Job
+    from tiedmask.experiments.slurm import run_jobs_slurm
 
     assert submitit
     store = ResultsStore(tmp_path / "store")

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiedmask.config import load_config
-from tiedmask.data import load_dataset
-from tiedmask.train import lr_at, train
+from tiedmask.training.settings import load_config
+from tiedmask.training.datasets import load_dataset
+from tiedmask.training.train import lr_at, train
 
 QUICK = ["--data", "digits", "--model", "tied-resnet-xs", "--width", "8", "--depth", "2",
          "--batch_size", "64", "--progress", "false"]
@@ -34,7 +34,7 @@ def test_run_directory_contents(tmp_path, digits):
     meta = json.loads((out / "checkpoint.json").read_text())
     tensors = load_file(out / meta["tensor_file"])
     assert any(k.startswith("optim.") for k in tensors)
-    assert json.loads((out / "config.json").read_text())["model"]["in_channels"] == 1
+    assert json.loads((out / "data.json").read_text())["channels"] == 1  # the shape it was built for
 
 
 def test_resume_reaches_the_uninterrupted_result(tmp_path, digits, monkeypatch):
@@ -42,7 +42,7 @@ def test_resume_reaches_the_uninterrupted_result(tmp_path, digits, monkeypatch):
     full, part = tmp_path / "full", tmp_path / "part"
     train(cfg, out=full, dataset=digits)
 
-    train_module = importlib.import_module("tiedmask.train")
+    train_module = importlib.import_module("tiedmask.training.train")
     real_epoch, calls = train_module.train_epoch, []
 
     def interrupted_in_epoch_two(*args, **kwargs):

@@ -11,27 +11,29 @@ from .errors import TiedmaskError
 OVERRIDES_HELP = """overrides: --KEY VALUE for any config key, dotted (--model.depth 6) or by its
 leaf name (--depth 6; a name shared with the model means the model's); --model NAME and
 --data NAME pick a preset and a dataset.
-Sections: model (name cell execution width depth stages norm mask_kind mask_scope density
-mask_seed nm_m checkpointing head_pool weight_norm patch_size heads mlp_ratio deq_*), data
-(name root download augment train_subset test_subset channels image_size), optim (name lr
-weight_decay momentum warmup_epochs label_smoothing grad_clip), finetune (init_from method rank
-alpha n_masks density targets train_head), and epochs time_budget_s batch_size eval_batch_size
-seed device precision channels_last compile eval_tta threads progress. `tiedmask info` shows a
-resolved model. Data-parallel: `torchrun --nproc_per_node N -m tiedmask.cli train ...`."""
+Sections: model (name cell execution width depth stages norm checkpointing head_pool
+weight_norm patch_size heads mlp_ratio), model.masks (kind scope density seed nm_m), model.deq
+(solver grad train_iter eval_iter backward_iter tol stop_mode solver_options phantom_steps
+phantom_tau jac_reg), data (name root download augment train_subset test_subset channels
+image_size), optim (name lr weight_decay momentum warmup_epochs label_smoothing grad_clip),
+finetune (init_from method rank alpha n_masks density targets train_head), and epochs
+time_budget_s batch_size eval_batch_size seed device precision channels_last compile eval_tta
+threads progress. A section path may stand for the whole key (--masks.scope same,
+--deq.solver_options "{m: 3}"); the flat keys of 0.1 (--mask_scope, --deq_solver) still work.
+`tiedmask info` shows a resolved model. Data-parallel: `torchrun --nproc_per_node N -m
+tiedmask.cli train ...`."""
 
 
 def cmd_train(args, overrides) -> int:
-    from .config import load_config, recipe_path
-    from .train import load_run_config, train
+    from .training.rundir import RunDir
+    from .training.settings import load_config, recipe_path
+    from .training.train import train
 
     if args.resume:
         if args.config or args.recipe or overrides or args.out:
             raise TiedmaskError("--resume DIR continues a run with its saved config; "
                                 "drop the config file, --out and overrides")
-        if not (Path(args.resume) / "config.json").exists():
-            raise TiedmaskError(f"{args.resume} holds no run to resume (no config.json); "
-                                "start one with `tiedmask train --out DIR`")
-        cfg, out, resume = load_run_config(args.resume), args.resume, True
+        cfg, out, resume = RunDir(args.resume).read_config(), args.resume, True
     else:
         if args.recipe and args.config:
             raise TiedmaskError("give a config file or --recipe, not both (overrides go on top of either)")
@@ -45,13 +47,12 @@ def cmd_train(args, overrides) -> int:
 
 
 def cmd_finetune(args, overrides) -> int:
-    from .config import config_from_dict, merge, parse_overrides
-    from .finetune import pretrained_defaults
-    from .train import train
+    from .training.finetune import pretrained_defaults
+    from .training.rundir import RunDir
+    from .training.settings import config_from_dict, merge, parse_overrides
+    from .training.train import train
 
-    if not (Path(args.run_dir) / "config.json").exists():
-        raise TiedmaskError(f"{args.run_dir} holds no trained run (no config.json); train one first")
-    values = merge(pretrained_defaults(args.run_dir), {"finetune": {"method": args.method}})
+    values = merge(pretrained_defaults(RunDir(args.run_dir)), {"finetune": {"method": args.method}})
     cfg = config_from_dict(merge(values, parse_overrides(overrides)))
     result = train(cfg, out=args.out)
     print(f"{result.status}: test acc {result.test_acc:.2%}, {result.trainable_params:,} of "
@@ -60,25 +61,25 @@ def cmd_finetune(args, overrides) -> int:
 
 
 def cmd_eval(args, overrides) -> int:
-    import dataclasses
+    from .training.rundir import load_trained
+    from .training.train import evaluate, resolve_device, use_channels_last
 
-    from .config import parse_overrides
-    from .data import load_dataset
-    from .train import evaluate, load_trained_model, resolve_device
-
-    model, cfg = load_trained_model(args.run_dir)
-    data = parse_overrides(overrides).get("data", {})
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))
+    if overrides:
+        raise TiedmaskError(f"eval scores a run as it was trained and takes no overrides "
+                            f"({' '.join(overrides)}); use --data-root DIR if the data moved")
+    model, cfg, data = load_trained(args.run_dir, args.data_root)
     device = resolve_device(cfg)
-    ds = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download)
-    mean, std = (t.to(device) for t in ds.channel_stats())
-    acc, loss = evaluate(model.to(device), ds.test_x, ds.test_y, mean, std, cfg, device)
-    print(f"{args.run_dir}: test acc {acc:.2%}, test loss {loss:.4f} on {ds.name} ({len(ds.test_x)} images)")
+    mean, std = data.stats.tensors(device)
+    acc, loss = evaluate(model.to(device), data.test_x, data.test_y, mean, std, cfg, device,
+                         channels_last=use_channels_last(cfg, data.shape.size))
+    print(f"{args.run_dir}: test acc {acc:.2%}, test loss {loss:.4f} on {data.name} "
+          f"({len(data.test_x)} images)")
     return 0
 
 
 def cmd_models(args, overrides) -> int:
-    from .models import MODEL_PRESETS, count_params, create_model
+    from .core.backbones import count_params
+    from .core.presets import MODEL_PRESETS, create_model
 
     print(f"{'model':<20} {'params (3->10)':>14}  description")
     for name, fn in sorted(MODEL_PRESETS.items()):
@@ -87,22 +88,27 @@ def cmd_models(args, overrides) -> int:
 
 
 def cmd_info(args, overrides) -> int:
-    from .config import load_config
-    from .flops import count_macs
-    from .layers import masked_layers
-    from .masks import mask_statistics
-    from .models import build_model, count_params
+    from .core.backbones import count_params
+    from .core.flops import count_macs
+    from .core.layers import masked_layers
+    from .core.masks import mask_statistics
+    from .core.presets import build_model
+    from .core.spec import DataShape
+    from .training.settings import load_config
 
     cfg = load_config(args.config, overrides)
     m = cfg.model
-    model = build_model(m)
+    if not 1 <= args.image_size <= 4096 or not 1 <= args.channels <= 64:
+        raise TiedmaskError("--image-size must be in 1..4096 and --channels in 1..64")
+    shape = DataShape(args.channels, args.image_size)
+    model = build_model(m, shape)
     size = args.image_size
-    macs = count_macs(model, (m.in_channels, size, size))
-    print(f"model {m.name}: cell {m.cell}, width {m.width}, depth {m.depth}, stages {m.stages}, "
-          f"masks {m.mask_kind}/{m.mask_scope} at density {m.density}")
+    macs = count_macs(model, (shape.channels, size, size))
+    print(f"model {m.name}: cell {m.cell}, {m.execution}, width {m.width}, depth {m.depth}, "
+          f"stages {m.stages}, masks {m.masks.kind}/{m.masks.scope} at density {m.masks.density}")
     print(f"parameters        {count_params(model):,}")
     print(f"MACs / image      {macs['dense'] / 1e6:.2f}M dense, {macs['effective'] / 1e6:.2f}M "
-          f"effective ({m.in_channels}x{size}x{size})")
+          f"effective ({shape.channels}x{size}x{size})")
     print(f"FLOPs / image     {2 * macs['dense'] / 1e6:.2f}M dense, {2 * macs['effective'] / 1e6:.2f}M effective")
     for name, layer in masked_layers(model):
         stack = layer.mask_stack()
@@ -114,14 +120,14 @@ def cmd_info(args, overrides) -> int:
 
 
 def cmd_demo(args, overrides) -> int:
-    from .demo import run_demo
+    from .experiments.demo import run_demo
 
     run_demo(args.out, epochs=args.epochs)
     return 0
 
 
 def cmd_bench(args, overrides) -> int:
-    from .bench import run_bench
+    from .experiments.bench import run_bench
 
     report = run_bench(args.preset, args.out, workers=args.workers, threads=args.threads,
                        seeds=args.seeds, budgets=args.budgets, variants=args.variants,
@@ -131,10 +137,9 @@ def cmd_bench(args, overrides) -> int:
 
 
 def cmd_report(args, overrides) -> int:
-    from .bench import write_bench_report
-    from .store import ResultsStore
-
-    from .report import write_sweep_report
+    from .experiments.bench import write_bench_report
+    from .experiments.report import write_sweep_report
+    from .experiments.store import ResultsStore
 
     records = ResultsStore(args.store).records()
     if not records:
@@ -145,8 +150,8 @@ def cmd_report(args, overrides) -> int:
 
 
 def cmd_sweep(args, overrides) -> int:
-    from .report import write_sweep_report
-    from .sweep import run_sweep
+    from .experiments.report import write_sweep_report
+    from .experiments.sweep import run_sweep
 
     records = run_sweep(args.grid, args.out)
     print(write_sweep_report(records, Path(args.out), Path(args.grid).stem))
@@ -154,7 +159,7 @@ def cmd_sweep(args, overrides) -> int:
 
 
 def cmd_advise(args, overrides) -> int:
-    from .advise import advise
+    from .experiments.advise import advise
 
     print(advise(args.params, args.flops, args.store))
     return 0
@@ -162,10 +167,10 @@ def cmd_advise(args, overrides) -> int:
 
 def cmd_analyze(args, overrides) -> int:
     from .analysis.analyze import analyze_run, summary_markdown
-    from .train import load_run_config
+    from .training.rundir import RunDir
 
     result = analyze_run(args.run_dir, images=args.images, data_root=args.data_root)
-    print(summary_markdown(result, load_run_config(args.run_dir), args.images))
+    print(summary_markdown(result, RunDir(args.run_dir).read_config(), args.images))
     print(f"wrote {Path(args.run_dir) / 'analysis'}")
     return 0
 
@@ -190,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory")
     p.set_defaults(fn=cmd_finetune)
 
-    p = sub.add_parser("eval", help="score a run's checkpoint on its test set",
-                       epilog="data overrides, e.g. --data.root DIR, are accepted")
+    p = sub.add_parser("eval", help="score a run's checkpoint on its test set, as training did")
     p.add_argument("run_dir")
+    p.add_argument("--data-root", default="", help="dataset folder, if it moved since training")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("models", help="list the model presets")
@@ -200,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="parameters, FLOPs and mask statistics of a config",
                        epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=32, help="input side (default 32)")
+    p.add_argument("--channels", type=int, default=3, help="input channels (default 3)")
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("bench", help="tied (dense/same/multi) vs DEQ on one cell, over seeds and budgets")

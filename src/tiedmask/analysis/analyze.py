@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_dataset, normalize
-from ..deq import Equilibrium
-from ..layers import masked_layers
-from ..masks import mask_statistics
-from ..plots import plot_heatmap
-from ..train import fixed_subset, load_trained_model
+from ..core.layers import masked_layers
+from ..core.masks import mask_statistics
+from ..errors import ConfigError
+from ..experiments.plots import plot_heatmap
+from ..training.data import fixed_subset, normalize
+from ..training.rundir import load_trained
 from .cka import MinibatchCKA
-from .states import relative_changes, runners, stage_states
+from .states import relative_changes, stage_states
 
 
 def off_diagonal_mean(matrix: torch.Tensor) -> float:
@@ -48,16 +48,9 @@ def _accumulate(model, x_uint8, mean, std, batch_size):
 @torch.no_grad()
 def analyze_model(model, x_uint8: torch.Tensor, mean, std, batch_size: int = 250) -> dict:
     """CKA matrices, relative changes and mask statistics of `model` on images `x_uint8`."""
-    # Run every DEQ iteration, so each batch has the same number of states; restored after.
-    deqs = [r for r in runners(model) if isinstance(r, Equilibrium)]
-    saved = [r.tol for r in deqs]
-    for r in deqs:
-        r.tol = 0.0
-    try:
-        accumulators, changes = _accumulate(model, x_uint8, mean, std, batch_size)
-    finally:
-        for r, tol in zip(deqs, saved):
-            r.tol = tol
+    if len(x_uint8) < 4:
+        raise ConfigError(f"CKA needs at least 4 images, got {len(x_uint8)}; raise --images")
+    accumulators, changes = _accumulate(model, x_uint8, mean, std, batch_size)
     cka = [acc.compute() for acc in accumulators]
     masks = {}
     for name, layer in masked_layers(model):
@@ -77,10 +70,9 @@ def analyze_model(model, x_uint8: torch.Tensor, mean, std, batch_size: int = 250
 
 def analyze_run(run_dir: str | Path, images: int = 1000, data_root: str = "") -> dict:
     run_dir = Path(run_dir)
-    model, cfg = load_trained_model(run_dir)
-    ds = load_dataset(cfg.data.name, data_root or cfg.data.root, download=False)
-    x, _ = fixed_subset(ds.test_x, ds.test_y, images)
-    mean, std = ds.channel_stats()
+    model, cfg, data = load_trained(run_dir, data_root)
+    x, _ = fixed_subset(data.test_x, data.test_y, images)  # of the run's own test images
+    mean, std = data.stats.tensors()
     result = analyze_model(model, x, mean, std)
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)
@@ -88,7 +80,7 @@ def analyze_run(run_dir: str | Path, images: int = 1000, data_root: str = "") ->
     label = "solver iteration" if m.execution == "equilibrium" else "application"
     for s, matrix in enumerate(result["cka"]):
         plot_heatmap(matrix, out / f"cka_stage{s}.png",
-                     f"{m.name} {m.execution} {m.mask_scope} d={m.density}: CKA, stage {s}", label)
+                     f"{m.name} {m.execution} {m.masks.scope} d={m.masks.density}: CKA, stage {s}", label)
     (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "summary.md").write_text(summary_markdown(result, cfg, len(x)))
     return result
@@ -96,7 +88,7 @@ def analyze_run(run_dir: str | Path, images: int = 1000, data_root: str = "") ->
 
 def summary_markdown(result: dict, cfg, images: int) -> str:
     m = cfg.model
-    lines = [f"# analysis: {m.name}, {m.execution}, masks {m.mask_kind}/{m.mask_scope} at density {m.density}",
+    lines = [f"# analysis: {m.name}, {m.execution}, masks {m.masks.kind}/{m.masks.scope} at density {m.masks.density}",
              "", f"CKA (minibatch unbiased, linear) over {images} test images.", "",
              "| stage | states | mean off-diagonal CKA | mean adjacent CKA | relative change first → last |",
              "|---|---:|---:|---:|---|"]

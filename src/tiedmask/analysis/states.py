@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-
-
-def runners(model) -> list:
-    """The per-stage runners (Unrolled or Equilibrium) of a TiedNet."""
-    return [stage.tied for stage in model.stages]
-
-
-@contextlib.contextmanager
-def tracing(model):
-    """Within the block, each runner's `trace` collects its states; yields the list of traces."""
-    stages = runners(model)
-    for r in stages:
-        r.trace = []
-    try:
-        yield [r.trace for r in stages]
-    finally:
-        for r in stages:
-            r.trace = None
 
 
 @torch.no_grad()
 def stage_states(model, x: torch.Tensor) -> list[list[torch.Tensor]]:
-    """[stage][application] hidden states for one batch, model in eval mode."""
+    """[stage][application] hidden states for one batch, model in eval mode (a DEQ's runner
+    traces every solver iteration; see `tiedmask.core.execution`)."""
     model.eval()
-    with tracing(model) as traces:
+    with model.tracing() as traces:
         model(x)
         return [list(t) for t in traces]
 

@@ -29,9 +29,9 @@ import copy
 import itertools
 from pathlib import Path
 
-from .analysis.analyze import analyze_run
-from .config import config_from_dict, read_yaml
-from .errors import ConfigError
+from ..analysis.analyze import analyze_run
+from ..errors import ConfigError
+from ..training.settings import config_from_dict, read_yaml
 from .runner import Job, run_jobs
 from .store import ResultsStore
 

@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
+from ..spec import STOP_MODES
 
 Func = Callable[[torch.Tensor], torch.Tensor]
 SOLVERS: dict[str, Callable] = {}
@@ -47,7 +48,7 @@ class _Tracker:
     """Keeps each sample's best iterate and decides when to stop."""
 
     def __init__(self, z0: torch.Tensor, tol: float, stop_mode: str, diverge_factor: float):
-        if stop_mode not in ("abs", "rel"):
+        if stop_mode not in STOP_MODES:
             raise ConfigError(f"stop_mode {stop_mode!r} must be 'abs' or 'rel'")
         self.best = z0.clone()
         self.best_abs = torch.full((z0.shape[0],), math.inf, device=z0.device, dtype=torch.float64)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .config import config_from_dict
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..training.settings import config_from_dict
 from .runner import record_header, records_of, resolve_jobs
 from .store import ResultsStore
 
@@ -12,7 +12,7 @@ def train_job(values: dict, run_dir: str) -> dict:
     """What one cluster job runs: train (resuming if the run dir has a checkpoint)."""
     from pathlib import Path
 
-    from .train import train
+    from ..training.train import train
 
     resume = (Path(run_dir) / "checkpoint.json").exists()
     return train(config_from_dict(values), out=run_dir, resume=resume, log=lambda *a: None).to_dict()

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-from .checkpoint import atomic_write
-from .errors import ConfigError, TiedmaskError
+from ..files import atomic_write
+from ..errors import ConfigError, TiedmaskError
 from .masks import check_mask_settings, make_mask
 
 

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 from .plots import plt
+from .store import setting
 
 METRICS = {  # key: (column title, scale, digits)
     "test_acc": ("test acc (%)", 100.0, 2),
@@ -118,7 +119,7 @@ def speed_ratio(rows: list[dict], slow: str, fast: str, key: str = "s_per_epoch"
 
 
 def _model(record: dict, key: str):
-    return record.get("config", {}).get("model", {}).get(key)
+    return setting(record, f"model.{key}")
 
 
 def line_plot(records: list[dict], x_key: str, series_key, path: Path, title: str, metric="test_acc") -> Path:
@@ -144,13 +145,13 @@ def write_sweep_report(records: list[dict], out: Path, title: str) -> str:
     lines = [f"# sweep: {title}", "", markdown_table(rows, ("variant",), metrics), ""]
     ok = [r for r in records if r.get("status") == "ok"]
 
-    if len({_model(r, "density") for r in ok}) > 1:
-        line_plot(ok, "density", lambda r: f"{_model(r, 'cell')} {_model(r, 'mask_scope')} "
+    if len({_model(r, "masks.density") for r in ok}) > 1:
+        line_plot(ok, "masks.density", lambda r: f"{_model(r, 'cell')} {_model(r, 'masks.scope')} "
                   f"w{_model(r, 'width')} d{_model(r, 'depth')}", out / "acc_vs_density.png",
                   f"{title}: test accuracy against density")
     if len({_model(r, "depth") for r in ok}) > 1:
-        line_plot(ok, "depth", lambda r: f"{_model(r, 'mask_scope')} w{_model(r, 'width')} "
-                  f"density {_model(r, 'density')}", out / "acc_vs_depth.png",
+        line_plot(ok, "depth", lambda r: f"{_model(r, 'masks.scope')} w{_model(r, 'width')} "
+                  f"density {_model(r, 'masks.density')}", out / "acc_vs_depth.png",
                   f"{title}: test accuracy against depth")
     with_cka = [r for r in summarize(ok, ("variant",)) if "cka_offdiag_mean" in r]
     if with_cka:

@@ -8,16 +8,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import autograd, nn
 
-from ..errors import ConfigError, TiedmaskError
+from ...errors import ConfigError, TiedmaskError
+from ..execution import Runner
 from ..masks import mask_index
+from ..spec import NO_MULTI_MASK_FIXED_POINT, DeqConfig
 from .solvers import SolverStats, solve
-
-GRADIENTS = ("implicit", "phantom")
-NO_MULTI_MASK_FIXED_POINT = ("mask_scope 'multi' has no fixed point (each step would be another "
-                             "function); use mask_scope same or dense with execution equilibrium")
 
 
 class SolverDiverged(TiedmaskError):
@@ -52,80 +52,81 @@ class _ImplicitGrad(autograd.Function):
         return y, None, None, None, None
 
 
-class Equilibrium(nn.Module):
-    """Run `cell` to z* = cell(z*, x, index) instead of unrolling it.
+class Equilibrium(Runner):
+    """Run `cell` to z* = cell(z*, x, index) instead of unrolling it (a `Runner`).
 
     Args:
-        cell: a module ``cell(z, x, index)`` (any registered cell).
+        cell: a `Cell` (any registered cell without per-application parts).
         scope: ``dense`` or ``same``; a fixed point of one function cannot use a mask per step.
-        solver: ``fixed_point``, ``anderson`` or ``broyden``; also used for the adjoint.
-        grad: ``implicit`` (IFT) or ``phantom`` (k damped unrolled steps).
-        train_max_iter / eval_max_iter / backward_max_iter: solver iteration limits.
-        tol, stop_mode: stop when every sample's ``abs`` or ``rel`` residual is under `tol`.
-        solver_options: e.g. ``{"m": 5, "lam": 1e-4, "beta": 1.0}`` for Anderson,
-            ``{"damping": 0.5}`` for fixed-point iteration.
-        phantom_steps, phantom_tau: k and tau of the phantom gradient.
-        jac_reg: weight of the Hutchinson estimate of ||df/dz||_F^2 / dim (0 = off).
+        settings: `DeqConfig`: solver (also used for the adjoint), implicit or phantom
+            gradient, iteration limits, tolerance and stop mode, solver options (passed to
+            the solver unchanged), phantom steps and tau, Jacobian regulariser weight.
 
-    >>> from tiedmask.cells import ResNetCell
+    >>> from tiedmask.core.cells import ResNetCell
     >>> deq = Equilibrium(ResNetCell(8), scope="dense")
     >>> deq(torch.randn(2, 8, 4, 4)).shape
     torch.Size([2, 8, 4, 4])
     """
 
-    def __init__(self, cell: nn.Module, scope: str, solver: str = "anderson", grad: str = "implicit",
-                 train_max_iter: int = 20, eval_max_iter: int = 30, backward_max_iter: int = 20,
-                 tol: float = 1e-3, stop_mode: str = "rel", solver_options: dict | None = None,
-                 phantom_steps: int = 5, phantom_tau: float = 0.5, jac_reg: float = 0.0):
+    def __init__(self, cell: nn.Module, scope: str, settings: DeqConfig | None = None):
         super().__init__()
         if scope == "multi":
             raise ConfigError(NO_MULTI_MASK_FIXED_POINT)
-        if grad not in GRADIENTS:
-            raise ConfigError(f"unknown DEQ gradient {grad!r}; choose one of {list(GRADIENTS)}")
-        if phantom_steps < 1 or not 0 < phantom_tau <= 1:
-            raise ConfigError("phantom_steps must be >= 1 and phantom_tau in (0, 1]")
-        self.cell, self.scope, self.solver, self.grad = cell, scope, solver, grad
-        self.train_max_iter, self.eval_max_iter = train_max_iter, eval_max_iter
-        self.backward_max_iter, self.tol, self.stop_mode = backward_max_iter, tol, stop_mode
-        self.solver_options = dict(solver_options or {})
-        self.phantom_steps, self.phantom_tau, self.jac_reg = phantom_steps, phantom_tau, jac_reg
+        self.settings = settings or DeqConfig()
+        self.settings.validate()
+        self.cell, self.scope = cell, scope
         self.forward_stats: list[SolverStats] = []
         self.backward_stats: list[SolverStats] = []
-        self.aux_loss: torch.Tensor | None = None
-        self.trace: list[torch.Tensor] | None = None
+        self._aux: torch.Tensor | None = None
+        self._exhaustive = False  # while tracing: run every iteration (tol 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.settings
         index = mask_index(self.scope, 0)
 
         def func(z):
-            return self.cell(z, x, index)
+            return self.cell(z, x, index, 0)
 
-        max_iter = self.train_max_iter if self.training else self.eval_max_iter
+        max_iter = s.train_iter if self.training else s.eval_iter
+        tol = 0.0 if self._exhaustive else s.tol
         with torch.no_grad():
-            traced = func if self.trace is None else self._tracing(func)
-            z_star, stats = solve(self.solver, traced, torch.zeros_like(x), max_iter=max_iter,
-                                  tol=self.tol, stop_mode=self.stop_mode, **self.solver_options)
+            traced = func if self._trace is None else self._tracing(func)
+            z_star, stats = solve(s.solver, traced, torch.zeros_like(x), max_iter=max_iter,
+                                  tol=tol, stop_mode=s.stop_mode, **s.solver_options)
         self.forward_stats.append(stats)
         if stats.diverged:
             raise SolverDiverged(f"forward solve diverged: {stats.reason}")
-        self.aux_loss = None
+        self._aux = None
         if not (self.training and torch.is_grad_enabled()):
             return z_star
-        if self.jac_reg > 0:
-            self.aux_loss = self.jac_reg * self._jacobian_penalty(func, z_star)
-        if self.grad == "implicit":
-            settings = {"solver": self.solver, "max_iter": self.backward_max_iter, "tol": self.tol,
-                        "stop_mode": self.stop_mode, "options": self.solver_options}
-            return _ImplicitGrad.apply(func(z_star), func, z_star, settings, self.backward_stats.append)
+        if s.jac_reg > 0:
+            self._aux = s.jac_reg * self._jacobian_penalty(func, z_star)
+        if s.grad == "implicit":
+            adjoint = {"solver": s.solver, "max_iter": s.backward_iter, "tol": s.tol,
+                       "stop_mode": s.stop_mode, "options": s.solver_options}
+            return _ImplicitGrad.apply(func(z_star), func, z_star, adjoint, self.backward_stats.append)
         z = z_star
-        for _ in range(self.phantom_steps):
-            z = (1 - self.phantom_tau) * z + self.phantom_tau * func(z)
+        for _ in range(s.phantom_steps):
+            z = (1 - s.phantom_tau) * z + s.phantom_tau * func(z)
         return z
+
+    def aux_loss(self) -> torch.Tensor | None:
+        return self._aux
+
+    @contextlib.contextmanager
+    def tracing(self):
+        """Every solver iteration's state; all iterations run, so batches trace alike."""
+        self._exhaustive = True
+        try:
+            with super().tracing() as states:
+                yield states
+        finally:
+            self._exhaustive = False
 
     def _tracing(self, func):
         def traced(z):
             out = func(z)
-            self.trace.append(out.detach())
+            self._record(out)
             return out
         return traced
 

@@ -12,32 +12,34 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..training.settings import merge
 from .report import bar_plot, markdown_table, scatter_plot, speed_ratio, summarize
 from .runner import Job, run_jobs
 from .store import ResultsStore
 
 VARIANTS = {  # variant -> model settings on top of the preset's model
-    "tied-dense": {"execution": "unrolled", "mask_scope": "dense"},
-    "tied-same": {"execution": "unrolled", "mask_scope": "same"},
-    "tied-multi": {"execution": "unrolled", "mask_scope": "multi"},
-    "deq-anderson-implicit": {"execution": "equilibrium", "mask_scope": "dense",
-                              "deq_solver": "anderson", "deq_grad": "implicit"},
-    "deq-anderson-phantom": {"execution": "equilibrium", "mask_scope": "dense",
-                             "deq_solver": "anderson", "deq_grad": "phantom"},
+    "tied-dense": {"execution": "unrolled", "masks": {"scope": "dense"}},
+    "tied-same": {"execution": "unrolled", "masks": {"scope": "same"}},
+    "tied-multi": {"execution": "unrolled", "masks": {"scope": "multi"}},
+    "untied": {"execution": "untied", "masks": {"scope": "dense"}},
+    "deq-anderson-implicit": {"execution": "equilibrium", "masks": {"scope": "dense"},
+                              "deq": {"solver": "anderson", "grad": "implicit"}},
+    "deq-anderson-phantom": {"execution": "equilibrium", "masks": {"scope": "dense"},
+                             "deq": {"solver": "anderson", "grad": "phantom"}},
 }
 
 BENCH_PRESETS = {
     # Offline, minutes: 8x8 digits.
     "demo": {
-        "base": {"model": {"name": "tied-resnet-xs", "width": 16, "depth": 4, "density": 0.5},
+        "base": {"model": {"name": "tied-resnet-xs", "width": 16, "depth": 4, "masks": {"density": 0.5}},
                  "data": {"name": "digits"}, "epochs": 5, "batch_size": 32,
                  "optim": {"lr": 3e-3, "warmup_epochs": 1}},
         "time_budget_s": 8.0,
     },
     # CIFAR-10 on a CPU budget: a fixed 4k-image train subset, 2k test images.
     "cifar10": {
-        "base": {"model": {"name": "tied-resnet-s", "width": 16, "depth": 4, "density": 0.5},
+        "base": {"model": {"name": "tied-resnet-s", "width": 16, "depth": 4, "masks": {"density": 0.5}},
                  "data": {"name": "cifar10", "train_subset": 4000, "test_subset": 2000},
                  "epochs": 2, "batch_size": 64, "optim": {"lr": 3e-3, "warmup_epochs": 0.25}},
         "time_budget_s": 45.0,
@@ -62,8 +64,7 @@ def bench_jobs(preset: str, seeds=(0, 1), budgets=("epochs", "time"), variants=N
             raise ConfigError(f"unknown budget {budget!r}; use epochs and/or time")
         for variant in chosen:
             for seed in seeds:
-                cfg = copy.deepcopy(spec["base"])
-                cfg["model"].update(VARIANTS[variant])
+                cfg = merge(copy.deepcopy(spec["base"]), {"model": VARIANTS[variant]})
                 cfg["seed"] = seed
                 if epochs:
                     cfg["epochs"] = epochs

@@ -11,17 +11,22 @@ import json
 import statistics
 from pathlib import Path
 
-from .checkpoint import atomic_write_json
-from .config import config_from_dict
-from .data import load_dataset
+from ..errors import ConfigError
+from ..files import atomic_write_json
+from ..training.datasets import load_dataset
+from ..training.settings import config_from_dict
+from ..training.train import train
 from .plots import plot_curves
-from .train import prepare_run_dir, train
 
 SCOPES = ("dense", "same", "multi")
 
 
 def run_demo(out: str | Path = "runs/demo", epochs: int = 10, seeds=(0, 1), log=print) -> dict:
-    out = prepare_run_dir(out, resume=True)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {out} ({exc.strerror}); choose another --out") from None
     dataset = load_dataset("digits")
     rows, curves = {}, {}
     for scope in SCOPES:
@@ -34,8 +39,8 @@ def run_demo(out: str | Path = "runs/demo", epochs: int = 10, seeds=(0, 1), log=
                     history.append(float(line.split("test")[1].split("%")[0]) / 100)
 
             cfg = config_from_dict({
-                "model": {"name": "tied-resnet-xs", "width": 16, "depth": 8, "mask_scope": scope,
-                          "density": 0.5},
+                "model": {"name": "tied-resnet-xs", "width": 16, "depth": 8,
+                          "masks": {"scope": scope, "density": 0.5}},
                 "data": {"name": "digits"}, "epochs": epochs, "seed": seed, "progress": False,
                 "batch_size": 32,  # 1437 training images: 44 steps an epoch
                 "optim": {"lr": 3e-3, "warmup_epochs": 1},

@@ -17,21 +17,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import ConfigError
+from ..training.settings import config_from_dict, config_hash, config_to_dict
+
 FINISHED = ("ok", "diverged")
 
 
 def rekey(record: dict) -> dict:
-    """The record under the hash that its config has today (see the module docstring)."""
-    from .config import config_from_dict, config_hash
-    from .errors import ConfigError
-
+    """The record under the hash, and with the config, that its config has today (see the
+    module docstring): old spellings of settings are read as today's."""
     record.setdefault("run_dir", f"runs/{record['config_hash']}")
     if "config" in record:
         try:
-            record["config_hash"] = config_hash(config_from_dict(record["config"]))
+            cfg = config_from_dict(record["config"])
         except ConfigError:
-            pass  # a config this version cannot read keeps its old key
+            return record  # a config this version cannot read keeps its old key
+        record["config"], record["config_hash"] = config_to_dict(cfg), config_hash(cfg)
     return record
+
+
+def setting(record: dict, key: str):
+    """A record's config value at a dotted key, e.g. ``model.masks.density`` (None if absent)."""
+    node = record.get("config", {})
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 class ResultsStore:

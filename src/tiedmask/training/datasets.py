@@ -1,4 +1,4 @@
-"""Datasets as whole uint8 tensors, and batched augmentation on the training device.
+"""Datasets as whole uint8 tensors: loaders, safe readers, checked downloads.
 
 Supported: cifar10, cifar100 (official python pickles), fashion_mnist (idx, .gz or raw),
 imagenet32 (the official downsampled-ImageNet npz batches), digits (scikit-learn's 8x8 digits,
@@ -28,9 +28,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .errors import DataError
+from ..errors import DataError
 
 
 @dataclass
@@ -46,20 +45,6 @@ class Dataset:
     @property
     def in_channels(self) -> int:
         return self.train_x.shape[1]
-
-    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and (sample) std of the training images, in [0, 1] units.
-
-        Exact, from a 256-bin histogram per channel: a float64 copy of CIFAR-10 would take
-        1.2 GB and dominate the peak memory of a small run.
-        """
-        counts = torch.stack([torch.bincount(self.train_x[:, c].flatten(), minlength=256)
-                              for c in range(self.in_channels)]).double()
-        values = torch.arange(256, dtype=torch.float64) / 255
-        n = counts.sum(1)
-        mean = (counts * values).sum(1) / n
-        var = (counts * (values - mean[:, None]) ** 2).sum(1) / (n - 1)
-        return mean.float(), var.sqrt().float().clamp_min(1e-3)
 
 
 LOADERS: dict[str, Callable[[Path, bool], Dataset]] = {}
@@ -337,33 +322,3 @@ def load_digits(root: Path, allow_download: bool) -> Dataset:
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     test, train = order[:360], order[360:]
     return Dataset("digits", x[train], y[train], x[test], y[test], 10, "crop")
-
-
-# ---------------------------------------------------------------- on-device pipeline
-
-def normalize(batch_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    x = batch_uint8.float().div_(255)
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-
-
-def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after reflect-padding by 1/8 of the side (4 px at 32), and random flips.
-
-    Batched on the tensor's device: one gather for the whole batch, no per-image Python loop.
-    """
-    if kind == "none":
-        return x
-    n, c, h, w = x.shape
-    pad = max(1, h // 8)
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device, generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=x.device, generator=generator)
-    rows = (dy + torch.arange(h, device=x.device).view(1, h, 1)).expand(n, h, w)
-    cols = (dx + torch.arange(w, device=x.device).view(1, 1, w)).expand(n, h, w)
-    flat = padded.flatten(2)  # [n, c, (h+2p)*(w+2p)]
-    index = (rows * (w + 2 * pad) + cols).view(n, 1, h * w).expand(n, c, h * w)
-    out = flat.gather(2, index).view(n, c, h, w)
-    if kind == "crop_flip":
-        flip = torch.rand(n, device=x.device, generator=generator) < 0.5
-        out = torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
-    return out

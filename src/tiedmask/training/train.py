@@ -4,9 +4,9 @@ Honest timing: `train_time_s` counts training steps only (evaluation excluded); 
 training images per training second. Resumable at epoch boundaries: every epoch's shuffle and
 augmentation are seeded by (seed, epoch), so a resumed run reproduces an uninterrupted one.
 
->>> from tiedmask.config import load_config
+>>> from tiedmask.training.settings import load_config
 >>> cfg = load_config(overrides=["--data", "digits", "--model", "tied-resnet-xs", "--epochs", "1"])
->>> train(cfg).test_acc > 0.1
+>>> train(cfg, log=lambda *_: None).test_acc > 0.1
 True
 """
 
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -26,15 +24,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, atomic_write_json, load_checkpoint, read_json, save_checkpoint
-from .config import TrainConfig, config_from_dict, config_hash, config_to_dict
-from .data import Dataset, augment, load_dataset, normalize
-from .deq.equilibrium import SolverDiverged
+from ..core.backbones import count_params
+from ..core.deq.equilibrium import SolverDiverged
+from ..core.flops import count_macs
+from ..core.presets import build_model
+from ..errors import ConfigError
+from .data import augment, normalize, prepare_data
+from .datasets import Dataset
 from .distributed import Dist, setup as setup_distributed, teardown as teardown_distributed
-from .errors import ConfigError
-from .finetune import adapt_dataset, attach_adapters, prepare_finetune
-from .flops import count_macs
-from .models import build_model, count_params
+from .finetune import prepare_finetune
+from .rundir import RunDir, RunState
+from .settings import TrainConfig, config_hash
 
 
 @dataclass
@@ -80,11 +80,10 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def use_channels_last(cfg: TrainConfig) -> bool:
+def use_channels_last(cfg: TrainConfig, image_size: int) -> bool:
     # Measured on the 2-core Xeon (docs/results.md §6): 1.2-1.6x the NCHW training throughput
     # at 32x32, but 0.85x on the 8x8 digits, where the layout conversions outweigh the convs.
-    # (`cfg.model.image_size` is the dataset's side by the time a run asks.)
-    return cfg.channels_last == "true" or (cfg.channels_last == "auto" and cfg.model.image_size >= 32)
+    return cfg.channels_last == "true" or (cfg.channels_last == "auto" and image_size >= 32)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -113,44 +112,15 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
-# ---------------------------------------------------------------- run directory
-
-def prepare_run_dir(out: str | Path, resume: bool) -> Path:
-    """Create `out` (or check it for a resume); refuse to overwrite a finished or foreign run."""
-    run_dir = Path(out)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"cannot write to {run_dir} ({exc.strerror}); choose another --out") from None
-    has_run = (run_dir / "checkpoint.json").exists() or (run_dir / "result.json").exists()
-    if has_run and not resume:
-        raise ConfigError(f"{run_dir} already holds a run; continue it with "
-                          f"`tiedmask train --resume {run_dir}` or choose a new --out")
-    return run_dir
-
-
-def keep_metrics_until(path: Path, epoch: int) -> None:
-    """Drop metrics of epochs after the checkpoint (written by an interrupted run)."""
-    if not path.exists():
-        return
-    rows = [r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())
-            if r["epoch"] <= epoch]
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
-
-
 # ---------------------------------------------------------------- loops
 
 @torch.no_grad()
 def evaluate(model, x_all, y_all, mean, std, cfg: TrainConfig, device,
-             ctx: Dist = Dist()) -> tuple[float, float]:
+             ctx: Dist = Dist(), channels_last: bool = False) -> tuple[float, float]:
     """(accuracy, mean loss) over a uint8 image tensor; each process takes a slice of it."""
     model.eval()
     ctx.average_buffers(model)
     mine = range(ctx.rank, math.ceil(len(x_all) / cfg.eval_batch_size), ctx.world)
-    channels_last = use_channels_last(cfg)
     correct, loss_sum = 0, 0.0
     for start in (b * cfg.eval_batch_size for b in mine):
         x = normalize(x_all[start:start + cfg.eval_batch_size].to(device), mean, std)
@@ -190,7 +160,8 @@ def summarize_solver(forward, backward) -> dict:
 
 
 def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, schedule,
-                time_left: float = math.inf, ctx: Dist = Dist(), runner=None) -> EpochStats:
+                time_left: float = math.inf, ctx: Dist = Dist(), runner=None,
+                channels_last: bool = False) -> EpochStats:
     """One epoch (or until `time_left` seconds of training are spent).
 
     `runner` is what computes the forward pass when it is not `model` itself: `model` wrapped
@@ -203,7 +174,6 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
     gen = epoch_generator(cfg.seed, epoch, device)
     order = torch.randperm(len(train_x), device=device, generator=gen)
     n_batches = max(1, len(train_x) // cfg.batch_size)  # drop the last partial batch
-    channels_last = use_channels_last(cfg)
     loss_sum, correct, seen, forward, backward = 0.0, 0, 0, [], []
     bar = tqdm(range(n_batches), leave=False, desc=f"epoch {epoch}",
                disable=not (cfg.progress and sys.stderr.isatty() and ctx.is_main))
@@ -275,20 +245,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def fixed_subset(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `n` of a seed-0 permutation: the same images for every run and variant."""
-    if not n or n >= len(x):
-        return x, y
-    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]
-    return x[keep], y[keep]
-
-
 def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
           dataset: Dataset | None = None, log=print) -> Result:
     """Train `cfg`; write the run to `out` when given (resuming it when `resume`).
 
     Started by torchrun (WORLD_SIZE > 1), the processes train one model data-parallel
-    (see `tiedmask.distributed`); rank 0 writes the run and logs.
+    (see `tiedmask.training.distributed`); rank 0 writes the run and logs.
     """
     device = resolve_device(cfg)
     ctx = setup_distributed(device.type, cfg.batch_size)
@@ -301,112 +263,102 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
 
 
 def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device: torch.device) -> Result:
-    if ctx.is_main:
-        run_dir = prepare_run_dir(out, resume) if out is not None else None
-    ctx.barrier()
-    if not ctx.is_main:  # reads the checkpoint to resume, never writes
-        run_dir = Path(out) if out is not None else None
-    if resume and run_dir is not None and (run_dir / "result.json").exists():
-        log(f"{run_dir} is already finished; its result stands")
-        return Result(**read_json(run_dir / "result.json"))
+    run = None
+    if out is not None:
+        run = RunDir.create(out, resume) if ctx.is_main else RunDir(out)  # other ranks only read
+        ctx.barrier()
+        if resume and run.is_finished():
+            log(f"{run.path} is already finished; its result stands")
+            return Result(**run.read_result())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ds = dataset or load_dataset(cfg.data.name, cfg.data.root, cfg.data.download)
-    ds = adapt_dataset(ds, cfg.data.channels, cfg.data.image_size)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, in_channels=ds.in_channels, num_classes=ds.num_classes,
-        image_size=ds.train_x.shape[-1]))
-    aug = ds.augment if cfg.data.augment == "auto" else cfg.data.augment
-    train_x, train_y = fixed_subset(ds.train_x, ds.train_y, cfg.data.train_subset)
-    test_x, test_y = fixed_subset(ds.test_x, ds.test_y, cfg.data.test_subset)
-    train_x, train_y = train_x.to(device), train_y.to(device)
-    mean, std = (t.to(device) for t in ds.channel_stats())
+    saved_stats = run.read_stats() if run is not None and resume else None
+    data = prepare_data(cfg.data, stats=saved_stats, dataset=dataset)
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    mean, std = data.stats.tensors(device)
+    channels_last = use_channels_last(cfg, data.shape.size)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, data.shape)
     model.init_from_data(normalize(train_x[:5000], mean, std))
     if cfg.finetune.init_from:
-        model = prepare_finetune(model, cfg)
+        pretrained, _, _ = RunDir(cfg.finetune.init_from).load_checkpoint()
+        model = prepare_finetune(model, cfg, pretrained)
     model = model.to(device)
-    macs = count_macs(model, tuple(ds.train_x.shape[1:]))
+    macs = count_macs(model, tuple(data.train_x.shape[1:]))
     model.pop_solver_stats()  # the MAC-count probe is not a training solve
-    if use_channels_last(cfg):
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
     steps_per_epoch = max(1, len(train_x) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup = max(1, round(cfg.optim.warmup_epochs * steps_per_epoch))
 
-    state = {"epoch": 0, "step": 0, "train_time_s": 0.0, "images": 0, "best_test_acc": 0.0,
-             "config_hash": config_hash(cfg)}
-    if run_dir is not None:
-        if resume and (run_dir / "checkpoint.json").exists():
-            model_state, opt_state, state = load_checkpoint(run_dir)
+    state = RunState(config_hash=config_hash(cfg))
+    if run is not None:
+        if resume and (run.path / "checkpoint.json").exists():
+            model_state, opt_state, state = run.load_checkpoint()
             model.load_state_dict(model_state)
             optimizer.load_state_dict(opt_state)
             if ctx.is_main:
-                keep_metrics_until(run_dir / "metrics.jsonl", state["epoch"])
-            log(f"resuming {run_dir} after epoch {state['epoch']}")
+                run.keep_metrics_until(state.epoch)
+            log(f"resuming {run.path} after epoch {state.epoch}")
         if ctx.is_main:
-            atomic_write_json(run_dir / "config.json", config_to_dict(cfg))
+            run.write_config(cfg)
+            run.write_stats(data.stats)
     runner = wrap_for_training(model, cfg, ctx, device)
 
     params, trainable = count_params(model), count_params(model, trainable_only=True)
-    log(f"model {cfg.model.name} ({cfg.model.mask_scope}, density {cfg.model.density}): "
+    m = cfg.model
+    log(f"model {m.name} ({m.execution}, masks {m.masks.scope} at density {m.masks.density}): "
         f"{params:,} params ({trainable:,} trained), {macs['effective'] / 1e6:.1f}M effective MACs/img, "
         f"on {device}" + (f" x {ctx.world} processes" if ctx.enabled else ""))
-    status, reason, loss, test_acc, solver = "ok", "", float("nan"), 0.0, {}
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        time_left = cfg.time_budget_s - state["train_time_s"] if cfg.time_budget_s else math.inf
+    status, reason = "ok", ""
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        time_left = cfg.time_budget_s - state.train_time_s if cfg.time_budget_s else math.inf
         if time_left <= 0:
             break
-        ep = train_epoch(model, optimizer, (train_x, train_y, aug), mean, std, cfg, device, epoch,
-                         state["step"], (total_steps, warmup, state["train_time_s"]), time_left,
-                         ctx=ctx, runner=runner)
-        state["step"] = ep.step
-        state["train_time_s"] += ep.seconds
-        state["images"] += ep.images
-        loss = ep.loss
+        ep = train_epoch(model, optimizer, (train_x, train_y, data.augment), mean, std, cfg, device,
+                         epoch, state.step, (total_steps, warmup, state.train_time_s), time_left,
+                         ctx=ctx, runner=runner, channels_last=channels_last)
+        state.step = ep.step
+        state.train_time_s += ep.seconds
+        state.images += ep.images
         if ep.failure:
             status, reason = "diverged", ep.failure
+            state.last_train_loss = ep.loss
             log(f"epoch {epoch}: {reason}")
             break
-        test_acc, test_loss = evaluate(model, test_x, test_y, mean, std, cfg, device, ctx)
+        test_acc, test_loss = evaluate(model, data.test_x, data.test_y, mean, std, cfg, device, ctx,
+                                       channels_last)
         eval_fwd, _ = model.pop_solver_stats()
         ep.solver.update({f"eval_{k}": v for k, v in summarize_solver(eval_fwd, []).items()})
-        solver = ep.solver
-        state["best_test_acc"] = max(state["best_test_acc"], test_acc)
-        state["epoch"] = epoch
-        row = {"epoch": epoch, "train_loss": loss, "train_acc": ep.acc, "test_loss": test_loss,
+        state.epoch, state.solver = epoch, ep.solver
+        state.best_test_acc = max(state.best_test_acc, test_acc)
+        state.last_test_acc, state.last_train_loss = test_acc, ep.loss
+        row = {"epoch": epoch, "train_loss": ep.loss, "train_acc": ep.acc, "test_loss": test_loss,
                "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
-               "epoch_time_s": ep.seconds, "train_time_s": state["train_time_s"],
-               "img_per_s": ep.images / ep.seconds, **solver}
-        solver_note = "".join(f"  {k} {v:.3g}" for k, v in solver.items() if k.endswith("iters"))
-        log(f"epoch {epoch:>3}/{cfg.epochs}  loss {loss:.4f}  train {ep.acc:6.2%}  "
+               "epoch_time_s": ep.seconds, "train_time_s": state.train_time_s,
+               "img_per_s": ep.images / ep.seconds, **ep.solver}
+        solver_note = "".join(f"  {k} {v:.3g}" for k, v in ep.solver.items() if k.endswith("iters"))
+        log(f"epoch {epoch:>3}/{cfg.epochs}  loss {ep.loss:.4f}  train {ep.acc:6.2%}  "
             f"test {test_acc:6.2%}  {ep.seconds:6.1f}s  {ep.images / ep.seconds:7.1f} img/s{solver_note}")
-        if run_dir is not None and ctx.is_main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            save_checkpoint(run_dir, model, optimizer, {**state, "last_test_acc": test_acc,
-                                                        "last_train_loss": loss, "solver": solver})
-        state["last_test_acc"], state["last_train_loss"], state["solver"] = test_acc, loss, solver
+        if run is not None and ctx.is_main:
+            run.append_metrics(row)
+            run.save_checkpoint(model, optimizer, state)
         if ep.out_of_time:
             log(f"time budget of {cfg.time_budget_s:.0f}s spent after epoch {epoch}")
             break
-    epochs_done = state["epoch"]
     result = Result(
-        status=status, reason=reason,
-        test_acc=state.get("last_test_acc", test_acc), best_test_acc=state["best_test_acc"],
-        final_train_loss=state.get("last_train_loss", loss), params=params,
-        trainable_params=trainable,
-        macs_dense=macs["dense"], macs_effective=macs["effective"],
-        train_time_s=state["train_time_s"],
-        img_per_s=state["images"] / state["train_time_s"] if state["train_time_s"] else 0.0,
-        s_per_epoch=state["train_time_s"] / epochs_done if epochs_done else 0.0,
-        epochs=epochs_done, seed=cfg.seed, config_hash=state["config_hash"],
-        peak_mem_mb=peak_memory_mb(device), solver=state.get("solver", solver))
-    if run_dir is not None and ctx.is_main:
-        atomic_write_json(run_dir / "result.json", result.to_dict())
+        status=status, reason=reason, test_acc=state.last_test_acc, best_test_acc=state.best_test_acc,
+        final_train_loss=state.last_train_loss, params=params, trainable_params=trainable,
+        macs_dense=macs["dense"], macs_effective=macs["effective"], train_time_s=state.train_time_s,
+        img_per_s=state.images / state.train_time_s if state.train_time_s else 0.0,
+        s_per_epoch=state.train_time_s / state.epoch if state.epoch else 0.0,
+        epochs=state.epoch, seed=cfg.seed, config_hash=state.config_hash,
+        peak_mem_mb=peak_memory_mb(device), solver=state.solver)
+    if run is not None and ctx.is_main:
+        run.write_result(result.to_dict())
     return result
 
 
@@ -424,16 +376,3 @@ def wrap_for_training(model, cfg: TrainConfig, ctx: Dist, device: torch.device):
     if cfg.compile:
         runner = torch.compile(runner)
     return runner
-
-
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    return config_from_dict(read_json(Path(run_dir) / "config.json"))
-
-
-def load_trained_model(run_dir: str | Path, device: str = "cpu"):
-    """(model with the run's last checkpoint, its config)."""
-    cfg = load_run_config(run_dir)
-    model = attach_adapters(build_model(cfg.model), cfg)
-    model_state, _, _ = load_checkpoint(Path(run_dir))
-    model.load_state_dict(model_state)
-    return model.to(device), cfg

@@ -10,16 +10,15 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .errors import TiedmaskError
-from .store import ResultsStore
+from ..errors import TiedmaskError
+from .store import ResultsStore, setting
 
 SHIPPED = Path(__file__).parent / "resources" / "measured_results.jsonl"
-SETTINGS = ("execution", "width", "depth", "stages", "density", "mask_kind", "mask_scope", "cell")
+SETTINGS = ("execution", "width", "depth", "stages", "masks.density", "masks.kind", "masks.scope", "cell")
 
 
 def _setting(record: dict) -> tuple:
-    model = record.get("config", {}).get("model", {})
-    return tuple(model.get(k) for k in SETTINGS)
+    return tuple(setting(record, f"model.{k}") for k in SETTINGS)
 
 
 def load_records(paths: list[str | Path]) -> list[dict]:
@@ -51,18 +50,18 @@ def advise(params: int, flops: float | None = None, stores: list[str | Path] | N
             f"{2 * smallest.get('macs_effective', 0):.3g} FLOPs/img; raise the budget or run a sweep")
     groups: dict[tuple, list[dict]] = {}
     for r in fits:
-        data = r.get("config", {}).get("data", {}).get("name")
+        data = setting(r, "data.name")
         groups.setdefault((data, _setting(r)), []).append(r)
     ranked = sorted(groups.items(), key=lambda kv: -statistics.mean(r["test_acc"] for r in kv[1]))
     lines = [f"budget: <= {int(params):,} parameters" + (f", <= {flops:.3g} FLOPs/img" if flops else ""),
              f"{len(fits)} measured runs fit ({len(groups)} settings) in {', '.join(map(str, stores))}", ""]
-    for rank, ((data, setting), rs) in enumerate(ranked[:3], 1):
-        s = dict(zip(SETTINGS, setting))
+    for rank, ((data, values), rs) in enumerate(ranked[:3], 1):
+        s = dict(zip(SETTINGS, values))
         accs = [r["test_acc"] for r in rs]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         lines.append(
             f"{rank}. {s['execution']} {s['cell']} width {s['width']}, depth {s['depth']}, "
-            f"{s['mask_scope']} {s['mask_kind']} masks at density {s['density']}: "
+            f"{s['masks.scope']} {s['masks.kind']} masks at density {s['masks.density']}: "
             f"{100 * statistics.mean(accs):.2f} ± {100 * sd:.2f}% on {data} "
             f"(n={len(rs)}, {rs[0]['params']:,} params, {2 * rs[0].get('macs_effective', 0) / 1e6:.1f} MFLOPs/img, "
             f"runs {', '.join(r['config_hash'] for r in rs)})")

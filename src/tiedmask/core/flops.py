@@ -3,8 +3,8 @@
 Counted by forward hooks on every Conv2d and Linear (the layers that carry the cost); a masked
 layer's effective count is scaled by the density of the mask it used at that call.
 
->>> from tiedmask.models import create_model
->>> macs = count_macs(create_model("tied-resnet-xs", in_channels=1), (1, 8, 8))
+>>> from tiedmask.core.presets import DataShape, create_model
+>>> macs = count_macs(create_model("tied-resnet-xs", DataShape(channels=1, size=8)), (1, 8, 8))
 >>> macs["effective"] < macs["dense"]
 True
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cells import Cell
 from .layers import MaskedWeight
 
 
@@ -31,13 +32,13 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
         totals["effective"] += dense * density
 
     def extra(module, args, output):  # products no Conv/Linear carries (attention)
-        macs = module.extra_macs(args, output)
+        macs = module.extra_macs(output.shape)
         totals["dense"] += macs
         totals["effective"] += macs
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear))]
-    handles += [m.register_forward_hook(extra) for m in model.modules() if hasattr(m, "extra_macs")]
+    handles += [m.register_forward_hook(extra) for m in model.modules() if isinstance(m, Cell)]
     was_training = model.training
     try:
         model.eval()

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .backbones import Backbone
 from .layers import MaskedLinear
 
 # bf16/fp16 kernels: the weight's rows must be a multiple of 32 and its columns of 64.
@@ -26,11 +27,11 @@ MIN_ROWS, MIN_COLS = 32, 64
 
 def semi_structured_problems(model: nn.Module) -> list[str]:
     """Why `model` cannot run 2:4 sparse (empty when it can, given a suitable GPU)."""
-    cfg = getattr(model, "config", None)
+    masks = model.config.masks if isinstance(model, Backbone) else None
     problems = []
-    if cfg is None or cfg.mask_kind != "nm" or cfg.nm_m != 4 or cfg.density != 0.5:
-        problems.append("the model must be trained with 2:4 masks: --model.mask_kind nm "
-                        "--model.nm_m 4 --model.density 0.5")
+    if masks is None or (masks.kind, masks.nm_m, masks.density) != ("nm", 4, 0.5):
+        problems.append("the model must be trained with 2:4 masks: --masks.kind nm "
+                        "--masks.nm_m 4 --masks.density 0.5")
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, MaskedLinear)]
     if not linears:
         problems.append("the model has no masked Linear layers (2:4 kernels are matmuls; use the "

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MaskFn = Callable[[torch.Tensor, float, dict], torch.Tensor]
 MASK_KINDS: dict[str, MaskFn] = {}
@@ -53,7 +53,7 @@ def stream_seed(seed: int, name: str, index: int) -> int:
 def mask_scores(shape: tuple[int, ...], seed: int, name: str, index: int) -> torch.Tensor:
     generator = torch.Generator(device="cpu")
     generator.manual_seed(stream_seed(seed, name, index))
-    return torch.rand(shape, generator=generator)
+    return torch.rand(shape, generator=generator, device="cpu")  # also under a meta-device build
 
 
 def _keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,7 +116,7 @@ def check_mask_settings(kind: str, scope: str, density: float) -> None:
     if scope not in MASK_SCOPES:
         raise ConfigError(f"unknown mask scope {scope!r}; choose one of {list(MASK_SCOPES)}")
     if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
-        raise ConfigError(f"density {density!r} is outside (0, 1]; set model.density in (0, 1]")
+        raise ConfigError(f"density {density!r} is outside (0, 1]; set model.masks.density in (0, 1]")
 
 
 def num_masks(scope: str, depth: int) -> int:

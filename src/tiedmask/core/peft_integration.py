@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .lora import MaskedFactor
 
 

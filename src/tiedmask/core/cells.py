@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .layers import MaskedConv2d, MaskedLinear
 
-CELLS: dict[str, Callable[..., nn.Module]] = {}
+CELLS: dict[str, Callable[..., "Cell"]] = {}
 NORMS = ("auto", "group", "batch", "layer", "none")  # auto: group for conv cells, layer for tokens
 
 
@@ -42,13 +42,31 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     raise ConfigError(f"norm {kind!r} does not fit conv cells; choose group, batch or none")
 
 
+class Cell(nn.Module):
+    """The contract every cell keeps with the runners (`tiedmask.core.execution`):
+
+        forward(z, x, index, step) -> z'   z: state, x: input injection (same shape),
+                                           index: mask index (None = dense), step: which
+                                           application this is (0-based; for parts owned
+                                           per application, such as a norm)
+        extra_macs(state_shape) -> int     multiply-adds per image no Conv/Linear carries
+    """
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor, index: int | None = None,
+                step: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_macs(self, state_shape: torch.Size) -> int:
+        return 0
+
+
 def batch_norm_if_auto(kind: str) -> str:
     """The fast conv layout's norm: BatchNorm unless another is asked for."""
     return "batch" if kind == "auto" else kind
 
 
 @register_cell("resnet")
-class ResNetCell(nn.Module):
+class ResNetCell(Cell):
     """The DEQ-style residual cell with input injection:
 
         y  = norm1(relu(conv1(z)))
@@ -67,13 +85,14 @@ class ResNetCell(nn.Module):
         self.norm2 = make_norm(norm, width)
         self.norm3 = make_norm(norm, width)
 
-    def forward(self, z: torch.Tensor, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, x: torch.Tensor, index: int | None = None,
+                step: int = 0) -> torch.Tensor:
         y = self.norm1(F.relu(self.conv1(z, index)))
         return self.norm3(F.relu(z + self.norm2(x + self.conv2(y, index))))
 
 
 @register_cell("conv")
-class ConvCell(nn.Module):
+class ConvCell(Cell):
     """One masked 3x3 convolution with a norm per application (airbench's second conv, looped):
 
         z' = gelu(norm_step(conv(z + x)))
@@ -81,10 +100,8 @@ class ConvCell(nn.Module):
     With z_0 = 0 the first application is exactly a plain conv block; later ones see the stage
     input again through the injection, which acts as a skip connection. BatchNorm statistics
     differ per application (and per mask), so each application owns its norm (2 * width
-    parameters); the conv weight is the only tied weight. No fixed point: unrolled only.
+    parameters); the conv weight is the only tied weight. No fixed point: unrolled or untied.
     """
-
-    norm_per_application = True
 
     def __init__(self, width: int, norm: str = "auto", depth: int = 1):
         super().__init__()
@@ -97,7 +114,7 @@ class ConvCell(nn.Module):
 
 
 @register_cell("transformer")
-class TransformerCell(nn.Module):
+class TransformerCell(Cell):
     """A pre-norm Transformer block on tokens [B, N, D] with input injection:
 
         h  = z + x
@@ -122,7 +139,8 @@ class TransformerCell(nn.Module):
         self.fc1 = MaskedLinear(width, hidden)
         self.fc2 = MaskedLinear(hidden, width)
 
-    def forward(self, z: torch.Tensor, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, x: torch.Tensor, index: int | None = None,
+                step: int = 0) -> torch.Tensor:
         b, n, d = z.shape
         h = z + x
         qkv = self.qkv(self.norm1(h), index).view(b, n, 3, self.heads, d // self.heads)
@@ -131,7 +149,7 @@ class TransformerCell(nn.Module):
         h = h + self.proj(attended, index)
         return h + self.fc2(F.gelu(self.fc1(self.norm2(h), index)), index)
 
-    def extra_macs(self, args, output) -> int:
+    def extra_macs(self, state_shape: torch.Size) -> int:
         """Attention scores and weighted values, which no Linear layer counts: 2 N^2 D per image."""
-        _, n, d = output.shape
+        _, n, d = state_shape
         return 2 * n * n * d

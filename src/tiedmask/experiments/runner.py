@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .checkpoint import atomic_write, read_json
-from .config import config_from_dict, config_hash, config_to_dict
+from ..files import atomic_write, read_json
+from ..training.settings import config_from_dict, config_hash, config_to_dict
 from .store import ResultsStore
 
 

@@ -1,0 +1,1 @@
+"""The research core: masks, masked layers, cells, execution (tied, untied, equilibrium), backbones and presets. No files, no training loop."""

@@ -1,0 +1,182 @@
+"""What defines a model: typed settings in three sections, each validating itself.
+
+    ModelConfig   the architecture: preset name, cell, execution, width, depth, stages, ...
+      .masks      MaskConfig: kind, scope, density, seed, N:M
+      .deq        DeqConfig: solver, gradient, iteration limits, tolerance, solver options
+    DataShape     what the data decides: input channels, image side, classes (not a setting)
+
+Solver options pass through to the solver unchanged (`DeqConfig.solver_options`), checked
+against the solver's own keyword arguments, so every option of every solver can be set.
+
+>>> ModelConfig(masks=MaskConfig(density=2.0)).validate()
+Traceback (most recent call last):
+...
+tiedmask.errors.ConfigError: density 2.0 is outside (0, 1]; set model.masks.density in (0, 1]
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from .masks import check_mask_settings
+
+EXECUTIONS = ("unrolled", "equilibrium", "untied")
+WEIGHT_NORMS = ("none", "weight", "spectral")
+GRADIENTS = ("implicit", "phantom")
+STOP_MODES = ("abs", "rel")
+SOLVER_ARGS = ("f", "z", "max_iter", "tracker")  # what `solve` passes itself, not options
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """The input a model is built for; set by the data, never by a config."""
+
+    channels: int = 3
+    size: int = 32
+    classes: int = 10
+
+
+@dataclass
+class MaskConfig:
+    kind: str = "unstructured"  # unstructured | nm | channel
+    scope: str = "multi"  # dense | same | multi
+    density: float = 0.5  # kept share of each masked weight
+    seed: int = 0
+    nm_m: int = 4  # M of N:M masks; N = density * M
+
+    def validate(self) -> None:
+        check_mask_settings(self.kind, self.scope, self.density)
+        if self.nm_m < 1:
+            raise ConfigError(f"model.masks.nm_m must be >= 1, got {self.nm_m}")
+
+
+@dataclass
+class DeqConfig:
+    """Equilibrium execution; ignored unless model.execution is equilibrium."""
+
+    solver: str = "anderson"  # fixed_point | anderson | broyden
+    grad: str = "implicit"  # implicit | phantom
+    train_iter: int = 20  # forward solver iterations while training
+    eval_iter: int = 30  # ... while evaluating
+    backward_iter: int = 20  # adjoint solver iterations (implicit gradient)
+    tol: float = 1e-3
+    stop_mode: str = "rel"  # rel | abs residual
+    solver_options: dict = field(default_factory=dict)  # e.g. {m: 5, lam: 1.0e-4} for anderson
+    phantom_steps: int = 5
+    phantom_tau: float = 0.5
+    jac_reg: float = 0.0  # weight of the Jacobian (Frobenius) regulariser
+
+    def validate(self) -> None:
+        from .deq.solvers import SOLVERS  # the registry, with any solver a user registered
+
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"unknown deq solver {self.solver!r}; choose one of {sorted(SOLVERS)}")
+        if self.grad not in GRADIENTS:
+            raise ConfigError(f"unknown deq grad {self.grad!r}; choose one of {list(GRADIENTS)}")
+        if self.stop_mode not in STOP_MODES:
+            raise ConfigError(f"deq stop_mode {self.stop_mode!r} is not one of {list(STOP_MODES)}")
+        for key in ("train_iter", "eval_iter", "backward_iter", "phantom_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.deq.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.tol >= 0 or not 0 < self.phantom_tau <= 1 or not self.jac_reg >= 0:
+            raise ConfigError("model.deq needs tol >= 0, phantom_tau in (0, 1] and jac_reg >= 0")
+        accepted = solver_option_names(self.solver)
+        unknown = sorted(set(self.solver_options) - set(accepted))
+        if unknown:
+            raise ConfigError(f"solver {self.solver!r} takes no option(s) {unknown}; "
+                              f"its options: {accepted}")
+
+
+def solver_option_names(solver: str) -> list[str]:
+    """The keyword options a registered solver accepts (its signature is the truth)."""
+    from .deq.solvers import SOLVERS
+
+    params = inspect.signature(SOLVERS[solver]).parameters
+    return [p for p in params if p not in SOLVER_ARGS]
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a model but its input shape; `name` picks the preset whose
+    function builds it (and fills the values the caller left out)."""
+
+    name: str = "tied-resnet-s"
+    cell: str = "resnet"  # resnet | conv | transformer (the preset's backbone says which fit)
+    execution: str = "unrolled"  # unrolled | equilibrium | untied
+    width: int = 32  # channels of the first stage; each later stage doubles it
+    depth: int = 4  # applications of the tied cell per stage
+    stages: int = 2
+    norm: str = "auto"  # auto: group for resnet, batch for conv, layer for transformer
+    checkpointing: bool = False  # recompute activations in the backward pass
+    head_pool: int = 4  # resnet: average-pool to a head_pool x head_pool grid before the head
+    patch_size: int = 4  # transformer: patch embedding stride
+    heads: int = 4  # transformer: attention heads
+    mlp_ratio: float = 2.0  # transformer: MLP hidden width / width
+    weight_norm: str = "none"  # none | weight | spectral, on the tied cell's weights
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    deq: DeqConfig = field(default_factory=DeqConfig)
+
+    def validate(self) -> None:
+        for key in ("width", "depth", "stages", "head_pool", "patch_size", "heads"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{key} must be an integer >= 1, got {value!r}")
+        if not self.mlp_ratio > 0:
+            raise ConfigError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.execution not in EXECUTIONS:
+            raise ConfigError(f"unknown execution {self.execution!r}; choose one of {list(EXECUTIONS)}")
+        if self.weight_norm not in WEIGHT_NORMS:
+            raise ConfigError(f"unknown weight_norm {self.weight_norm!r}; choose one of {list(WEIGHT_NORMS)}")
+        self.masks.validate()
+        if self.execution == "untied" and self.masks.scope != "dense":
+            raise ConfigError("untied execution gives every application weights of its own, so there "
+                              "is nothing to mask per application; use model.masks.scope dense")
+        if self.execution == "equilibrium":
+            if self.masks.scope == "multi":
+                raise ConfigError(NO_MULTI_MASK_FIXED_POINT)
+            self.deq.validate()
+
+
+NO_MULTI_MASK_FIXED_POINT = ("mask scope 'multi' has no fixed point (each step would be another "
+                             "function); use model.masks.scope same or dense with execution equilibrium")
+
+
+# Flat model keys of tiedmask <= 0.1 (YAML files, stored runs, `--mask_scope`) -> today's keys.
+MODEL_KEY_ALIASES = {
+    "mask_kind": "masks.kind", "mask_scope": "masks.scope", "density": "masks.density",
+    "mask_seed": "masks.seed", "nm_m": "masks.nm_m",
+    "deq_solver": "deq.solver", "deq_grad": "deq.grad", "deq_train_iter": "deq.train_iter",
+    "deq_eval_iter": "deq.eval_iter", "deq_backward_iter": "deq.backward_iter",
+    "deq_tol": "deq.tol", "deq_stop_mode": "deq.stop_mode", "deq_phantom_steps": "deq.phantom_steps",
+    "deq_phantom_tau": "deq.phantom_tau", "deq_jac_reg": "deq.jac_reg",
+}
+# Old per-solver keys: options of one solver, kept only for it and only where they differ
+# from the solver's own default (so an old run and its re-spelling hash alike).
+LEGACY_SOLVER_OPTIONS = {"deq_anderson_m": ("anderson", "m"), "deq_anderson_lam": ("anderson", "lam"),
+                         "deq_anderson_beta": ("anderson", "beta"), "deq_damping": ("fixed_point", "damping")}
+DATA_SHAPE_KEYS = ("in_channels", "num_classes", "image_size")  # set by the data now
+
+
+def model_values(values: dict) -> dict:
+    """A model section with old flat keys moved to their sections (new keys win)."""
+    import inspect
+
+    from .deq.solvers import SOLVERS
+
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()
+           if k not in MODEL_KEY_ALIASES and k not in LEGACY_SOLVER_OPTIONS and k not in DATA_SHAPE_KEYS}
+    for old, new in MODEL_KEY_ALIASES.items():
+        if old in values:
+            section, key = new.split(".")
+            out.setdefault(section, {})
+            if isinstance(out[section], dict):
+                out[section].setdefault(key, values[old])
+    solver = values.get("deq_solver", (out.get("deq") or {}).get("solver", DeqConfig.solver))
+    for old, (owner, key) in LEGACY_SOLVER_OPTIONS.items():
+        if old in values and owner == solver and owner in SOLVERS:
+            default = inspect.signature(SOLVERS[owner]).parameters[key].default
+            if values[old] != default:
+                out.setdefault("deq", {}).setdefault("solver_options", {}).setdefault(key, values[old])
+    return out

@@ -1,0 +1,1 @@
+"""One run: settings, data, run directory, training loop, transfer, data parallelism."""

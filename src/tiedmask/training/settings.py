@@ -1,0 +1,298 @@
+"""Run settings: typed sections with defaults in code, then a YAML file, then `--key value`.
+
+    model     ModelConfig (tiedmask.core.spec), with its masks and deq sections, resolved by
+              its preset so that every number is written down
+    data      which images, how adapted, subset and augmentation
+    optim     optimiser and schedule
+    finetune  transfer from a trained run (full, LoRA, multi-mask LoRA)
+    (top)     epochs, time budget, batch sizes, seed, device and speed switches
+
+Each section validates itself and `config_from_dict` validates the whole before anything
+runs. Unknown or ill-typed keys are errors; YAML is read with `safe_load` only. Flat model
+keys of older versions (`--mask_scope`, `model.deq_solver`, ...) still work: see
+`tiedmask.core.spec.MODEL_KEY_ALIASES`.
+
+>>> cfg = load_config(overrides=["--model.depth", "6", "--epochs", "2", "--density", "0.25"])
+>>> cfg.model.depth, cfg.epochs, cfg.model.masks.density
+(6, 2, 0.25)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..core.presets import resolve_model_config
+from ..core.spec import MODEL_KEY_ALIASES, ModelConfig, model_values
+from ..errors import ConfigError
+from ..typed import from_dict, nested_fields
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+AUGMENTS = ("auto", "crop_flip", "crop", "none")
+TTAS = ("none", "flip")
+FINETUNE_METHODS = ("full", "lora", "multimask_lora")
+
+
+def _choose(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} {value!r} is not one of {list(allowed)}")
+
+
+def _at_least(section: str, obj, minimum: float, *keys: str) -> None:
+    for key in keys:
+        if not getattr(obj, key) >= minimum:
+            raise ConfigError(f"{section}{key} must be >= {minimum:g}, got {getattr(obj, key)!r}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    root: str = ""  # "" -> $TIEDMASK_DATA or ~/.cache/tiedmask/data
+    download: bool = False
+    augment: str = "auto"  # auto picks crop_flip for natural images, crop for digits/clothes
+    train_subset: int = 0  # train on a fixed random subset of this many images (0 = all)
+    test_subset: int = 0  # evaluate on a fixed random subset of the test set (0 = all)
+    channels: int = 0  # 0 = as stored; 3 repeats grey images, 1 averages colour (for transfer)
+    image_size: int = 0  # 0 = as stored; else zero-pad (or resize) to this side (for transfer)
+
+    def validate(self) -> None:
+        _choose("data.augment", self.augment, AUGMENTS)
+        _choose("data.channels", self.channels, (0, 1, 3))
+        _at_least("data.", self, 0, "train_subset", "test_subset", "image_size")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3  # peak learning rate, reached after warm-up
+    weight_decay: float = 5e-2
+    momentum: float = 0.9  # sgd only
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+
+    def validate(self) -> None:
+        _choose("optim.name", self.name, OPTIMIZERS)
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        _at_least("optim.", self, 0, "weight_decay", "momentum", "warmup_epochs", "label_smoothing",
+                  "grad_clip")
+        if self.momentum >= 1 or self.label_smoothing >= 1:
+            raise ConfigError("optim.momentum and optim.label_smoothing must be below 1")
+
+
+@dataclass
+class FinetuneConfig:
+    init_from: str = ""  # run directory of the pre-trained model ("" = train from scratch)
+    method: str = "full"  # full | lora | multimask_lora
+    rank: int = 4
+    alpha: float = 0.0  # LoRA scale alpha / rank; 0 means alpha = rank
+    n_masks: int = 2  # multimask_lora: masked copies of the shared A and B
+    density: float = 0.5  # multimask_lora: kept share of each copy
+    targets: str = r"(qkv|proj|fc1|fc2)$"  # regex of nn.Linear names that get adapters
+    train_head: bool = True  # re-initialise and train the classifier head
+
+    def validate(self) -> None:
+        _choose("finetune.method", self.method, FINETUNE_METHODS)
+        _at_least("finetune.", self, 1, "rank", "n_masks")
+        _at_least("finetune.", self, 0, "alpha")
+        if not 0 < self.density <= 1:
+            raise ConfigError(f"finetune.density must be in (0, 1], got {self.density}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    epochs: int = 10
+    time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when present, else cpu
+    precision: str = "auto"  # auto = bf16 on cuda, fp32 on cpu (bf16 measured slower on cpu)
+    channels_last: str = "auto"  # auto = on for inputs of 32x32 and up (measured faster), else off
+    compile: bool = False  # torch.compile the model (measured no faster on this 2-core cpu)
+    eval_tta: str = "none"  # flip: average the logits of each test image and its mirror image
+    threads: int = 0  # torch threads on cpu; 0 = all cores
+    progress: bool = True
+
+    def validate(self) -> None:
+        self.model.validate()
+        for section in (self.data, self.optim, self.finetune):
+            section.validate()
+        _choose("device", self.device, DEVICES)
+        _choose("precision", self.precision, PRECISIONS)
+        _choose("channels_last", self.channels_last, ("auto", "true", "false"))
+        _choose("eval_tta", self.eval_tta, TTAS)
+        _at_least("", self, 1, "epochs", "batch_size", "eval_batch_size")
+        _at_least("", self, 0, "threads", "time_budget_s")
+
+
+SECTIONS = ("model", "data", "optim", "finetune")
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """Build, resolve and validate a TrainConfig from a nested dict (as in YAML or JSON)."""
+    if not isinstance(values, dict):
+        raise ConfigError("a config must be a mapping of keys to values")
+    values = dict(values)
+    model = values.get("model", {})
+    if isinstance(model, str):  # `model: tied-resnet-s`
+        model = {"name": model}
+    if not isinstance(model, dict):
+        raise ConfigError(f"model must be a mapping or a preset name, got {model!r}")
+    values["model"] = ModelConfig()  # placeholder: the preset resolves the model section
+    data = values.get("data", {})
+    if isinstance(data, str):  # `data: digits`
+        values["data"] = {"name": data}
+    cfg = from_dict(TrainConfig, values)
+    cfg.model = resolve_model_config(model_values(model))
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------- `--key value` overrides
+
+def _leaf_index() -> dict[str, list[str]]:
+    """Leaf name -> dotted keys, so that `--depth 6` can stand for `--model.depth 6`."""
+    index: dict[str, list[str]] = {}
+    for key, _ in nested_fields(TrainConfig):
+        index.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+    for section in SECTIONS:
+        if section != "finetune":
+            index.setdefault(section, []).append(f"{section}.name")
+    for old, new in MODEL_KEY_ALIASES.items():
+        if f"model.{new}" not in index.setdefault(old, []):
+            index[old].append(f"model.{new}")
+    return index
+
+
+def resolve_key(key: str) -> str:
+    """The dotted key an override names: itself, a unique section path ending in it
+    (`masks.density` -> `model.masks.density`), or a unique leaf (`depth` -> `model.depth`).
+    A leaf in several places means the top level's, else the model's (`seed` is the run's
+    seed, `density` the masks'); others must be spelled out."""
+    full = [k for k, _ in nested_fields(TrainConfig)]
+    if key in full or key in [f"{s}.name" for s in SECTIONS]:
+        return key
+    if "." in key:
+        old = key.removeprefix("model.")
+        if key.startswith("model.") and old in MODEL_KEY_ALIASES:
+            return f"model.{MODEL_KEY_ALIASES[old]}"
+        matches = [k for k in full if k.endswith("." + key)]
+    else:
+        matches = _leaf_index().get(key, [])
+        if len(matches) > 1:
+            preferred = [k for k in matches if "." not in k] or [k for k in matches if k.startswith("model.")]
+            matches = preferred if len(preferred) == 1 else matches
+    if len(matches) != 1:
+        hint = f"ambiguous: use one of {matches}" if matches else "no such key"
+        raise ConfigError(f"unknown override --{key} ({hint}); see `tiedmask train --help`")
+    return matches[0]
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--model.depth", "6", "--lr=1e-3"]`` -> nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise ConfigError(f"expected an override like --model.depth 6, got {arg!r}")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key} needs a value, e.g. --{key} VALUE")
+            raw, i = args[i + 1], i + 1
+        i += 1
+        key = resolve_key(key.replace("-", "_"))
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if value is None:
+            value = raw
+        node = out
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key} conflicts with an earlier override of {p}")
+        node[last] = value
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, section by section (a preset or dataset name counts as {name: ...})."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), (dict, str)):
+            prev = out[k] if isinstance(out[k], dict) else {"name": out[k]}
+            if k == "model":
+                prev = model_values(prev)  # old flat keys meet new sections on equal terms
+                v = model_values(v)
+            out[k] = merge(prev, v)
+        else:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------- files and recipes
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({exc.__class__.__name__}); fix it") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return values
+
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "resources" / "recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    """The YAML file of a recipe shipped with the package (`tiedmask train --recipe NAME`)."""
+    path = RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown recipe {name!r}; recipes: {recipe_names()}")
+    return path
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- CLI overrides."""
+    values = read_yaml(path) if path else {}
+    return config_from_dict(merge(values, parse_overrides(overrides or [])))
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+RUNTIME_ONLY = ("threads", "progress", "compile")  # change how fast a run goes, not what it computes
+
+
+def config_hash(cfg: TrainConfig | dict) -> str:
+    """A short stable hash of the resolved config (keys results stores and run directories)."""
+    if isinstance(cfg, dict):
+        cfg = config_from_dict(cfg)
+    values = {k: v for k, v in config_to_dict(cfg).items() if k not in RUNTIME_ONLY}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
