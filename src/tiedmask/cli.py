@@ -62,7 +62,7 @@ def cmd_finetune(args, overrides) -> int:
 
 def cmd_eval(args, overrides) -> int:
     from .training.rundir import load_trained
-    from .training.train import evaluate, resolve_device, use_channels_last
+    from .training.train import evaluate, place, resolve_device, use_channels_last
 
     if overrides:
         raise TiedmaskError(f"eval scores a run as it was trained and takes no overrides "
@@ -70,8 +70,9 @@ def cmd_eval(args, overrides) -> int:
     model, cfg, data = load_trained(args.run_dir, args.data_root)
     device = resolve_device(cfg)
     mean, std = data.stats.tensors(device)
-    acc, loss = evaluate(model.to(device), data.test_x, data.test_y, mean, std, cfg, device,
-                         channels_last=use_channels_last(cfg, data.shape.size))
+    channels_last = use_channels_last(cfg, data.shape.size)
+    acc, loss = evaluate(place(model, device, channels_last), data.test_x, data.test_y, mean, std, cfg,
+                         device, channels_last=channels_last)
     print(f"{args.run_dir}: test acc {acc:.2%}, test loss {loss:.4f} on {data.name} "
           f"({len(data.test_x)} images)")
     return 0

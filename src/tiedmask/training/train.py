@@ -287,8 +287,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     model = model.to(device)
     macs = count_macs(model, tuple(data.train_x.shape[1:]))
     model.pop_solver_stats()  # the MAC-count probe is not a training solve
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place(model, device, channels_last)
     optimizer = make_optimizer(cfg, model)
     steps_per_epoch = max(1, len(train_x) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -360,6 +359,13 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     if run is not None and ctx.is_main:
         run.write_result(result.to_dict())
     return result
+
+
+def place(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """The model on `device` in the memory layout training used (so evaluation of a saved run
+    computes exactly what training's evaluation computed)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def wrap_for_training(model, cfg: TrainConfig, ctx: Dist, device: torch.device):
