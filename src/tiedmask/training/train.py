@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class Result:
     s_per_epoch: float = 0.0
     trainable_params: int = 0
     peak_mem_mb: float = 0.0
+    hardware: str = ""  # the CPU or GPU the run trained on (timings compare only within one)
     solver: dict = dataclasses.field(default_factory=dict)  # DEQ: mean iterations, residuals
 
     def to_dict(self) -> dict:
@@ -236,6 +238,18 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
     return stats
 
 
+def hardware_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA: max allocated; CPU: the process's peak resident set size."""
     if device.type == "cuda":
@@ -355,7 +369,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
         img_per_s=state.images / state.train_time_s if state.train_time_s else 0.0,
         s_per_epoch=state.train_time_s / state.epoch if state.epoch else 0.0,
         epochs=state.epoch, seed=cfg.seed, config_hash=state.config_hash,
-        peak_mem_mb=peak_memory_mb(device), solver=state.solver)
+        peak_mem_mb=peak_memory_mb(device), hardware=hardware_name(device), solver=state.solver)
     if run is not None and ctx.is_main:
         run.write_result(result.to_dict())
     return result

@@ -1,0 +1,122 @@
+"""The paper's claims at real accuracy (issue 11): records and paired comparisons.
+
+Runs come from `tiedmask sweep` stores (one grid per claim family; each grid file says how
+long it takes); this script turns their finished runs into one record per run in
+benchmarks/results/paper_claims.jsonl and prints the claims table: mean ± std per variant, and
+the difference of each variant from multi-mask, paired by seed, with a 95% t-interval.
+
+    tiedmask sweep benchmarks/grids/paper_claims_fast.yaml --out runs/paper-claims-fast
+    python benchmarks/paper_claims.py runs/paper-claims-fast
+
+Records already in the JSONL are kept (keyed by config hash) and updated from the stores, so
+the file grows across sessions as sweeps continue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from scipy import stats as scipy_stats
+
+from tiedmask.experiments.store import ResultsStore, setting
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "benchmarks" / "results" / "paper_claims.jsonl"
+GRID_CLAIMS = {  # store folder name -> the claim its runs test
+    "paper-claims-fast": "multi-vs-same-vs-dense-vs-untied (fast family, depth 4)",
+}
+REFERENCE = "tied-multi"
+
+
+def claim_record(record: dict, claim: str) -> dict:
+    """One paper_claims.jsonl record from a results-store record."""
+    epochs = setting(record, "epochs")
+    budget_s = setting(record, "time_budget_s")
+    subset = setting(record, "data.train_subset")
+    return {
+        "claim": claim, "variant": record["variant"], "config_hash": record["config_hash"],
+        "model": setting(record, "model.name"), "execution": setting(record, "model.execution"),
+        "mask_scope": setting(record, "model.masks.scope"), "depth": setting(record, "model.depth"),
+        "width": setting(record, "model.width"), "density": setting(record, "model.masks.density"),
+        "seed": record["seed"], "data": setting(record, "data.name"),
+        "train_images": subset or 50000, "budget": f"{budget_s:.0f} s" if budget_s else f"{epochs} epochs",
+        "epochs_done": record.get("epochs"), "test_acc": round(100 * record["test_acc"], 2),
+        "train_time_s": round(record["train_time_s"], 1), "params": record["params"],
+        "effective_macs": record["macs_effective"], "dense_macs": record["macs_dense"],
+        "hardware": record.get("hardware", ""),
+    }
+
+
+def paired(records: list[dict], variant: str, reference: str = REFERENCE) -> dict | None:
+    """reference - variant, paired by seed: mean, std, 95% t-interval, n."""
+    by_seed = {v: {r["seed"]: r["test_acc"] for r in records if r["variant"] == v} for v in (variant, reference)}
+    seeds = sorted(set(by_seed[variant]) & set(by_seed[reference]))
+    if not seeds:
+        return None
+    diffs = [by_seed[reference][s] - by_seed[variant][s] for s in seeds]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return {"n": 1, "mean": mean, "std": float("nan"), "low": float("nan"), "high": float("nan")}
+    sd = statistics.stdev(diffs)
+    half = scipy_stats.t.ppf(0.975, len(diffs) - 1) * sd / len(diffs) ** 0.5
+    return {"n": len(diffs), "mean": mean, "std": sd, "low": mean - half, "high": mean + half}
+
+
+def verdict(diff: dict | None) -> str:
+    if diff is None or diff["n"] < 3:
+        return "inconclusive (fewer than 3 paired seeds)"
+    if diff["low"] > 0:
+        return "multi-mask better"
+    if diff["high"] < 0:
+        return "multi-mask worse"
+    return "no significant difference"
+
+
+def table(records: list[dict]) -> str:
+    lines = []
+    for claim in sorted({r["claim"] for r in records}):
+        rows = [r for r in records if r["claim"] == claim]
+        lines += [f"### {claim}", "",
+                  "| variant | params | effective MMACs/img | n | test acc (%) | multi − variant (pp), 95% CI | verdict |",
+                  "|---|---:|---:|---:|---:|---|---|"]
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            mine = [r for r in rows if r["variant"] == variant]
+            accs = [r["test_acc"] for r in mine]
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            diff = None if variant == REFERENCE else paired(rows, variant)
+            shown = "–" if diff is None else (
+                f"{diff['mean']:+.2f} (n={diff['n']})" if diff["n"] < 2 else
+                f"{diff['mean']:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}] (n={diff['n']})")
+            lines.append(f"| {variant} | {mine[0]['params']:,} | {mine[0]['effective_macs'] / 1e6:.1f} "
+                         f"| {len(mine)} | {statistics.mean(accs):.2f} ± {sd:.2f} | {shown} "
+                         f"| {'reference' if variant == REFERENCE else verdict(diff)} |")
+        budgets = sorted({r["budget"] for r in rows})
+        hardware = sorted({r["hardware"] for r in rows if r["hardware"]})
+        lines += ["", f"Budget: {', '.join(budgets)}; {rows[0]['train_images']:,} training images; "
+                  f"hardware: {'; '.join(hardware) or 'not recorded'}.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stores", nargs="*", help="results stores written by the claim grids")
+    args = parser.parse_args()
+    kept = {}
+    if RECORDS.exists():
+        kept = {r["config_hash"]: r for r in map(json.loads, RECORDS.read_text().splitlines()) if r}
+    for store_dir in map(Path, args.stores):
+        claim = GRID_CLAIMS.get(store_dir.name, store_dir.name)
+        for record in ResultsStore(store_dir).records():
+            if record.get("status") == "ok":
+                kept[record["config_hash"]] = claim_record(record, claim)
+    records = sorted(kept.values(), key=lambda r: (r["claim"], r["seed"], r["variant"]))
+    RECORDS.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    print(table(records))
+    print(f"{len(records)} records in {RECORDS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
