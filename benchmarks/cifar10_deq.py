@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = ap.parse_args()
-    report = run_bench("cifar10", args.out, workers=1, threads=args.threads, seeds=args.seeds,
+    report, _ = run_bench("cifar10", args.out, workers=1, threads=args.threads, seeds=args.seeds,
                        data_root=args.data_root)
     print(report)
     records = ResultsStore(args.out).records()

@@ -79,7 +79,7 @@ def main() -> None:
             for scope in SCOPES:
                 tag = f"{model['width']}w{model['depth']}d-{scope}-s{seed}"
                 config = {
-                    "model": {**model, "mask_scope": scope, "density": args.density},
+                    "model": {**model, "masks": {"scope": scope, "density": args.density}},
                     "data": {"name": "cifar10", "root": args.data_root, "train_subset": args.train_subset},
                     "optim": {"lr": 3e-3, "warmup_epochs": 0.25},
                     "epochs": args.epochs, "seed": seed, "progress": False,

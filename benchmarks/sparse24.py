@@ -42,7 +42,7 @@ def main() -> int:
         return 0
     torch.manual_seed(0)
     model = create_model("tied-vit-s", width=768, heads=12, mlp_ratio=4.0, depth=6,
-                         mask_kind="nm", nm_m=4, density=0.5)
+                         masks={"kind": "nm", "nm_m": 4, "density": 0.5})
     model = model.to(device).eval().to(torch.bfloat16)
     x = torch.randn(256, 3, 32, 32, device=device, dtype=torch.bfloat16)
     dense = images_per_s(model, x)

@@ -47,7 +47,7 @@ LAYOUTS = ("fast", "naive", "bf16")
 
 def measure(name: str, scope: str, layout: str = "fast", batch: int = 128, compile: bool = False) -> dict:
     torch.manual_seed(0)
-    model = create_model(name, mask_scope=scope)
+    model = create_model(name, masks={"scope": scope})
     macs = count_macs(model, (3, 32, 32))
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     if layout != "naive":

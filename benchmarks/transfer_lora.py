@@ -48,7 +48,7 @@ def main() -> None:
     pre = root / "pretrained"
     if not (pre / "result.json").exists():
         cfg = config_from_dict({
-            "model": {"name": "tied-vit-s", "width": 64, "depth": 4, "mask_scope": "multi", "density": 0.9},
+            "model": {"name": "tied-vit-s", "width": 64, "depth": 4, "masks": {"scope": "multi", "density": 0.9}},
             "data": {"name": "cifar10", "root": args.data_root, "train_subset": 10000, "test_subset": 2000},
             "epochs": 4, "batch_size": 64, "optim": {"lr": 1e-3, "warmup_epochs": 0.5},
             "threads": args.threads, "progress": False})

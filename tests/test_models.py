@@ -9,6 +9,7 @@ from tiedmask.core.layers import MaskedConv2d, masked_layers
 from tiedmask.core.masks import MASK_KINDS, MASK_SCOPES
 from tiedmask.core.backbones import count_params
 from tiedmask.core.presets import MODEL_PRESETS, create_model
+from tiedmask.errors import ConfigError
 
 
 def tiny(name, **kw):
@@ -127,3 +128,26 @@ def test_transformer_config_errors_name_the_fix():
         create_model("tied-vit-s", width=30, heads=4)
     with pytest.raises(ConfigError, match="does not fit the transformer"):
         create_model("tied-vit-s", norm="batch")
+
+
+def test_untied_network_with_copies_of_the_tied_cell_computes_the_tied_network():
+    tied = create_model("tied-resnet-s", width=8, depth=3, mask_scope="dense").eval()
+    untied = create_model("tied-resnet-s", width=8, depth=3, execution="untied", mask_scope="dense").eval()
+    state = {}
+    for key, value in tied.state_dict().items():
+        if ".tied.cell." in key:  # one shared cell -> the same weights in every untied cell
+            for step in range(3):
+                state[key.replace(".tied.cell.", f".tied.cells.{step}.")] = value
+        else:
+            state[key] = value
+    untied.load_state_dict(state)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(untied(x), tied(x), atol=1e-6)
+    cell = sum(p.numel() for p in tied.stages[0].tied.cell.parameters())
+    cell += sum(p.numel() for p in tied.stages[1].tied.cell.parameters())
+    assert count_params(untied) - count_params(tied) == 2 * cell  # depth - 1 more cells per stage
+
+
+def test_untied_execution_takes_no_masks():
+    with pytest.raises(ConfigError, match="untied"):
+        create_model("tied-resnet-s", execution="untied", mask_scope="multi")

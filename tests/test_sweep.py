@@ -28,6 +28,10 @@ def test_grid_is_the_cartesian_product_crossed_with_variants_and_seeds():
     ({"gird": {}}, "unknown grid key"),
     ({"grid": {"model.density": [2.0]}}, "outside"),
     ({"grid": {"model.colour": ["red"]}}, "unknown"),
+    ({"base": {"model": {"execution": "equilibrium", "masks": {"scope": "same"}}},
+      "grid": {"model.deq.stop_mode": ["sideways"]}}, "stop_mode"),
+    ({"base": {"model": {"execution": "equilibrium", "masks": {"scope": "same"}}},
+      "grid": {"model.deq.solver_options": [{"momentum": 0.5}]}}, "takes no option"),
 ])
 def test_bad_grids_fail_before_anything_runs(spec, match):
     with pytest.raises(ConfigError, match=match):

@@ -130,11 +130,21 @@ def cmd_demo(args, overrides) -> int:
 def cmd_bench(args, overrides) -> int:
     from .experiments.bench import run_bench
 
-    report = run_bench(args.preset, args.out, workers=args.workers, threads=args.threads,
-                       seeds=args.seeds, budgets=args.budgets, variants=args.variants,
-                       epochs=args.epochs, time_budget_s=args.time_budget, data_root=args.data_root)
+    report, records = run_bench(args.preset, args.out, workers=args.workers, threads=args.threads,
+                                timeout_s=args.timeout, seeds=args.seeds, budgets=args.budgets,
+                                variants=args.variants, epochs=args.epochs,
+                                time_budget_s=args.time_budget, data_root=args.data_root)
     print(report)
-    return 0
+    return exit_status(records)
+
+
+def exit_status(records: list[dict]) -> int:
+    """1 when any run failed or diverged (each named on stderr with its reason), else 0."""
+    from .experiments.report import failures
+
+    for line in failures(records):
+        print(line, file=sys.stderr)
+    return 1 if failures(records) else 0
 
 
 def cmd_report(args, overrides) -> int:
@@ -156,7 +166,7 @@ def cmd_sweep(args, overrides) -> int:
 
     records = run_sweep(args.grid, args.out)
     print(write_sweep_report(records, Path(args.out), Path(args.grid).stem))
-    return 0
+    return exit_status(records)
 
 
 def cmd_advise(args, overrides) -> int:
@@ -221,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="", help="folder with the dataset")
     p.add_argument("--workers", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores / workers)")
+    p.add_argument("--timeout", type=float, help="seconds after which a run is stopped and recorded failed")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("analyze", help="CKA heatmaps, mask statistics and state dynamics of a run")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..training.settings import merge
-from .report import bar_plot, markdown_table, scatter_plot, speed_ratio, summarize
+from .report import bar_plot, failures, markdown_table, scatter_plot, speed_ratio, summarize
 from .runner import Job, run_jobs
 from .store import ResultsStore
 
@@ -80,11 +80,11 @@ def bench_jobs(preset: str, seeds=(0, 1), budgets=("epochs", "time"), variants=N
 
 
 def run_bench(preset: str, out: str | Path, workers: int = 1, threads: int = 0, log=print,
-              **job_options) -> str:
-    """Run (or finish) a bench into `out` and write report.md and plots there."""
+              timeout_s: float | None = None, **job_options) -> tuple[str, list[dict]]:
+    """Run (or finish) a bench into `out`, write report.md and plots there; (report, records)."""
     store = ResultsStore(out)
-    records = run_jobs(bench_jobs(preset, **job_options), store, workers, threads, log=log)
-    return write_bench_report(records, Path(out), preset)
+    records = run_jobs(bench_jobs(preset, **job_options), store, workers, threads, timeout_s, log=log)
+    return write_bench_report(records, Path(out), preset), records
 
 
 def write_bench_report(records: list[dict], out: Path, title: str) -> str:
@@ -98,9 +98,8 @@ def write_bench_report(records: list[dict], out: Path, title: str) -> str:
         ratio = speed_ratio(epoch_rows, deq, "tied-multi")
         if ratio == ratio:  # not NaN
             lines.append(f"- s/epoch of {deq} over tied-multi: **{ratio:.2f}x**")
-    failures = [r for r in rows if r["failed"]]
-    for r in failures:
-        lines.append(f"- {r['variant']} ({r['budget']}): {r['failed']} run(s) not ok: {'; '.join(r['reasons'])}")
+    if failures(records):
+        lines += ["", "Runs not ok:", *failures(records)]
     for budget in sorted({r["budget"] for r in rows}):
         sub = [r for r in rows if r["budget"] == budget]
         tag = "epochs" if budget == "equal-epochs" else "time"

@@ -54,6 +54,12 @@ def summarize(records: list[dict], by: tuple[str, ...], metrics=tuple(METRICS)) 
     return rows
 
 
+def failures(records: list[dict]) -> list[str]:
+    """One line per run that did not end ok: what it was, and why."""
+    return [f"- {r.get('variant', '?')} seed {r.get('seed', '?')}: {r.get('status', '?')}: "
+            f"{r.get('reason') or 'no reason recorded'}" for r in records if r.get("status") != "ok"]
+
+
 def fmt(pair, scale=1.0, digits=2) -> str:
     if not pair:
         return "–"
@@ -159,6 +165,8 @@ def write_sweep_report(records: list[dict], out: Path, title: str) -> str:
                  f"{title}: mean off-diagonal CKA between applications")
     if len(rows) > 1:
         bar_plot(rows, ("variant",), "test_acc", out / "acc_by_variant.png", f"{title}: test accuracy")
+    if failures(records):
+        lines += ["Runs not ok:", *failures(records), ""]
     lines += ["Plots: " + ", ".join(sorted(p.name for p in out.glob("*.png")))]
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)

@@ -59,8 +59,13 @@ def run_jobs(jobs: list[Job], store: ResultsStore, workers: int = 1, threads: in
 
     def one(item):
         job, values, digest = item
-        record = _run_one(job, values, digest, store, threads, timeout_s)
-        store.append(record)
+        with store.claim(digest) as mine:
+            if not mine:
+                log(f"  skipped  {job.variant:<24} seed {values['seed']}  (another process runs "
+                    "or finished it)")
+                return None
+            record = _run_one(job, values, digest, store, threads, timeout_s)
+            store.append(record)
         log(f"  {record['status']:<8} {job.variant:<24} seed {values['seed']}  "
             + (f"test {record['test_acc']:.2%}  {record['train_time_s']:.0f}s"
                if record["status"] == "ok" else record.get("reason", "")))

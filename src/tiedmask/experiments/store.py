@@ -10,11 +10,21 @@ A config whose latest record is ok or diverged is finished and skipped on a re-r
 one is tried again. Records are re-keyed on reading by the hash of their config as this
 version resolves it, so a store stays valid when config fields are added (with defaults);
 each record keeps the run directory it was written to.
+
+Several sweeps may share a store (two terminals, or a cluster array): a run is claimed with
+an OS file lock (`flock`) on `runs/<hash>/.claim`, held for as long as it trains and released
+by the OS if its process dies, so no config trains twice; records are appended under the
+store's lock. Reading is tolerant and loud: a line that is not a record (a torn write, a full
+disk) is reported with its line number and skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import sys
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -52,15 +62,25 @@ class ResultsStore:
     def run_dir(self, config_hash: str) -> Path:
         return self.root / "runs" / config_hash
 
-    def records(self) -> list[dict]:
-        """The latest record of every config, in the order first seen."""
+    def records(self, warn=lambda message: print(message, file=sys.stderr)) -> list[dict]:
+        """The latest record of every config, in the order first seen; bad lines are skipped
+        with a warning naming them."""
         if not self.path.exists():
             return []
         latest: dict[str, dict] = {}
-        for line in self.path.read_text().splitlines():
-            if line.strip():
-                record = rekey(json.loads(line))
-                latest[record["config_hash"]] = record
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("config_hash"), str):
+                    raise ValueError("no config_hash")
+            except ValueError:
+                warn(f"warning: {self.path} line {number} is not a results record; skipped")
+                continue
+            record = rekey(record)
+            latest[record["config_hash"]] = record
         return list(latest.values())
 
     def run_dir_of(self, record: dict) -> Path:
@@ -71,5 +91,32 @@ class ResultsStore:
 
     def append(self, record: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:  # one line per write: O_APPEND keeps lines whole
+        with _locked(self.root / ".lock"), open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    @contextlib.contextmanager
+    def claim(self, config_hash: str):
+        """Yields True while this process holds the run of `config_hash` (nobody else trains
+        it meanwhile), False when another process holds it or it finished in the meantime."""
+        run_dir = self.run_dir(config_hash)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / ".claim", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield config_hash not in self.finished()
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
