@@ -93,3 +93,44 @@ def test_out_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(ConfigError, match="not a tiedmask run"):
         RunDir.create(folder)
     assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_a_kill_during_the_first_checkpoint_resumes_cleanly(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    args = ["train", "--data", "digits", "--model", "tied-resnet-xs", "--width", "4",
+            "--progress", "false", "--epochs", "2", "--out", str(run)]
+
+    def killed(self, *a, **k):
+        (self.path / ".checkpoint-1.safetensors.tmp123").write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(RunDir, "save_checkpoint", killed)
+        assert main(args) == 130  # interrupted after epoch 1's metrics row, before its checkpoint
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert main(["train", "--resume", str(run)]) == 0
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert not list(run.glob(".checkpoint-*"))  # the torn write was cleaned away
+
+
+def test_resume_names_settings_changed_since_the_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "digits", "--model", "tied-resnet-xs", "--width", "4", *QUIET,
+                 "--epochs", "2", "--out", str(run)]) == 0
+    (run / "result.json").unlink()  # pretend it stopped after an epoch
+    config = json.loads((run / "config.json").read_text())
+    config["optim"]["lr"] = 0.5
+    (run / "config.json").write_text(json.dumps(config))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "optim.lr: 0.003 -> 0.5" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing touched
+
+
+def test_a_run_at_chance_accuracy_is_flagged():
+    from tiedmask.training.train import chance_warning
+
+    assert "chance" in chance_warning(0.10, 10) and "chance" in chance_warning(0.012, 100)
+    assert chance_warning(0.16, 10) == "" and chance_warning(0.9, 2) == ""

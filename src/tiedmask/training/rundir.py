@@ -25,7 +25,7 @@ from ..files import atomic_write, atomic_write_json, read_json
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataStats, RunData, prepare_data
 from .finetune import attach_adapters
-from .settings import TrainConfig, config_from_dict, config_to_dict
+from .settings import RUNTIME_ONLY, TrainConfig, config_from_dict, config_hash, config_to_dict
 
 RUN_FILES = {"config.json", "data.json", "metrics.jsonl", "checkpoint.json", "result.json",
              "requested.yaml", "analysis"}
@@ -70,7 +70,16 @@ class RunDir:
         if foreign:
             raise ConfigError(f"{run.path} holds files that are not a tiedmask run ({', '.join(foreign[:3])}); "
                               "choose an empty or new --out")
+        run._remove_stale_temp_files()
         return run
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of atomic writes that a killed process left behind."""
+        for path in self.path.glob(".*"):
+            name = path.name[1:]
+            if path.is_file() and (name.startswith("checkpoint-") or any(
+                    name.startswith(f"{run_file}.") for run_file in RUN_FILES)):
+                path.unlink(missing_ok=True)
 
     @staticmethod
     def _ours(name: str) -> bool:
@@ -122,13 +131,44 @@ class RunDir:
         rows = [r for r in self.metrics() if r["epoch"] <= epoch]
         atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
 
-    def save_checkpoint(self, model: torch.nn.Module, optimizer, state: RunState) -> None:
-        save_checkpoint(self.path, model, optimizer, dataclasses.asdict(state))
+    def save_checkpoint(self, model: torch.nn.Module, optimizer, state: RunState, cfg: TrainConfig) -> None:
+        """Weights, optimizer and progress; the settings they were trained with ride along, so
+        that a resume can name what changed in config.json since."""
+        save_checkpoint(self.path, model, optimizer, {**dataclasses.asdict(state), "config": config_to_dict(cfg)})
+
+    def restore(self, model: torch.nn.Module, optimizer, cfg: TrainConfig) -> RunState:
+        """Load the checkpoint into `model` and `optimizer` after checking that it belongs to
+        `cfg`: settings changed since (named), or weights that do not fit, are errors."""
+        model_state, optimizer_state, state = self.load_checkpoint()
+        saved = read_json(self.path / "checkpoint.json").get("config")
+        if saved is not None:  # checkpoints of 0.1 hold only an old-style hash: nothing to compare
+            changed = _changed_keys(saved, config_to_dict(cfg))
+            if changed:
+                raise ConfigError(f"{self.path}/config.json differs from the settings its checkpoint was "
+                                  f"trained with ({'; '.join(changed[:4])}); restore them or start a new run")
+        try:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optimizer_state)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[-1].strip()
+            raise TiedmaskError(f"{self.path}'s checkpoint does not fit its config ({first[:200]}); "
+                                "the run must restart") from None
+        state.config_hash = config_hash(cfg)
+        return state
 
     def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict | None, RunState]:
         model_state, optimizer_state, meta = load_checkpoint(self.path)
-        fields = {f.name for f in dataclasses.fields(RunState)}
-        return model_state, optimizer_state, RunState(**{k: v for k, v in meta.items() if k in fields})
+        values = {}
+        for f in dataclasses.fields(RunState):
+            kind = {"str": str, "int": int, "float": (int, float), "dict": dict}[f.type]
+            if f.name in meta:
+                if not isinstance(meta[f.name], kind) or isinstance(meta[f.name], bool):
+                    raise TiedmaskError(f"{self.path}/checkpoint.json is damaged ({f.name} is "
+                                        f"{meta[f.name]!r}); the run must restart")
+                values[f.name] = meta[f.name]
+        if "config_hash" not in values:
+            raise TiedmaskError(f"{self.path}/checkpoint.json is damaged (no config_hash); the run must restart")
+        return model_state, optimizer_state, RunState(**values)
 
     def write_result(self, result: dict) -> None:
         atomic_write_json(self.path / "result.json", result)
@@ -161,3 +201,15 @@ def load_trained(run_dir: str | Path, data_root: str = "", device: str | torch.d
         raise TiedmaskError(f"{run.path}'s checkpoint does not fit its config ({first[:200]}); "
                             "was config.json edited?") from None
     return model.to(device), cfg, data
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every setting that differs (runtime-only switches ignored)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" not in RUNTIME_ONLY:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed

@@ -57,6 +57,7 @@ class Result:
     trainable_params: int = 0
     peak_mem_mb: float = 0.0
     hardware: str = ""  # the CPU or GPU the run trained on (timings compare only within one)
+    warning: str = ""  # e.g. a run that ended at chance accuracy
     solver: dict = dataclasses.field(default_factory=dict)  # DEQ: mean iterations, residuals
 
     def to_dict(self) -> dict:
@@ -177,8 +178,11 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
     order = torch.randperm(len(train_x), device=device, generator=gen)
     n_batches = max(1, len(train_x) // cfg.batch_size)  # drop the last partial batch
     loss_sum, correct, seen, forward, backward = 0.0, 0, 0, [], []
+    terminal = sys.stderr.isatty()
     bar = tqdm(range(n_batches), leave=False, desc=f"epoch {epoch}",
-               disable=not (cfg.progress and sys.stderr.isatty() and ctx.is_main))
+               disable=not (cfg.progress and terminal and ctx.is_main))
+    # Not a terminal (a log file, a job's output): a plain line every tenth of an epoch.
+    report_every = max(1, n_batches // 10) if cfg.progress and not terminal and ctx.is_main else 0
     start = time.perf_counter()
     stats = EpochStats(math.nan, 0.0, 0, 0.0, step)
     for b in bar:
@@ -223,6 +227,9 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{loss_value:.3f}")
+        if report_every and (b + 1) % report_every == 0 and b + 1 < n_batches:
+            print(f"epoch {epoch}: {b + 1}/{n_batches} batches, loss {loss_value:.3f}",
+                  file=sys.stderr, flush=True)
         # One process: its clock after the step. Several: rank 0's clock before it (all agree).
         if (spent_epoch if ctx.enabled else time.perf_counter() - start) >= time_left:
             stats.out_of_time = True
@@ -236,6 +243,13 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
         stats.loss, stats.acc = loss_sum / seen, correct / seen
     stats.solver = summarize_solver(forward, backward)
     return stats
+
+
+def chance_warning(test_acc: float, classes: int) -> str:
+    """Non-empty when the accuracy is no better than guessing (within half a class's share)."""
+    if test_acc <= 1.5 / classes:
+        return f"test accuracy {test_acc:.1%} is at chance level (1/{classes}): the run learned nothing"
+    return ""
 
 
 def hardware_name(device: torch.device) -> str:
@@ -310,13 +324,12 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     state = RunState(config_hash=config_hash(cfg))
     if run is not None:
         if resume and (run.path / "checkpoint.json").exists():
-            model_state, opt_state, state = run.load_checkpoint()
-            model.load_state_dict(model_state)
-            optimizer.load_state_dict(opt_state)
-            if ctx.is_main:
-                run.keep_metrics_until(state.epoch)
+            state = run.restore(model, optimizer, cfg)
             log(f"resuming {run.path} after epoch {state.epoch}")
+        elif resume:
+            log(f"{run.path} has no checkpoint yet; starting it from the beginning")
         if ctx.is_main:
+            run.keep_metrics_until(state.epoch)  # rows of epochs no checkpoint holds
             run.write_config(cfg)
             run.write_stats(data.stats)
     runner = wrap_for_training(model, cfg, ctx, device)
@@ -358,7 +371,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
             f"test {test_acc:6.2%}  {ep.seconds:6.1f}s  {ep.images / ep.seconds:7.1f} img/s{solver_note}")
         if run is not None and ctx.is_main:
             run.append_metrics(row)
-            run.save_checkpoint(model, optimizer, state)
+            run.save_checkpoint(model, optimizer, state, cfg)
         if ep.out_of_time:
             log(f"time budget of {cfg.time_budget_s:.0f}s spent after epoch {epoch}")
             break
@@ -369,7 +382,8 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
         img_per_s=state.images / state.train_time_s if state.train_time_s else 0.0,
         s_per_epoch=state.train_time_s / state.epoch if state.epoch else 0.0,
         epochs=state.epoch, seed=cfg.seed, config_hash=state.config_hash,
-        peak_mem_mb=peak_memory_mb(device), hardware=hardware_name(device), solver=state.solver)
+        peak_mem_mb=peak_memory_mb(device), hardware=hardware_name(device), solver=state.solver,
+        warning=chance_warning(state.last_test_acc, data.shape.classes) if state.epoch else "")
     if run is not None and ctx.is_main:
         run.write_result(result.to_dict())
     return result
