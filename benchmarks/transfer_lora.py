@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tiedmask.training.settings import config_from_dict
 from tiedmask.training.finetune import pretrained_defaults
+from tiedmask.training.rundir import RunDir
 from tiedmask.training.settings import merge
 from tiedmask.experiments.report import markdown_table, summarize
 from tiedmask.experiments.runner import Job, run_jobs
@@ -54,7 +55,7 @@ def main() -> None:
             "threads": args.threads, "progress": False})
         result = train(cfg, out=pre, resume=(pre / "checkpoint.json").exists())
         print(f"pre-trained on CIFAR-10: test acc {result.test_acc:.2%}")
-    base = pretrained_defaults(str(pre))
+    base = pretrained_defaults(RunDir(pre))
     jobs = []
     for label, ft in METHODS.items():
         for seed in args.seeds:

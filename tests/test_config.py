@@ -1,6 +1,6 @@
 import pytest
 
-from tiedmask.training.settings import load_config, parse_overrides
+from tiedmask.training.settings import config_hash, load_config, parse_overrides
 from tiedmask.errors import ConfigError
 
 
@@ -42,3 +42,30 @@ def test_override_values_are_typed():
 def test_shared_leaf_names_mean_the_model_setting():
     cfg = load_config(overrides=["--density", "0.25", "--finetune.density", "0.75", "--name", "tied-resnet-xs"])
     assert cfg.model.masks.density == 0.25 and cfg.finetune.density == 0.75 and cfg.model.name == "tied-resnet-xs"
+
+
+def test_old_and_new_spellings_mix_in_files_overrides_and_grids(tmp_path):
+    from tiedmask.experiments.sweep import grid_jobs
+
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  name: tied-resnet-s\n  execution: equilibrium\n  mask_scope: same\n"
+                    "  deq_damping: 0.5\n")
+    cfg = load_config(path, ["--deq_solver", "fixed_point", "--deq_anderson_m", "3"])
+    assert cfg.model.deq.solver == "fixed_point" and cfg.model.deq.solver_options == {"damping": 0.5}
+    jobs, _ = grid_jobs({"base": {"model": {"masks": {"density": 0.5}}}, "grid": {"model.density": [0.25, 1.0]}})
+    assert [j.config["model"]["masks"]["density"] for j in jobs] == [0.25, 1.0]
+
+
+def test_solver_options_are_typed_like_the_solvers_defaults():
+    cfg = load_config(overrides=["--execution", "equilibrium", "--masks.scope", "same",
+                                 "--deq.solver_options", "{lam: 1e-4, m: 3}"])
+    assert cfg.model.deq.solver_options == {"lam": 1e-4, "m": 3}
+    with pytest.raises(ConfigError, match="solver_options.m must be an integer"):
+        load_config(overrides=["--execution", "equilibrium", "--masks.scope", "same",
+                               "--deq.solver_options", "{m: 2.5}"])
+
+
+def test_moving_the_data_keeps_the_config_hash():
+    a = load_config(overrides=["--data.root", "/one/place"])
+    b = load_config(overrides=["--data.root", "/another", "--threads", "1"])
+    assert config_hash(a) == config_hash(b) != config_hash(load_config(overrides=["--seed", "1"]))

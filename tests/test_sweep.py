@@ -19,7 +19,7 @@ def test_grid_is_the_cartesian_product_crossed_with_variants_and_seeds():
     assert len(jobs) == 2 * 2 * 2 * 2
     widths = {j.variant.split(",")[0]: j.config["model"].get("width") for j in jobs}
     assert widths == {"a": 4, "b": 8}
-    assert {(j.config["model"]["density"], j.config["model"]["depth"]) for j in jobs} == {
+    assert {(j.config["model"]["masks"]["density"], j.config["model"]["depth"]) for j in jobs} == {
         (0.25, 1), (0.25, 2), (0.5, 1), (0.5, 2)}
 
 

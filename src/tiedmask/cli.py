@@ -181,7 +181,7 @@ def cmd_analyze(args, overrides) -> int:
     from .training.rundir import RunDir
 
     result = analyze_run(args.run_dir, images=args.images, data_root=args.data_root)
-    print(summary_markdown(result, RunDir(args.run_dir).read_config(), args.images))
+    print(summary_markdown(result, RunDir(args.run_dir).read_config(), result["images"]))
     print(f"wrote {Path(args.run_dir) / 'analysis'}")
     return 0
 
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_analyze)
 
     p = sub.add_parser("sweep", help="a grid of runs (YAML) into a results store")
-    p.add_argument("grid", help="grid YAML (see tiedmask.sweep)")
+    p.add_argument("grid", help="grid YAML (format: `python -m pydoc tiedmask.experiments.sweep`)")
     p.add_argument("--out", required=True, help="results store directory")
     p.set_defaults(fn=cmd_sweep)
 

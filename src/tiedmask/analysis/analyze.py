@@ -60,6 +60,7 @@ def analyze_model(model, x_uint8: torch.Tensor, mean, std, batch_size: int = 250
             masks[name] = {"density": stats["density"], "masks": len(stack),
                            "mean_overlap": stats["mean_overlap"]}
     return {
+        "images": len(x_uint8),
         "cka": [m.tolist() for m in cka],
         "cka_offdiag_mean": [off_diagonal_mean(m) for m in cka],
         "cka_adjacent_mean": [float(m.diagonal(1).mean()) if len(m) > 1 else float("nan") for m in cka],
@@ -82,7 +83,7 @@ def analyze_run(run_dir: str | Path, images: int = 1000, data_root: str = "") ->
         plot_heatmap(matrix, out / f"cka_stage{s}.png",
                      f"{m.name} {m.execution} {m.masks.scope} d={m.masks.density}: CKA, stage {s}", label)
     (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "summary.md").write_text(summary_markdown(result, cfg, len(x)))
+    (out / "summary.md").write_text(summary_markdown(result, cfg, result["images"]))
     return result
 
 

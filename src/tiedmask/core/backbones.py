@@ -76,8 +76,9 @@ class Backbone(nn.Module):
         self.config, self.shape = cfg, shape
 
     @classmethod
-    def check(cls, cfg: ModelConfig, shape: DataShape) -> None:
-        """Refuse settings this backbone cannot build, before anything is built."""
+    def check(cls, cfg: ModelConfig, shape: DataShape | None) -> None:
+        """Refuse settings this backbone cannot build, before anything is built (`shape`
+        None: what does not depend on the data's shape)."""
         cfg.validate()
         if cfg.cell not in cls.cells:
             raise ConfigError(f"{cls.__name__} runs cells {list(cls.cells)}, not "
@@ -182,7 +183,7 @@ class TiedFastNet(Backbone):
     logit_scale = 1 / 4
 
     @classmethod
-    def check(cls, cfg: ModelConfig, shape: DataShape) -> None:
+    def check(cls, cfg: ModelConfig, shape: DataShape | None) -> None:
         super().check(cfg, shape)
         if cfg.execution == "equilibrium":
             raise ConfigError("the conv cell keeps a BatchNorm per application, which has no fixed "
@@ -222,11 +223,11 @@ class TiedViT(Backbone):
     cells = ("transformer",)
 
     @classmethod
-    def check(cls, cfg: ModelConfig, shape: DataShape) -> None:
+    def check(cls, cfg: ModelConfig, shape: DataShape | None) -> None:
         super().check(cfg, shape)
         if cfg.stages != 1:
             raise ConfigError("the transformer cell runs one stage of tokens; set model.stages 1")
-        if shape.size % cfg.patch_size:
+        if shape is not None and shape.size % cfg.patch_size:
             raise ConfigError(f"images of side {shape.size} do not split into patches of "
                               f"{cfg.patch_size}; choose a patch_size that divides it")
         if cfg.width % cfg.heads:

@@ -1,7 +1,7 @@
 """Conv and Linear layers whose shared weight is masked per application.
 
 The masks are a non-persistent buffer: they are regenerated from the model config (see
-`tiedmask.masks`), so checkpoints hold only the dense shared weights.
+`tiedmask.core.masks`), so checkpoints hold only the dense shared weights.
 """
 
 from __future__ import annotations

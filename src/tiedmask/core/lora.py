@@ -3,7 +3,7 @@
     delta W = (alpha / r) * sum_i (B * M_B^i) @ (A * M_A^i)
 
 One shared dense pair A [r, in], B [out, r] and n static masks per factor (kinds, density and
-seed as in `tiedmask.masks`, named by the module path, so they are regenerated, never stored).
+seed as in `tiedmask.core.masks`, named by the module path, so they are regenerated, never stored).
 Stacking the masked copies gives the same update as one LoRA of rank n*r,
 
     A_cat = [A * M_A^1; ...; A * M_A^n]   (n r x in),   B_cat = [B * M_B^1, ..., B * M_B^n],

@@ -44,7 +44,7 @@ def build(backbone: type[Backbone], shape: DataShape, settings: dict, **preset) 
         values[key] = {**values[key], **value} if both_dicts else value
     cfg = from_dict(ModelConfig, values, "model.")
     if _resolving.get():
-        backbone.check(cfg, shape)
+        backbone.check(cfg, None)  # the data's shape is not known yet: checked at build
         return cfg
     return backbone(cfg, shape)
 

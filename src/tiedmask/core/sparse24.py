@@ -1,6 +1,6 @@
 """2:4 semi-structured sparse inference for the masked Linear layers of a trained model.
 
-A model trained with 2:4 masks (``mask_kind: nm``, ``nm_m: 4``, ``density: 0.5``) keeps two of
+A model trained with 2:4 masks (``masks: {kind: nm, nm_m: 4, density: 0.5}``) keeps two of
 every four weights along each row, which is the pattern that NVIDIA's sparse tensor cores
 (Ampere and newer) execute at up to twice the dense matmul rate. `to_semi_structured` replaces
 each masked Linear (the Transformer cell's qkv, proj, fc1 and fc2) by compressed weights, one per

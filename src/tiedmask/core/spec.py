@@ -20,6 +20,8 @@ import inspect
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ..typed import check_type
+from .cells import NORMS
 from .masks import check_mask_settings
 
 EXECUTIONS = ("unrolled", "equilibrium", "untied")
@@ -48,7 +50,7 @@ class MaskConfig:
 
     def validate(self) -> None:
         check_mask_settings(self.kind, self.scope, self.density)
-        if self.nm_m < 1:
+        if self.nm_m < 1:  # N:M shapes are checked where the weights are known (at build)
             raise ConfigError(f"model.masks.nm_m must be >= 1, got {self.nm_m}")
 
 
@@ -82,19 +84,25 @@ class DeqConfig:
                 raise ConfigError(f"model.deq.{key} must be >= 1, got {getattr(self, key)}")
         if not self.tol >= 0 or not 0 < self.phantom_tau <= 1 or not self.jac_reg >= 0:
             raise ConfigError("model.deq needs tol >= 0, phantom_tau in (0, 1] and jac_reg >= 0")
-        accepted = solver_option_names(self.solver)
+        accepted = solver_options(self.solver)
         unknown = sorted(set(self.solver_options) - set(accepted))
         if unknown:
             raise ConfigError(f"solver {self.solver!r} takes no option(s) {unknown}; "
-                              f"its options: {accepted}")
+                              f"its options: {sorted(accepted)}")
+        for key, value in self.solver_options.items():  # typed like the solver's default
+            default = accepted[key]
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                expected = float if isinstance(default, float) else int
+                self.solver_options[key] = check_type(f"model.deq.solver_options.{key}", value, expected)
 
 
-def solver_option_names(solver: str) -> list[str]:
-    """The keyword options a registered solver accepts (its signature is the truth)."""
+def solver_options(solver: str) -> dict:
+    """The keyword options a registered solver accepts, with their defaults (its signature
+    is the truth)."""
     from .deq.solvers import SOLVERS
 
     params = inspect.signature(SOLVERS[solver]).parameters
-    return [p for p in params if p not in SOLVER_ARGS]
+    return {name: p.default for name, p in params.items() if name not in SOLVER_ARGS}
 
 
 @dataclass
@@ -127,6 +135,8 @@ class ModelConfig:
             raise ConfigError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.execution not in EXECUTIONS:
             raise ConfigError(f"unknown execution {self.execution!r}; choose one of {list(EXECUTIONS)}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"unknown norm {self.norm!r}; choose one of {list(NORMS)}")
         if self.weight_norm not in WEIGHT_NORMS:
             raise ConfigError(f"unknown weight_norm {self.weight_norm!r}; choose one of {list(WEIGHT_NORMS)}")
         self.masks.validate()
@@ -161,8 +171,6 @@ DATA_SHAPE_KEYS = ("in_channels", "num_classes", "image_size")  # set by the dat
 
 def model_values(values: dict) -> dict:
     """A model section with old flat keys moved to their sections (new keys win)."""
-    import inspect
-
     from .deq.solvers import SOLVERS
 
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()
@@ -170,10 +178,10 @@ def model_values(values: dict) -> dict:
     for old, new in MODEL_KEY_ALIASES.items():
         if old in values:
             section, key = new.split(".")
-            out.setdefault(section, {})
-            if isinstance(out[section], dict):
+            if isinstance(out.setdefault(section, {}), dict):  # else from_dict names the problem
                 out[section].setdefault(key, values[old])
-    solver = values.get("deq_solver", (out.get("deq") or {}).get("solver", DeqConfig.solver))
+    deq = out.get("deq")
+    solver = deq.get("solver", DeqConfig.solver) if isinstance(deq, dict) else None
     for old, (owner, key) in LEGACY_SOLVER_OPTIONS.items():
         if old in values and owner == solver and owner in SOLVERS:
             default = inspect.signature(SOLVERS[owner]).parameters[key].default

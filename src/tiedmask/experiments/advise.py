@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import TiedmaskError
 from .store import ResultsStore, setting
 
-SHIPPED = Path(__file__).parent / "resources" / "measured_results.jsonl"
+SHIPPED = Path(__file__).resolve().parents[1] / "resources" / "measured_results.jsonl"
 SETTINGS = ("execution", "width", "depth", "stages", "masks.density", "masks.kind", "masks.scope", "cell")
 
 

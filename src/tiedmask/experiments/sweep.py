@@ -7,7 +7,7 @@ A grid file:
       data: {name: cifar10, train_subset: 6000}
       epochs: 2
     grid:                      # dotted keys -> values; every combination runs
-      model.density: [0.1, 0.5, 1.0]
+      model.masks.density: [0.1, 0.5, 1.0]
     variants:                  # optional named settings, each crossed with the grid
       - {label: wide, model.width: 32, model.depth: 2}
       - {label: deep, model.width: 16, model.depth: 8}
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ..analysis.analyze import analyze_run
 from ..errors import ConfigError
-from ..training.settings import config_from_dict, read_yaml
+from ..training.settings import config_from_dict, config_hash, read_yaml, resolve_key
 from .runner import Job, run_jobs
 from .store import ResultsStore
 
@@ -57,7 +57,7 @@ def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
         raise ConfigError(f"unknown grid key(s) {unknown}; valid: {sorted(GRID_KEYS)}")
     grid = spec.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ConfigError("grid must map dotted keys to non-empty lists, e.g. model.density: [0.5, 1.0]")
+        raise ConfigError("grid must map dotted keys to non-empty lists, e.g. model.masks.density: [0.5, 1.0]")
     variants = spec.get("variants") or [{}]
     seeds = spec.get("seeds", [0])
     jobs = []
@@ -68,7 +68,7 @@ def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
             for seed in seeds:
                 values = copy.deepcopy(spec.get("base") or {})
                 for key, value in {**variant, **dict(zip(grid, combo))}.items():
-                    _set_dotted(values, key, value)
+                    _set_dotted(values, resolve_key(key), value)  # old spellings mean today's key
                 values["seed"] = seed
                 parts = ([label] if label else []) + [f"{k.split('.')[-1]}={v}" for k, v in zip(grid, combo)]
                 tags = {k.split(".")[-1]: v for k, v in dict(zip(grid, combo)).items()}
@@ -77,6 +77,9 @@ def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
     jobs.sort(key=lambda job: job.config["seed"])
     for job in jobs:
         config_from_dict(job.config)  # every cell of the grid must be valid before anything runs
+    if len({config_hash(config_from_dict(j.config)) for j in jobs}) < len(jobs):
+        raise ConfigError("two points of the grid resolve to the same config; a key is set twice "
+                          "(once in base or a variant, once in the grid?)")
     options = {k: spec[k] for k in ("workers", "threads", "launcher", "slurm", "analyze", "timeout_s")
                if k in spec}
     return jobs, options

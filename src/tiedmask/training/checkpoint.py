@@ -1,4 +1,4 @@
-"""Atomic files and checkpoints: safetensors for tensors, JSON for everything else.
+"""Checkpoints: safetensors for tensors, JSON for everything else.
 
 Nothing here unpickles: loading a checkpoint a user hands us cannot run code. A checkpoint is
 ``checkpoint.json`` naming its tensor file ``checkpoint-<epoch>.safetensors``; the tensor file

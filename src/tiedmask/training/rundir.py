@@ -13,6 +13,7 @@ exactly as training saw them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -146,13 +147,9 @@ class RunDir:
             if changed:
                 raise ConfigError(f"{self.path}/config.json differs from the settings its checkpoint was "
                                   f"trained with ({'; '.join(changed[:4])}); restore them or start a new run")
-        try:
+        with self._fitting("the run must restart"):
             model.load_state_dict(model_state)
             optimizer.load_state_dict(optimizer_state)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[-1].strip()
-            raise TiedmaskError(f"{self.path}'s checkpoint does not fit its config ({first[:200]}); "
-                                "the run must restart") from None
         state.config_hash = config_hash(cfg)
         return state
 
@@ -169,6 +166,15 @@ class RunDir:
         if "config_hash" not in values:
             raise TiedmaskError(f"{self.path}/checkpoint.json is damaged (no config_hash); the run must restart")
         return model_state, optimizer_state, RunState(**values)
+
+    @contextlib.contextmanager
+    def _fitting(self, fix: str):
+        """Loading errors of weights that do not fit the model, as one line naming the fix."""
+        try:
+            yield
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[-1].strip()
+            raise TiedmaskError(f"{self.path}'s checkpoint does not fit its config ({first[:200]}); {fix}") from None
 
     def write_result(self, result: dict) -> None:
         atomic_write_json(self.path / "result.json", result)
@@ -194,12 +200,8 @@ def load_trained(run_dir: str | Path, data_root: str = "", device: str | torch.d
         raise TiedmaskError(f"{run.path} has no checkpoint yet; train it first "
                             f"(`tiedmask train --resume {run.path}`)")
     model_state, _, _ = run.load_checkpoint()
-    try:
+    with run._fitting("was config.json edited?"):
         model.load_state_dict(model_state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise TiedmaskError(f"{run.path}'s checkpoint does not fit its config ({first[:200]}); "
-                            "was config.json edited?") from None
     return model.to(device), cfg, data
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from ..core.presets import resolve_model_config
-from ..core.spec import MODEL_KEY_ALIASES, ModelConfig, model_values
+from ..core.spec import LEGACY_SOLVER_OPTIONS, MODEL_KEY_ALIASES, ModelConfig, model_values
 from ..errors import ConfigError
 from ..typed import from_dict, nested_fields
 
@@ -174,6 +174,8 @@ def _leaf_index() -> dict[str, list[str]]:
     for old, new in MODEL_KEY_ALIASES.items():
         if f"model.{new}" not in index.setdefault(old, []):
             index[old].append(f"model.{new}")
+    for old in LEGACY_SOLVER_OPTIONS:  # kept flat: which solver they belong to is known later
+        index[old] = [f"model.{old}"]
     return index
 
 
@@ -189,6 +191,8 @@ def resolve_key(key: str) -> str:
         old = key.removeprefix("model.")
         if key.startswith("model.") and old in MODEL_KEY_ALIASES:
             return f"model.{MODEL_KEY_ALIASES[old]}"
+        if key.startswith("model.") and old in LEGACY_SOLVER_OPTIONS:
+            return key
         matches = [k for k in full if k.endswith("." + key)]
     else:
         matches = _leaf_index().get(key, [])
@@ -238,10 +242,7 @@ def merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), (dict, str)):
             prev = out[k] if isinstance(out[k], dict) else {"name": out[k]}
-            if k == "model":
-                prev = model_values(prev)  # old flat keys meet new sections on equal terms
-                v = model_values(v)
-            out[k] = merge(prev, v)
+            out[k] = merge(prev, v)  # old flat model keys are read once, after all layers
         else:
             out[k] = v
     return out
@@ -287,12 +288,19 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-RUNTIME_ONLY = ("threads", "progress", "compile")  # change how fast a run goes, not what it computes
+# Keys that change how fast or from where a run goes, not what it computes: left out of the
+# hash (so moving the data or adding threads keeps a store's results) and of resume checks.
+RUNTIME_ONLY = ("threads", "progress", "compile", "data.root", "data.download")
+
+
+def without_runtime_keys(values: dict, prefix: str = "") -> dict:
+    return {k: (without_runtime_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and prefix + k in SECTIONS else v)
+            for k, v in values.items() if prefix + k not in RUNTIME_ONLY}
 
 
 def config_hash(cfg: TrainConfig | dict) -> str:
     """A short stable hash of the resolved config (keys results stores and run directories)."""
     if isinstance(cfg, dict):
         cfg = config_from_dict(cfg)
-    values = {k: v for k, v in config_to_dict(cfg).items() if k not in RUNTIME_ONLY}
+    values = without_runtime_keys(config_to_dict(cfg))
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
