@@ -8,8 +8,10 @@ the difference of each variant from multi-mask, paired by seed, with a 95% t-int
     tiedmask sweep benchmarks/grids/paper_claims_fast.yaml --out runs/paper-claims-fast
     python benchmarks/paper_claims.py runs/paper-claims-fast
 
-Records already in the JSONL are kept (keyed by config hash) and updated from the stores, so
-the file grows across sessions as sweeps continue.
+Records already in the JSONL are kept (keyed by claim, variant and seed) and updated from the
+stores, so the file grows across sessions as sweeps continue. Each store's results.jsonl is
+also copied to benchmarks/results/stores/<name>.results.jsonl: put it back into a fresh store
+folder and the sweep skips the runs it holds.
 """
 
 from __future__ import annotations
@@ -104,14 +106,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stores", nargs="*", help="results stores written by the claim grids")
     args = parser.parse_args()
+    def key(r):
+        return r["claim"], r["variant"], r["seed"]
+
     kept = {}
     if RECORDS.exists():
-        kept = {r["config_hash"]: r for r in map(json.loads, RECORDS.read_text().splitlines()) if r}
+        kept = {key(r): r for r in map(json.loads, RECORDS.read_text().splitlines()) if r}
     for store_dir in map(Path, args.stores):
         claim = GRID_CLAIMS.get(store_dir.name, store_dir.name)
-        for record in ResultsStore(store_dir).records():
+        store = ResultsStore(store_dir)
+        for record in store.records():
             if record.get("status") == "ok":
-                kept[record["config_hash"]] = claim_record(record, claim)
+                row = claim_record(record, claim)
+                kept[key(row)] = row
+        if store.path.exists():
+            copy = ROOT / "benchmarks" / "results" / "stores" / f"{store_dir.name}.results.jsonl"
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(store.path.read_bytes())
     records = sorted(kept.values(), key=lambda r: (r["claim"], r["seed"], r["variant"]))
     RECORDS.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     print(table(records))
