@@ -6,7 +6,7 @@ benchmarks/results/paper_claims.jsonl and prints the claims table: mean ± std p
 the difference of each variant from multi-mask, paired by seed, with a 95% t-interval.
 
     tiedmask sweep benchmarks/grids/paper_claims_fast.yaml --out runs/paper-claims-fast
-    python benchmarks/paper_claims.py runs/paper-claims-fast
+    python benchmarks/paper_claims.py runs/paper-claims-fast --docs   # --docs: into docs/results.md §0
 
 Records already in the JSONL are kept (keyed by claim, variant and seed) and updated from the
 stores, so the file grows across sessions as sweeps continue. Each store's results.jsonl is
@@ -105,6 +105,7 @@ def table(records: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stores", nargs="*", help="results stores written by the claim grids")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/results.md")
     args = parser.parse_args()
     def key(r):
         return r["claim"], r["variant"], r["seed"]
@@ -127,6 +128,18 @@ def main() -> None:
     RECORDS.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     print(table(records))
     print(f"{len(records)} records in {RECORDS.relative_to(ROOT)}")
+    if args.docs:
+        write_into_docs(table(records))
+
+
+def write_into_docs(text: str) -> None:
+    """Replace the table between the markers in docs/results.md."""
+    docs = ROOT / "docs" / "results.md"
+    start, end = "<!-- paper-claims-table: written by benchmarks/paper_claims.py --docs -->", "<!-- /paper-claims-table -->"
+    content = docs.read_text()
+    before, rest = content.split(start)
+    _, after = rest.split(end)
+    docs.write_text(f"{before}{start}\n{text.strip()}\n{end}{after}")
 
 
 if __name__ == "__main__":
