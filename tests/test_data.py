@@ -105,3 +105,26 @@ def test_augment_crops_are_windows_of_the_padded_image_and_flips_mirror():
         windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)]
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
     assert torch.equal(augment(x, "none", gen), x)
+
+
+def test_a_file_placed_by_hand_is_checked_and_used(tmp_path):
+    import hashlib
+
+    from tiedmask.training.datasets import obtain
+
+    placed = tmp_path / "archive.tar.gz"
+    placed.write_bytes(b"official bytes")
+    good = hashlib.md5(b"official bytes").hexdigest()
+    # Never touches the network: the placed file is used, or refused, before any download.
+    assert obtain("http://127.0.0.1:9/none", placed, good, allow_download=True) == placed
+    with pytest.raises(DataError, match="expected 0123"):
+        obtain("http://127.0.0.1:9/none", placed, "0123" + good[4:], allow_download=True)
+    assert obtain("http://127.0.0.1:9/none", tmp_path / "absent", good, allow_download=False) is None
+
+
+def test_a_failed_download_names_the_file_to_place(tmp_path):
+    from tiedmask.training.datasets import obtain
+
+    dest = tmp_path / "cifar-10-python.tar.gz"
+    with pytest.raises(DataError, match=f"by hand to {dest}"):
+        obtain("http://127.0.0.1:9/none", dest, "0" * 32, allow_download=True)  # port 9: refused

@@ -180,19 +180,32 @@ def cmd_analyze(args, overrides) -> int:
     from .analysis.analyze import analyze_run, summary_markdown
     from .training.rundir import RunDir
 
+    if args.images < 4:
+        raise TiedmaskError(f"--images {args.images}: CKA needs at least 4 images; use e.g. --images 1000")
     result = analyze_run(args.run_dir, images=args.images, data_root=args.data_root)
     print(summary_markdown(result, RunDir(args.run_dir).read_config(), result["images"]))
     print(f"wrote {Path(args.run_dir) / 'analysis'}")
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown beside every argument; epilogs kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tiedmask", description="Weight-tied vision networks with per-application sparse masks.")
     sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser
+
+    def add_parser(*args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        return add(*args, **kwargs)
+
+    sub.add_parser = add_parser
 
     p = sub.add_parser("train", help="train a model", usage="tiedmask train [CONFIG.yaml | --recipe NAME] [--out DIR | --resume DIR] [--KEY VALUE ...]", epilog=OVERRIDES_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--out", help="run directory for config, metrics, checkpoint and result")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
     p.add_argument("--recipe", metavar="NAME", help="start from a shipped recipe: cifar10-fast "
@@ -202,12 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a trained run on a new dataset (full, lora, multimask_lora)",
                        epilog="overrides as for train, e.g. --data fashion_mnist --finetune.rank 8 --epochs 2")
     p.add_argument("run_dir", help="the pre-trained run")
-    p.add_argument("--method", default="multimask_lora", choices=["full", "lora", "multimask_lora"])
+    p.add_argument("--method", default="multimask_lora", choices=["full", "lora", "multimask_lora"],
+                   help="what trains: everything, LoRA adapters, or multi-mask LoRA adapters")
     p.add_argument("--out", help="run directory")
     p.set_defaults(fn=cmd_finetune)
 
     p = sub.add_parser("eval", help="score a run's checkpoint on its test set, as training did")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory written by `tiedmask train --out`")
     p.add_argument("--data-root", default="", help="dataset folder, if it moved since training")
     p.set_defaults(fn=cmd_eval)
 
@@ -215,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_models)
 
     p = sub.add_parser("info", help="parameters, FLOPs and mask statistics of a config",
-                       epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=OVERRIDES_HELP, formatter_class=HelpFormatter)
     p.add_argument("--image-size", type=int, default=32, help="input side (default 32)")
     p.add_argument("--channels", type=int, default=3, help="input channels (default 3)")
     p.set_defaults(fn=cmd_info)
@@ -223,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="tied (dense/same/multi) vs DEQ on one cell, over seeds and budgets")
     p.add_argument("preset", help="demo (offline, minutes) or cifar10")
     p.add_argument("--out", required=True, help="results store directory")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--budgets", nargs="+", default=["epochs", "time"], choices=["epochs", "time"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every variant")
+    p.add_argument("--budgets", nargs="+", default=["epochs", "time"], choices=["epochs", "time"],
+                   help="equal epochs and/or equal wall-clock training time")
     p.add_argument("--variants", nargs="+", help="subset of variants (default: all)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--time-budget", type=float, help="seconds of training for the equal-time budget")
@@ -235,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("analyze", help="CKA heatmaps, mask statistics and state dynamics of a run")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory written by `tiedmask train --out`")
     p.add_argument("--images", type=int, default=1000, help="test images to analyse")
     p.add_argument("--data-root", default="", help="dataset folder, if not the run's")
     p.set_defaults(fn=cmd_analyze)
@@ -252,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_advise)
 
     p = sub.add_parser("report", help="tables and plots from a results store")
-    p.add_argument("store")
+    p.add_argument("store", help="a results store written by bench or sweep")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("demo", help="dense vs same vs multi-mask on 8x8 digits, offline, ~1 min")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--out", default="runs/demo", help="folder for the table, JSON and plot")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per run")
     p.set_defaults(fn=cmd_demo)
     return parser
 

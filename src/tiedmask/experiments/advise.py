@@ -7,6 +7,7 @@ that back its answer.
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def load_records(paths: list[str | Path]) -> list[dict]:
 
 
 def advise(params: int, flops: float | None = None, stores: list[str | Path] | None = None) -> str:
+    for name, value in (("--params", params), ("--flops", flops)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise TiedmaskError(f"{name} must be a positive number, got {value}; e.g. --params 50000")
     stores = stores or [SHIPPED]
     records = [r for r in load_records(stores) if r.get("status") == "ok" and "params" in r]
     if not records:

@@ -139,13 +139,25 @@ def download(url: str, dest: Path, expected_md5: str) -> Path:
         os.replace(tmp, dest)
     except OSError as exc:
         raise DataError(
-            f"could not download {url} ({exc}); download it by hand into {dest.parent} "
-            "or pass --data.root DIR with the extracted files"
+            f"could not download {url} ({exc}); download it by hand to {dest} "
+            f"(md5 {expected_md5}), where it is checked and used, or pass --data.root DIR"
         ) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
+
+
+def obtain(url: str, dest: Path, expected_md5: str, allow_download: bool) -> Path | None:
+    """`dest` if it is there (a file placed by hand: its md5 is checked), else downloaded when
+    allowed, else None."""
+    if dest.exists():
+        got = md5(dest)
+        if got != expected_md5:
+            raise DataError(f"{dest} has md5 {got}, expected {expected_md5}; replace it with the "
+                            f"official file from {url}")
+        return dest
+    return download(url, dest, expected_md5) if allow_download else None
 
 
 def extract_tar(archive: Path, into: Path) -> None:
@@ -172,7 +184,8 @@ def _locate(root: Path, subdir: str, marker: str, fetch: Callable[[], None] | No
     if found is None:
         raise DataError(
             f"{what} not found under {root}: expected {root / subdir}/{marker}; point "
-            f"--data.root at the folder that holds {subdir}/, or pass --data.download true"
+            f"--data.root at the folder that holds {subdir}/, place the official archive there, "
+            "or pass --data.download true"
         )
     return found
 
@@ -233,19 +246,23 @@ def _cifar(root, fetch, subdir, train_files, test_files, label_key, num_classes,
 @register_dataset("cifar10")
 def load_cifar10(root: Path, allow_download: bool) -> Dataset:
     def fetch():
-        extract_tar(download(CIFAR10_URL, root / "cifar-10-python.tar.gz", CIFAR10_MD5), root)
+        archive = obtain(CIFAR10_URL, root / "cifar-10-python.tar.gz", CIFAR10_MD5, allow_download)
+        if archive:
+            extract_tar(archive, root)
 
     train = [f"data_batch_{i}" for i in range(1, 6)]
-    return _cifar(root, fetch if allow_download else None, "cifar-10-batches-py", train,
+    return _cifar(root, fetch, "cifar-10-batches-py", train,
                   ["test_batch"], "labels", 10, "cifar10")
 
 
 @register_dataset("cifar100")
 def load_cifar100(root: Path, allow_download: bool) -> Dataset:
     def fetch():
-        extract_tar(download(CIFAR100_URL, root / "cifar-100-python.tar.gz", CIFAR100_MD5), root)
+        archive = obtain(CIFAR100_URL, root / "cifar-100-python.tar.gz", CIFAR100_MD5, allow_download)
+        if archive:
+            extract_tar(archive, root)
 
-    return _cifar(root, fetch if allow_download else None, "cifar-100-python", ["train"],
+    return _cifar(root, fetch, "cifar-100-python", ["train"],
                   ["test"], "fine_labels", 100, "cifar100")
 
 
@@ -253,7 +270,7 @@ def load_cifar100(root: Path, allow_download: bool) -> Dataset:
 def load_fashion_mnist(root: Path, allow_download: bool) -> Dataset:
     def fetch():
         for fname, digest in FASHION_FILES.items():
-            download(FASHION_URL + fname, root / "fashion-mnist" / fname, digest)
+            obtain(FASHION_URL + fname, root / "fashion-mnist" / fname, digest, allow_download)
 
     def find(folder: Path, stem: str) -> Path:
         for candidate in (folder / stem, folder / stem.removesuffix(".gz")):
@@ -264,8 +281,7 @@ def load_fashion_mnist(root: Path, allow_download: bool) -> Dataset:
     folder = _find_dir(root, "fashion-mnist", "t10k-labels-idx1-ubyte.gz") or _find_dir(
         root, "fashion-mnist", "t10k-labels-idx1-ubyte")
     if folder is None:
-        folder = _locate(root, "fashion-mnist", "t10k-labels-idx1-ubyte.gz",
-                         fetch if allow_download else None, "fashion_mnist")
+        folder = _locate(root, "fashion-mnist", "t10k-labels-idx1-ubyte.gz", fetch, "fashion_mnist")
 
     def split(prefix: str):
         images = read_idx(find(folder, f"{prefix}-images-idx3-ubyte.gz"))
