@@ -134,3 +134,33 @@ def test_a_run_at_chance_accuracy_is_flagged():
 
     assert "chance" in chance_warning(0.10, 10) and "chance" in chance_warning(0.012, 100)
     assert chance_warning(0.16, 10) == "" and chance_warning(0.9, 2) == ""
+
+
+def test_a_validation_split_is_held_out_of_training_and_the_test_set_is_untouched():
+    from tiedmask.training.data import prepare_data
+    from tiedmask.training.settings import DataConfig
+
+    full = prepare_data(DataConfig(name="digits"))
+    split = prepare_data(DataConfig(name="digits", val_split=200))
+    assert split.eval_split == "val" and len(split.test_x) == 200
+    assert len(split.train_x) == len(full.train_x) - 200
+    rows = {bytes(x.numpy()) for x in split.train_x}
+    assert not any(bytes(x.numpy()) in rows for x in split.test_x[:50] if (x > 0).any())
+    with pytest.raises(ConfigError, match="val_split"):
+        prepare_data(DataConfig(name="digits", val_split=10_000))
+
+
+def test_coverage_rescale_of_multimask_lora():
+    from tiedmask.core.lora import adapters
+    from tiedmask.core.presets import create_model
+    from tiedmask.training.finetune import attach_adapters
+    from tiedmask.training.settings import load_config
+
+    def scale(*extra):
+        cfg = load_config(overrides=["--model", "tied-vit-s", "--width", "16", "--finetune.init_from", "x",
+                                     "--finetune.method", "multimask_lora", "--finetune.rank", "4", *extra])
+        model = attach_adapters(create_model("tied-vit-s", width=16), cfg)
+        return next(iter(adapters(model).values())).scaling
+
+    # 2 masks at density 0.5 cover B.A by 2 * 0.5^2 = 0.5 in expectation: the rescale doubles alpha.
+    assert scale("--finetune.rescale", "true") == pytest.approx(2 * scale())

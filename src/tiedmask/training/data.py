@@ -58,6 +58,7 @@ class RunData:
     stats: DataStats
     augment: str  # the augmentation training uses (resolved from `auto`)
     name: str
+    eval_split: str = "test"  # or "val": a split held out of the training images
 
     @property
     def shape(self) -> DataShape:
@@ -83,10 +84,23 @@ def prepare_data(cfg: DataConfig, stats: DataStats | None = None, dataset: Datas
             f"{ds.name} as set in the run ({test_x.shape[1]} channels, side {test_x.shape[-1]}, "
             f"{ds.num_classes} classes) does not fit the model ({stats.channels} channels, side "
             f"{stats.size}, {stats.classes} classes); use the run's dataset, or fine-tune for a new one")
-    train_x, train_y = fixed_subset(train_x, ds.train_y, cfg.train_subset) if train else (None, None)
-    test_x, test_y = fixed_subset(test_x, ds.test_y, cfg.test_subset)
+    train_y = ds.train_y
+    if cfg.val_split:  # the evaluation set is carved from the training images; test is untouched
+        if cfg.val_split >= len(ds.train_y):
+            raise ConfigError(f"data.val_split {cfg.val_split} leaves no training images "
+                              f"({len(ds.train_y)} in {ds.name}); choose fewer")
+        train_x = train_x if train_x is not None else adapt_images(ds.train_x, cfg.channels, cfg.image_size)
+        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1))
+        held, kept = order[:cfg.val_split], order[cfg.val_split:]
+        test_x, test_y = train_x[held], train_y[held]
+        train_x, train_y = train_x[kept], train_y[kept]
+    else:
+        test_y = ds.test_y
+    train_x, train_y = fixed_subset(train_x, train_y, cfg.train_subset) if train else (None, None)
+    test_x, test_y = fixed_subset(test_x, test_y, cfg.test_subset)
     augment = ds.augment if cfg.augment == "auto" else cfg.augment
-    return RunData(train_x, train_y, test_x, test_y, stats, augment, ds.name)
+    return RunData(train_x, train_y, test_x, test_y, stats, augment, ds.name,
+                   "val" if cfg.val_split else "test")
 
 
 def fixed_subset(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

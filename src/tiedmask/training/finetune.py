@@ -21,8 +21,11 @@ def attach_adapters(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module
     if ft.method == "full" or not ft.init_from:
         return model
     multi = ft.method == "multimask_lora"
+    alpha = ft.alpha or ft.rank
+    if multi and ft.rescale:
+        alpha /= ft.n_masks * ft.density**2  # E[sum_i (B*M_B^i)(A*M_A^i)] = n d^2 B A
     return apply_multimask_lora(
-        model, ft.targets, rank=ft.rank, alpha=ft.alpha or None,
+        model, ft.targets, rank=ft.rank, alpha=alpha,
         n_masks=ft.n_masks if multi else 1, density=ft.density if multi else 1.0,
         seed=cfg.model.masks.seed, train_also=r"^head\." if ft.train_head else None)
 

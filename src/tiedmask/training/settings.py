@@ -61,11 +61,14 @@ class DataConfig:
     test_subset: int = 0  # evaluate on a fixed random subset of the test set (0 = all)
     channels: int = 0  # 0 = as stored; 3 repeats grey images, 1 averages colour (for transfer)
     image_size: int = 0  # 0 = as stored; else zero-pad (or resize) to this side (for transfer)
+    # Hold this many training images out and evaluate on them instead of the test set (for
+    # tuning hyperparameters without looking at the test set); 0 = evaluate on the test set.
+    val_split: int = 0
 
     def validate(self) -> None:
         _choose("data.augment", self.augment, AUGMENTS)
         _choose("data.channels", self.channels, (0, 1, 3))
-        _at_least("data.", self, 0, "train_subset", "test_subset", "image_size")
+        _at_least("data.", self, 0, "train_subset", "test_subset", "image_size", "val_split")
 
 
 @dataclass
@@ -98,6 +101,9 @@ class FinetuneConfig:
     density: float = 0.5  # multimask_lora: kept share of each copy
     targets: str = r"(qkv|proj|fc1|fc2)$"  # regex of nn.Linear names that get adapters
     train_head: bool = True  # re-initialise and train the classifier head
+    # multimask_lora: scale alpha by 1 / (n_masks * density^2), the inverse of the masks'
+    # expected coverage of B·A, so the update starts as large as plain LoRA's (CapaBoost: no)
+    rescale: bool = False
 
     def validate(self) -> None:
         _choose("finetune.method", self.method, FINETUNE_METHODS)

@@ -58,6 +58,7 @@ class Result:
     peak_mem_mb: float = 0.0
     hardware: str = ""  # the CPU or GPU the run trained on (timings compare only within one)
     warning: str = ""  # e.g. a run that ended at chance accuracy
+    eval_split: str = "test"  # "val": test_acc is measured on images held out of training (data.val_split)
     solver: dict = dataclasses.field(default_factory=dict)  # DEQ: mean iterations, residuals
 
     def to_dict(self) -> dict:
@@ -383,7 +384,8 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
         s_per_epoch=state.train_time_s / state.epoch if state.epoch else 0.0,
         epochs=state.epoch, seed=cfg.seed, config_hash=state.config_hash,
         peak_mem_mb=peak_memory_mb(device), hardware=hardware_name(device), solver=state.solver,
-        warning=chance_warning(state.last_test_acc, data.shape.classes) if state.epoch else "")
+        warning=chance_warning(state.last_test_acc, data.shape.classes) if state.epoch else "",
+        eval_split=data.eval_split)
     if run is not None and ctx.is_main:
         run.write_result(result.to_dict())
     return result
