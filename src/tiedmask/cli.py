@@ -15,8 +15,9 @@ Sections: model (name cell execution width depth stages norm checkpointing head_
 weight_norm patch_size heads mlp_ratio), model.masks (kind scope density seed nm_m), model.deq
 (solver grad train_iter eval_iter backward_iter tol stop_mode solver_options phantom_steps
 phantom_tau jac_reg), data (name root download augment train_subset test_subset channels
-image_size), optim (name lr weight_decay momentum warmup_epochs label_smoothing grad_clip),
-finetune (init_from method rank alpha n_masks density targets train_head), and epochs
+image_size val_split), optim (name lr weight_decay momentum warmup_epochs label_smoothing
+grad_clip), finetune (init_from method rank alpha n_masks density targets train_head rescale),
+and epochs
 time_budget_s batch_size eval_batch_size seed device precision channels_last compile eval_tta
 threads progress. A section path may stand for the whole key (--masks.scope same,
 --deq.solver_options "{m: 3}"); the flat keys of 0.1 (--mask_scope, --deq_solver) still work.

@@ -13,7 +13,7 @@ import torch
 from ..core.layers import masked_layers
 from ..core.masks import mask_statistics
 from ..errors import ConfigError
-from ..experiments.plots import plot_heatmap
+from ..plots import plot_heatmap
 from ..training.data import fixed_subset, normalize
 from ..training.rundir import load_trained
 from .cka import MinibatchCKA

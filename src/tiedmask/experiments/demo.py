@@ -16,7 +16,7 @@ from ..files import atomic_write_json
 from ..training.datasets import load_dataset
 from ..training.settings import config_from_dict
 from ..training.train import train
-from .plots import plot_curves
+from ..plots import plot_curves
 
 SCOPES = ("dense", "same", "multi")
 

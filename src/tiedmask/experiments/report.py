@@ -12,7 +12,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .plots import plt
+from ..plots import plt
 from .store import setting
 
 METRICS = {  # key: (column title, scale, digits)
