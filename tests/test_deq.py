@@ -188,3 +188,28 @@ def test_epoch_solver_statistics_count_only_training_solves(tmp_path):
     train(cfg, out=tmp_path / "run", log=lambda *a: None)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert row["fwd_iters"] == 3 and row["eval_fwd_iters"] == 7
+
+
+def test_a_solve_stops_at_its_deadline_without_calling_it_divergence():
+    import time
+
+    f = lambda z: 0.999 * z + 1.0  # noqa: E731  (slow: thousands of iterations to converge)
+    _, stats = solve("fixed_point", f, torch.zeros(2, 3), max_iter=10**6, tol=0.0,
+                     deadline=time.perf_counter() - 1)
+    assert stats.iterations == 1 and stats.out_of_time and not stats.diverged
+
+
+def test_training_of_a_deq_keeps_to_the_time_budget_inside_a_step():
+    import time
+
+    from tiedmask.training.settings import load_config
+    from tiedmask.training.train import train
+
+    cfg = load_config(overrides=["--data", "digits", "--model", "tied-resnet-xs", "--width", "4",
+                                 "--execution", "equilibrium", "--mask_scope", "same", "--deq.tol", "0",
+                                 "--deq.train_iter", "1000000", "--deq.backward_iter", "1000000",
+                                 "--deq.eval_iter", "2", "--time_budget_s", "1", "--epochs", "1",
+                                 "--progress", "false"])
+    start = time.perf_counter()
+    result = train(cfg, log=lambda *_: None)
+    assert result.train_time_s < 3 and time.perf_counter() - start < 30

@@ -41,9 +41,11 @@ def cmd_train(args, overrides) -> int:
         path = recipe_path(args.recipe) if args.recipe else args.config
         cfg, out, resume = load_config(path, overrides), args.out, False
     result = train(cfg, out=out, resume=resume)
-    print(f"{result.status}: test acc {result.test_acc:.2%}, {result.params:,} params, "
+    print(f"{result.status}: {result.eval_split} acc {result.test_acc:.2%}, {result.params:,} params, "
           f"{result.train_time_s:.1f}s training, {result.img_per_s:.0f} img/s"
           + (f"; run saved in {out}" if out else ""))
+    if result.warning:
+        print(f"warning: {result.warning}", file=sys.stderr)
     return 0 if result.status == "ok" else 1
 
 

@@ -121,6 +121,11 @@ class Backbone(nn.Module):
             backward += b
         return forward, backward
 
+    def set_deadline(self, deadline: float | None) -> None:
+        """Iterative runners stop their solves at `deadline` (time.perf_counter(); None: never)."""
+        for runner in self.runners():
+            runner.deadline = deadline
+
     @contextlib.contextmanager
     def tracing(self):
         """Within the block, yields [stage][state] lists that every forward pass fills."""

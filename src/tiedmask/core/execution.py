@@ -9,6 +9,8 @@ contract, written here once; backbones, training and analysis use nothing else:
     pop_stats() -> (fwd, bwd)       solver statistics since the last call (empty lists if none)
     tracing() -> list               context: collects the state after every application or
                                     solver iteration, the same number for every batch
+    deadline                        a time.perf_counter() value an iterative runner stops at
+                                    (None: no bound); training sets it from the time budget
     builds_masked_weights_once      whether the stage may mask every weight once per pass
 """
 
@@ -29,6 +31,7 @@ class Runner(nn.Module):
     def __init__(self):
         super().__init__()
         self._trace: list[torch.Tensor] | None = None
+        self.deadline: float | None = None
 
     @property
     def builds_masked_weights_once(self) -> bool:

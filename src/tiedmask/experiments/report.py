@@ -60,6 +60,12 @@ def failures(records: list[dict]) -> list[str]:
             f"{r.get('reason') or 'no reason recorded'}" for r in records if r.get("status") != "ok"]
 
 
+def flagged(records: list[dict]) -> list[str]:
+    """One line per run that ended ok but carries a warning (e.g. chance accuracy)."""
+    return [f"- {r.get('variant', '?')} seed {r.get('seed', '?')}: {r['warning']}"
+            for r in records if r.get("status") == "ok" and r.get("warning")]
+
+
 def fmt(pair, scale=1.0, digits=2) -> str:
     if not pair:
         return "–"
@@ -167,6 +173,8 @@ def write_sweep_report(records: list[dict], out: Path, title: str) -> str:
         bar_plot(rows, ("variant",), "test_acc", out / "acc_by_variant.png", f"{title}: test accuracy")
     if failures(records):
         lines += ["Runs not ok:", *failures(records), ""]
+    if flagged(records):
+        lines += ["Runs flagged:", *flagged(records), ""]
     lines += ["Plots: " + ", ".join(sorted(p.name for p in out.glob("*.png")))]
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)

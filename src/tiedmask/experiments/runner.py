@@ -67,7 +67,7 @@ def run_jobs(jobs: list[Job], store: ResultsStore, workers: int = 1, threads: in
             record = _run_one(job, values, digest, store, threads, timeout_s)
             store.append(record)
         log(f"  {record['status']:<8} {job.variant:<24} seed {values['seed']}  "
-            + (f"test {record['test_acc']:.2%}  {record['train_time_s']:.0f}s"
+            + (f"test {record['test_acc']:.2%}  {record['train_time_s']:.0f}s  {record.get('warning', '')}"
                if record["status"] == "ok" else record.get("reason", "")))
         return record
 

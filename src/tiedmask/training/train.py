@@ -185,6 +185,8 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
     # Not a terminal (a log file, a job's output): a plain line every tenth of an epoch.
     report_every = max(1, n_batches // 10) if cfg.progress and not terminal and ctx.is_main else 0
     start = time.perf_counter()
+    # A DEQ solve inside a step stops when the budget is spent (one process: its own clock).
+    model.set_deadline(start + time_left if math.isfinite(time_left) and not ctx.enabled else None)
     stats = EpochStats(math.nan, 0.0, 0, 0.0, step)
     for b in bar:
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
@@ -235,6 +237,7 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
         if (spent_epoch if ctx.enabled else time.perf_counter() - start) >= time_left:
             stats.out_of_time = True
             break
+    model.set_deadline(None)  # evaluation is bounded by its iteration limit alone
     if device.type == "cuda":
         torch.cuda.synchronize()
     loss_sum, correct, seen = ctx.sum(loss_sum, correct, seen)

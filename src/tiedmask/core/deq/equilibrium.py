@@ -92,7 +92,8 @@ class Equilibrium(Runner):
         with torch.no_grad():
             traced = func if self._trace is None else self._tracing(func)
             z_star, stats = solve(s.solver, traced, torch.zeros_like(x), max_iter=max_iter,
-                                  tol=tol, stop_mode=s.stop_mode, **s.solver_options)
+                                  tol=tol, stop_mode=s.stop_mode, deadline=self.deadline,
+                                  **s.solver_options)
         self.forward_stats.append(stats)
         if stats.diverged:
             raise SolverDiverged(f"forward solve diverged: {stats.reason}")
@@ -103,7 +104,7 @@ class Equilibrium(Runner):
             self._aux = s.jac_reg * self._jacobian_penalty(func, z_star)
         if s.grad == "implicit":
             adjoint = {"solver": s.solver, "max_iter": s.backward_iter, "tol": s.tol,
-                       "stop_mode": s.stop_mode, "options": s.solver_options}
+                       "stop_mode": s.stop_mode, "options": {**s.solver_options, "deadline": self.deadline}}
             return _ImplicitGrad.apply(func(z_star), func, z_star, adjoint, self.backward_stats.append)
         z = z_star
         for _ in range(s.phantom_steps):

@@ -15,6 +15,7 @@ never got below its first residual (a transient spike after progress keeps the b
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,12 +43,14 @@ class SolverStats:
     rel_residual: float
     diverged: bool = False
     reason: str = ""
+    out_of_time: bool = False  # stopped at its deadline (a run's time budget), not converged
 
 
 class _Tracker:
     """Keeps each sample's best iterate and decides when to stop."""
 
-    def __init__(self, z0: torch.Tensor, tol: float, stop_mode: str, diverge_factor: float):
+    def __init__(self, z0: torch.Tensor, tol: float, stop_mode: str, diverge_factor: float,
+                 deadline: float | None = None):
         if stop_mode not in STOP_MODES:
             raise ConfigError(f"stop_mode {stop_mode!r} must be 'abs' or 'rel'")
         self.best = z0.clone()
@@ -57,6 +60,7 @@ class _Tracker:
         self.first: float | None = None
         self.iterations = 0
         self.reason = ""  # why iteration stopped early, if it did
+        self.deadline, self.out_of_time = deadline, False
 
     def update(self, z_next: torch.Tensor, residual: torch.Tensor) -> bool:
         """Record f(z) = z_next with residual f(z) - z (both [B, D]); True means stop."""
@@ -76,26 +80,32 @@ class _Tracker:
         self.best[better] = z_next[better]
         self.best_abs = torch.where(better, abs_res, self.best_abs)
         self.best_rel = torch.where(better, rel_res, self.best_rel)
+        if self.deadline is not None and time.perf_counter() >= self.deadline:
+            self.out_of_time = True
+            return True
         return bool((score < self.tol).all())
 
     def result(self, shape) -> tuple[torch.Tensor, SolverStats]:
         best = float(self.best_abs.max())
         no_progress = self.first is None or not best < self.first
         stats = SolverStats(self.iterations, best, float(self.best_rel.max()),
-                            diverged=bool(self.reason) and no_progress, reason=self.reason)
+                            diverged=bool(self.reason) and no_progress, reason=self.reason,
+                            out_of_time=self.out_of_time)
         return self.best.view(shape), stats
 
 
 def solve(name: str, f: Func, z0: torch.Tensor, max_iter: int = 30, tol: float = 1e-3,
-          stop_mode: str = "rel", diverge_factor: float = 1e4, **options) -> tuple[torch.Tensor, SolverStats]:
-    """Find z with f(z) = z from `z0` (any shape [B, ...]) with solver `name`."""
+          stop_mode: str = "rel", diverge_factor: float = 1e4, deadline: float | None = None,
+          **options) -> tuple[torch.Tensor, SolverStats]:
+    """Find z with f(z) = z from `z0` (any shape [B, ...]) with solver `name`; stop at
+    `deadline` (a `time.perf_counter()` value) with the best iterate so far."""
     if name not in SOLVERS:
         raise ConfigError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
     if max_iter < 1:
         raise ConfigError(f"solver max_iter must be >= 1, got {max_iter}")
     shape = z0.shape
     flat_f = lambda z: f(z.view(shape)).reshape(shape[0], -1)  # noqa: E731
-    tracker = _Tracker(z0.reshape(shape[0], -1), tol, stop_mode, diverge_factor)
+    tracker = _Tracker(z0.reshape(shape[0], -1), tol, stop_mode, diverge_factor, deadline)
     SOLVERS[name](flat_f, z0.reshape(shape[0], -1), max_iter, tracker, **options)
     return tracker.result(shape)
 
