@@ -126,6 +126,8 @@ def cmd_info(args, overrides) -> int:
 def cmd_demo(args, overrides) -> int:
     from .experiments.demo import run_demo
 
+    if args.epochs < 1:
+        raise TiedmaskError(f"--epochs {args.epochs}: the demo needs at least 1 epoch")
     run_demo(args.out, epochs=args.epochs)
     return 0
 
@@ -195,14 +197,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults shown beside every argument; epilogs kept as written."""
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes as one `error:` line naming the fix, exit code 2 (not argparse's
+    usage block)."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tiedmask", description="Weight-tied vision networks with per-application sparse masks.")
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser
 
     def add_parser(*args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # `--data` must not pass for `--data-root`
         return add(*args, **kwargs)
 
     sub.add_parser = add_parser
@@ -292,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args, extra)
     except TiedmaskError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; a run with --out continues with `tiedmask train --resume DIR`",

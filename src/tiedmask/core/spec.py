@@ -180,7 +180,7 @@ def model_values(values: dict) -> dict:
             section, key = new.split(".")
             if isinstance(out.setdefault(section, {}), dict):  # else from_dict names the problem
                 out[section].setdefault(key, values[old])
-    deq = out.get("deq")
+    deq = out.get("deq", {})
     solver = deq.get("solver", DeqConfig.solver) if isinstance(deq, dict) else None
     for old, (owner, key) in LEGACY_SOLVER_OPTIONS.items():
         if old in values and owner == solver and owner in SOLVERS:

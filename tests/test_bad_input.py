@@ -1,0 +1,172 @@
+"""Every subcommand answers bad input with one `error:` line, exit code 2, no traceback, and
+leaves what is already on disk as it was."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tiedmask.cli import main
+
+TINY = ["--data", "digits", "--model", "tied-resnet-xs", "--width", "4", "--depth", "1",
+        "--epochs", "1", "--progress", "false"]
+EQ = ["--execution", "equilibrium", "--mask_scope", "same"]
+
+
+def _settings_cases():
+    """train and info: one bad value per setting (range, type, finiteness, choice)."""
+    bad = {
+        "--density": ["1.5", "0", "-1", "nan", "abc"], "--depth": ["0", "-1", "2.5", "x"],
+        "--width": ["0", "-3"], "--stages": ["0"], "--lr": ["0", "-1", "nan", "inf", "fast"],
+        "--momentum": ["1.5", "-0.1"], "--weight_decay": ["-1"], "--label_smoothing": ["1", "-0.1"],
+        "--warmup_epochs": ["-1"], "--grad_clip": ["-1"], "--epochs": ["0", "1.5"],
+        "--batch_size": ["0"], "--eval_batch_size": ["0"], "--time_budget_s": ["-1", "nan"],
+        "--threads": ["-1"], "--device": ["tpu"], "--precision": ["fp8"], "--channels_last": ["maybe"],
+        "--eval_tta": ["rotate"], "--optim.name": ["lion"], "--data.augment": ["mixup"],
+        "--data.channels": ["2"], "--data.train_subset": ["-5"], "--data.image_size": ["-1"],
+        "--data.val_split": ["-1"], "--finetune.method": ["qlora"], "--finetune.rank": ["0"],
+        "--finetune.alpha": ["-1"], "--finetune.density": ["0", "1.5"], "--finetune.n_masks": ["0"],
+        "--mask_kind": ["dots"], "--mask_scope": ["some"], "--masks.nm_m": ["0"],
+        "--execution": ["sideways"], "--weight_norm": ["batch"], "--norm": ["bogus"],
+        "--mlp_ratio": ["0"], "--heads": ["0"], "--seed": ["one"], "--progress": ["perhaps"],
+    }
+    for key, values in bad.items():
+        for value in values:
+            yield ["train", *TINY, key, value]
+    deq = {"--deq.solver": "newton", "--deq.grad": "magic", "--deq.stop_mode": "sideways",
+           "--deq.train_iter": "0", "--deq.phantom_tau": "0", "--deq.tol": "-1",
+           "--deq.solver_options": "{q: 1}", "--deq_anderson_m": "2.5", "--deq.jac_reg": "-1"}
+    for key, value in deq.items():
+        yield ["train", *TINY, *EQ, key, value]
+    yield ["train", *TINY, "--execution", "equilibrium", "--mask_scope", "multi"]
+    yield ["train", *TINY, "--execution", "untied", "--mask_scope", "multi"]
+    yield ["train", "--model", "tied-fast", "--cell", "transformer"]
+    yield ["train", "--model", "tied-fast", *EQ]
+    yield ["train", "--model", "tied-vit-s", "--stages", "2"]
+    yield ["train", "--model", "tied-vit-s", "--heads", "5"]
+    for key in ("--model.colour", "--colour", "--data.colour", "--optim.betas"):
+        yield ["train", key, "red"]
+    yield ["train", "--model", "resnet9000"]
+    yield ["train", "--data", "imagenet9000"]
+    yield ["train", "--depth"]  # no value
+    yield ["train", "depth", "6", "--epochs", "1"]  # a bare word that is no file
+    yield ["train", "--recipe", "fastest"]
+    for key, value in (("--image-size", "0"), ("--image-size", "99999"), ("--channels", "0"),
+                       ("--image-size", "x")):
+        yield ["info", key, value]
+    yield ["info", "--mask_kind", "dots"]
+    yield ["info", "--model", "nope"]
+
+
+CASES = list(_settings_cases())
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder with a finished run, an unfinished one, a results store and a foreign file."""
+    root = tmp_path_factory.mktemp("bad_input")
+    assert main(["train", *TINY, "--out", str(root / "run")]) == 0
+    (root / "notes").mkdir()
+    (root / "notes" / "mine.txt").write_text("keep me")
+    (root / "store").mkdir()
+    (root / "store" / "results.jsonl").write_text("")
+    (root / "grid_list.yaml").write_text("- 1\n- 2\n")
+    (root / "grid_bad.yaml").write_text("grid: {model.density: 0.5}\n")
+    (root / "grid_key.yaml").write_text("gird: {}\n")
+    (root / "grid_value.yaml").write_text("grid: {model.density: [2.0]}\n")
+    (root / "grid_yaml.yaml").write_text("grid: [unclosed\n")
+    (root / "config_list.yaml").write_text("- a\n- b\n")
+    (root / "config_key.yaml").write_text("model: {colour: red}\n")
+    (root / "norun").mkdir()
+    return root
+
+
+def _run_cases(root: Path):
+    run, notes, store = str(root / "run"), str(root / "notes"), str(root / "store")
+    yield ["train", *TINY, "--out", run]  # a finished run is not overwritten
+    yield ["train", *TINY, "--out", notes]  # a folder that is not a run
+    yield ["train", *TINY, "--out", "/proc/tiedmask-no-write"]
+    yield ["train", "--resume", run, "--epochs", "3"]
+    yield ["train", "--resume", run, "--out", notes]
+    yield ["train", "--resume", str(root / "absent")]
+    yield ["train", "--resume", str(root / "norun")]
+    yield ["train", "--recipe", "cifar10-fast", str(root / "config_key.yaml")]
+    yield ["train", str(root / "config_list.yaml")]
+    yield ["train", str(root / "config_key.yaml")]
+    yield ["train", str(root / "grid_yaml.yaml")]
+    yield ["train", *TINY[2:], "--data", "cifar10", "--data.root", str(root / "absent")]
+    yield ["eval", str(root / "absent")]
+    yield ["eval", str(root / "norun")]
+    yield ["eval", run, "--data", "cifar10"]
+    yield ["eval", run, "--data-root", str(root / "absent"), "--data.channels", "3"]
+    yield ["analyze", str(root / "absent")]
+    yield ["analyze", run, "--images", "0"]
+    yield ["analyze", run, "--images", "-1"]
+    yield ["analyze", run, "--images", "x"]
+    yield ["analyze", str(root / "norun")]
+    yield ["finetune", str(root / "absent"), "--data", "digits"]
+    yield ["finetune", run, "--method", "bogus"]
+    yield ["finetune", run, "--finetune.rank", "0", "--out", str(root / "ft")]
+    yield ["finetune", run, "--colour", "red", "--out", str(root / "ft")]
+    for grid in ("grid_list", "grid_bad", "grid_key", "grid_value", "grid_yaml", "absent"):
+        yield ["sweep", str(root / f"{grid}.yaml"), "--out", store]
+    yield ["sweep", str(root / "grid_key.yaml")]  # no --out
+    yield ["bench", "imagenet-9000", "--out", store]
+    yield ["bench", "demo", "--out", store, "--variants", "tied-best"]
+    yield ["bench", "demo", "--out", store, "--budgets", "forever"]
+    yield ["bench", "demo", "--out", store, "--seeds", "x"]
+    yield ["bench", "demo"]
+    yield ["report", str(root / "absent")]
+    yield ["report", store]  # empty
+    yield ["advise", "--params", "nan"]
+    yield ["advise", "--params", "-1"]
+    yield ["advise", "--params", "0"]
+    yield ["advise", "--params", "50000", "--flops", "-5"]
+    yield ["advise", "--params", "lots"]
+    yield ["advise"]
+    yield ["advise", "--params", "50000", "--store", str(root / "absent")]
+    yield ["demo", "--epochs", "0", "--out", str(root / "demo")]
+    yield ["demo", "--out", "/proc/tiedmask-no-write"]
+    yield ["models", "--extra"]
+    yield ["nonsense"]
+    yield []
+
+
+RUN_CASES = list(_run_cases(Path("/ROOT")))
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _check(capsys, argv):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.strip() and not x.startswith("warning:")]
+    assert code == 2, (argv, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", CASES, ids=[" ".join(a[-2:]) for a in CASES])
+def test_bad_settings(capsys, workdir, argv):
+    before = snapshot(workdir)
+    _check(capsys, argv)
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("index", range(len(RUN_CASES)), ids=[" ".join(a[:2]) for a in RUN_CASES])
+def test_bad_commands_on_runs_stores_and_files(capsys, workdir, index):
+    argv = [a.replace("/ROOT", str(workdir)) for a in RUN_CASES[index]]
+    before = snapshot(workdir)
+    _check(capsys, argv)
+    assert snapshot(workdir) == before
+
+
+def test_there_are_at_least_a_hundred_cases():
+    assert len(CASES) + len(RUN_CASES) >= 100
+    assert {a[0] for a in CASES + RUN_CASES if a} >= {
+        "train", "info", "eval", "analyze", "finetune", "sweep", "bench", "report", "advise", "demo", "models"}
