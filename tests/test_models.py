@@ -151,3 +151,36 @@ def test_untied_network_with_copies_of_the_tied_cell_computes_the_tied_network()
 def test_untied_execution_takes_no_masks():
     with pytest.raises(ConfigError, match="untied"):
         create_model("tied-resnet-s", execution="untied", mask_scope="multi")
+
+
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_channel_masks_compute_only_kept_rows_and_equal_the_masked_dense_layer(layer):
+    from tiedmask.core.layers import MaskedLinear
+
+    torch.manual_seed(0)
+    if layer == "conv":
+        mod, x = MaskedConv2d(6, 8, 3, padding=1, bias=True), torch.randn(2, 6, 5, 5)
+        dense = lambda x, w: F.conv2d(x, w, mod.bias, padding=1)  # noqa: E731
+    else:
+        mod, x = MaskedLinear(6, 8), torch.randn(2, 3, 6)
+        dense = lambda x, w: F.linear(x, w, mod.bias)  # noqa: E731
+    mod.build_masks("channel", 3, 0.5, 0, "w")
+    assert mod.kept_rows.shape == (3, 4)
+    for index in range(3):
+        mask = mod.mask_stack()[index]
+        ours = mod(x, index)
+        grad_ours = torch.autograd.grad(ours.square().sum(), mod.weight)[0]
+        ref = dense(x, mod.weight * mask)  # the multiply-by-mask layer, written out
+        grad_ref = torch.autograd.grad(ref.square().sum(), mod.weight)[0]
+        assert torch.allclose(ours, ref, atol=1e-5) and torch.allclose(grad_ours, grad_ref, atol=1e-5)
+        assert (grad_ours[~mask.bool()] == 0).all()
+
+
+def test_channel_masked_models_equal_their_multiply_by_mask_version():
+    for name in ("tied-fast", "tied-resnet-s"):
+        fast = create_model(name, width=8, depth=3, masks={"kind": "channel"}).eval()
+        x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        ours = fast(x)
+        for _, layer in masked_layers(fast):
+            layer.kept_rows = None  # back to weight * mask
+        assert torch.allclose(ours, fast(x), atol=1e-5), name

@@ -23,19 +23,44 @@ class MaskedWeight:
     """
 
     masks: torch.Tensor | None
+    kept_rows: torch.Tensor | None  # channel masks: [n, k] indices of the kept output rows
     _built: torch.Tensor | None = None  # every masked weight of this forward pass, [n, *shape]
 
     def _init_masks(self) -> None:
         self.register_buffer("masks", None, persistent=False)
+        self.register_buffer("kept_rows", None, persistent=False)
 
     def build_masks(self, kind: str, count: int, density: float, seed: int, name: str, **opts) -> None:
         """Create `count` masks for this layer's weight, named `name` in the model."""
+        self.kept_rows = None
         if count == 0:
             self.masks = None
             return
         shape = tuple(self.weight.shape)
         stack = [make_mask(kind, shape, density, seed, name, i, **opts) for i in range(count)]
         self.masks = torch.stack(stack).flatten(2).to(self.weight.device)
+        if kind == "channel":  # whole output rows: compute only the kept ones (see `_kept`)
+            rows = [m.reshape(shape[0], -1)[:, 0].nonzero().flatten() for m in stack]
+            self.kept_rows = torch.stack(rows).to(self.weight.device)
+
+    def _kept(self, x: torch.Tensor, index: int, compute, channel_dim: int) -> torch.Tensor:
+        """The output of a channel-masked layer from its kept rows alone: `compute(x, weight,
+        bias)` runs on the kept rows' weights (density d of the arithmetic, forward and
+        backward), and the result is placed among zeros (or the bias, as the masked dense
+        layer would give)."""
+        rows = self.kept_rows[index]
+        bias = None if self.bias is None else self.bias.index_select(0, rows)
+        part = compute(x, self.weight.index_select(0, rows), bias)
+        shape = list(part.shape)
+        shape[channel_dim] = self.weight.shape[0]
+        layout = (torch.channels_last if part.dim() == 4 and part.is_contiguous(memory_format=torch.channels_last)
+                  and not part.is_contiguous() else torch.contiguous_format)
+        full = torch.empty(shape, dtype=part.dtype, device=part.device, memory_format=layout).zero_()
+        if self.bias is not None:
+            view = [1] * len(shape)
+            view[channel_dim] = -1
+            full = full + self.bias.view(view)
+        return full.index_copy(channel_dim, rows, part)
 
     def masked_weight(self, index: int | None) -> torch.Tensor:
         if index is None or self.masks is None:
@@ -46,7 +71,7 @@ class MaskedWeight:
 
     def build_all(self) -> None:
         """Mask the weight with every mask in one operation, for reuse by every application."""
-        if self.masks is not None:
+        if self.masks is not None and self.kept_rows is None:
             self._built = self.weight.unsqueeze(0) * self.masks.view(-1, *self.weight.shape)
 
     def mask_density(self, index: int | None) -> float:
@@ -65,6 +90,8 @@ class MaskedConv2d(nn.Conv2d, MaskedWeight):
         self._init_masks()
 
     def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        if index is not None and self.kept_rows is not None:
+            return self._kept(x, index, self._conv_forward, channel_dim=1)
         return self._conv_forward(x, self.masked_weight(index), self.bias)
 
 
@@ -74,6 +101,8 @@ class MaskedLinear(nn.Linear, MaskedWeight):
         self._init_masks()
 
     def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        if index is not None and self.kept_rows is not None:
+            return self._kept(x, index, F.linear, channel_dim=-1)
         return F.linear(x, self.masked_weight(index), self.bias)
 
 
