@@ -160,6 +160,15 @@ def obtain(url: str, dest: Path, expected_md5: str, allow_download: bool) -> Pat
     return download(url, dest, expected_md5) if allow_download else None
 
 
+def _archive_fetcher(url: str, dest: Path, expected_md5: str, allow_download: bool) -> Callable[[], None]:
+    """Extracts `dest` (placed by hand and checked, or downloaded when allowed) beside itself."""
+    def fetch() -> None:
+        archive = obtain(url, dest, expected_md5, allow_download)
+        if archive:
+            extract_tar(archive, dest.parent)
+    return fetch
+
+
 def extract_tar(archive: Path, into: Path) -> None:
     with tarfile.open(archive) as tar:
         for member in tar.getmembers():  # no absolute paths, no escapes, no links
@@ -245,11 +254,7 @@ def _cifar(root, fetch, subdir, train_files, test_files, label_key, num_classes,
 
 @register_dataset("cifar10")
 def load_cifar10(root: Path, allow_download: bool) -> Dataset:
-    def fetch():
-        archive = obtain(CIFAR10_URL, root / "cifar-10-python.tar.gz", CIFAR10_MD5, allow_download)
-        if archive:
-            extract_tar(archive, root)
-
+    fetch = _archive_fetcher(CIFAR10_URL, root / "cifar-10-python.tar.gz", CIFAR10_MD5, allow_download)
     train = [f"data_batch_{i}" for i in range(1, 6)]
     return _cifar(root, fetch, "cifar-10-batches-py", train,
                   ["test_batch"], "labels", 10, "cifar10")
@@ -257,11 +262,7 @@ def load_cifar10(root: Path, allow_download: bool) -> Dataset:
 
 @register_dataset("cifar100")
 def load_cifar100(root: Path, allow_download: bool) -> Dataset:
-    def fetch():
-        archive = obtain(CIFAR100_URL, root / "cifar-100-python.tar.gz", CIFAR100_MD5, allow_download)
-        if archive:
-            extract_tar(archive, root)
-
+    fetch = _archive_fetcher(CIFAR100_URL, root / "cifar-100-python.tar.gz", CIFAR100_MD5, allow_download)
     return _cifar(root, fetch, "cifar-100-python", ["train"],
                   ["test"], "fine_labels", 100, "cifar100")
 
