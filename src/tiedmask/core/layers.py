@@ -43,24 +43,21 @@ class MaskedWeight:
             rows = [m.reshape(shape[0], -1)[:, 0].nonzero().flatten() for m in stack]
             self.kept_rows = torch.stack(rows).to(self.weight.device)
 
-    def _kept(self, x: torch.Tensor, index: int, compute, channel_dim: int) -> torch.Tensor:
-        """The output of a channel-masked layer from its kept rows alone: `compute(x, weight,
-        bias)` runs on the kept rows' weights (density d of the arithmetic, forward and
-        backward), and the result is placed among zeros (or the bias, as the masked dense
-        layer would give)."""
+    def _kept(self, x: torch.Tensor, index: int, compute, place) -> torch.Tensor:
+        """The output of a channel-masked layer from its kept rows alone: `compute(x, weight)`
+        runs on the kept rows' weights (density d of the arithmetic, forward and backward) and
+        `place(part, P)` puts the result back among zeros with the 0/1 placement matrix P
+        [out, kept]. Placing by a product rather than a scatter: scattering into channels_last
+        memory cost more than the half-size convolution itself (59 ms against 45 ms at 40
+        channels, 32x32, batch 64, one AMD EPYC core); the product adds kept*out MACs per pixel,
+        1/9 of a 3x3 convolution's. The bias, unmasked as in the dense layer, is added after."""
         rows = self.kept_rows[index]
-        bias = None if self.bias is None else self.bias.index_select(0, rows)
-        part = compute(x, self.weight.index_select(0, rows), bias)
-        shape = list(part.shape)
-        shape[channel_dim] = self.weight.shape[0]
-        layout = (torch.channels_last if part.dim() == 4 and part.is_contiguous(memory_format=torch.channels_last)
-                  and not part.is_contiguous() else torch.contiguous_format)
-        full = torch.empty(shape, dtype=part.dtype, device=part.device, memory_format=layout).zero_()
+        placement = torch.zeros(self.weight.shape[0], len(rows), dtype=x.dtype, device=x.device)
+        placement[rows, torch.arange(len(rows), device=x.device)] = 1
+        out = place(compute(x, self.weight.index_select(0, rows)), placement)
         if self.bias is not None:
-            view = [1] * len(shape)
-            view[channel_dim] = -1
-            full = full + self.bias.view(view)
-        return full.index_copy(channel_dim, rows, part)
+            out = out + (self.bias.view(-1, 1, 1) if out.dim() == 4 else self.bias)
+        return out
 
     def masked_weight(self, index: int | None) -> torch.Tensor:
         if index is None or self.masks is None:
@@ -91,7 +88,8 @@ class MaskedConv2d(nn.Conv2d, MaskedWeight):
 
     def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         if index is not None and self.kept_rows is not None:
-            return self._kept(x, index, self._conv_forward, channel_dim=1)
+            return self._kept(x, index, lambda x, w: self._conv_forward(x, w, None),
+                              lambda part, p: F.conv2d(part, p[:, :, None, None]))
         return self._conv_forward(x, self.masked_weight(index), self.bias)
 
 
@@ -102,7 +100,7 @@ class MaskedLinear(nn.Linear, MaskedWeight):
 
     def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         if index is not None and self.kept_rows is not None:
-            return self._kept(x, index, F.linear, channel_dim=-1)
+            return self._kept(x, index, F.linear, F.linear)
         return F.linear(x, self.masked_weight(index), self.bias)
 
 
