@@ -89,10 +89,8 @@ class Backbone(nn.Module):
         cfg = self.config
         if cfg.cell not in CELLS:
             raise ConfigError(f"unknown cell {cfg.cell!r}; choose one of {sorted(CELLS)}")
-        options = {"heads": cfg.heads, "mlp_ratio": cfg.mlp_ratio} if cfg.cell == "transformer" else {}
-        if cfg.cell == "conv":  # a norm per application it runs: untied cells run once each
-            options["depth"] = 1 if cfg.execution == "untied" else cfg.depth
-        return lambda: CELLS[cfg.cell](width, norm=cfg.norm, **options)
+        applications = 1 if cfg.execution == "untied" else cfg.depth  # untied cells run once each
+        return lambda: CELLS[cfg.cell].from_config(width, cfg, applications)
 
     def runners(self) -> list[Runner]:
         return [stage.tied for stage in self.stages]

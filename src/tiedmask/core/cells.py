@@ -7,7 +7,7 @@ comparison differs only in how the cell is run.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from .layers import MaskedConv2d, MaskedLinear
+
+if TYPE_CHECKING:
+    from .spec import ModelConfig
 
 CELLS: dict[str, Callable[..., "Cell"]] = {}
 NORMS = ("auto", "group", "batch", "layer", "none")  # auto: group for conv cells, layer for tokens
@@ -50,7 +53,13 @@ class Cell(nn.Module):
                                            application this is (0-based; for parts owned
                                            per application, such as a norm)
         extra_macs(state_shape) -> int     multiply-adds per image no Conv/Linear carries
+        from_config(width, cfg, applications)   the cell a model config asks for, for a
+                                           runner that applies it `applications` times
     """
+
+    @classmethod
+    def from_config(cls, width: int, cfg: ModelConfig, applications: int) -> Cell:
+        return cls(width, norm=cfg.norm)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor, index: int | None = None,
                 step: int = 0) -> torch.Tensor:
@@ -103,6 +112,10 @@ class ConvCell(Cell):
     parameters); the conv weight is the only tied weight. No fixed point: unrolled or untied.
     """
 
+    @classmethod
+    def from_config(cls, width: int, cfg: ModelConfig, applications: int) -> Cell:
+        return cls(width, norm=cfg.norm, depth=applications)
+
     def __init__(self, width: int, norm: str = "auto", depth: int = 1):
         super().__init__()
         self.conv = MaskedConv2d(width, width, 3, padding=1, bias=False)
@@ -123,6 +136,10 @@ class TransformerCell(Cell):
 
     Every Linear weight (qkv, proj, fc1, fc2) is masked.
     """
+
+    @classmethod
+    def from_config(cls, width: int, cfg: ModelConfig, applications: int) -> Cell:
+        return cls(width, norm=cfg.norm, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
 
     def __init__(self, width: int, norm: str = "auto", heads: int = 4, mlp_ratio: float = 2.0):
         super().__init__()
