@@ -24,15 +24,17 @@ class MaskedWeight:
 
     masks: torch.Tensor | None
     kept_rows: torch.Tensor | None  # channel masks: [n, k] indices of the kept output rows
+    placements: torch.Tensor | None  # channel masks: [n, out, k] 0/1, kept row j -> output row
     _built: torch.Tensor | None = None  # every masked weight of this forward pass, [n, *shape]
 
     def _init_masks(self) -> None:
         self.register_buffer("masks", None, persistent=False)
         self.register_buffer("kept_rows", None, persistent=False)
+        self.register_buffer("placements", None, persistent=False)
 
     def build_masks(self, kind: str, count: int, density: float, seed: int, name: str, **opts) -> None:
         """Create `count` masks for this layer's weight, named `name` in the model."""
-        self.kept_rows = None
+        self.kept_rows = self.placements = None
         if count == 0:
             self.masks = None
             return
@@ -42,6 +44,8 @@ class MaskedWeight:
         if kind == "channel":  # whole output rows: compute only the kept ones (see `_kept`)
             rows = [m.reshape(shape[0], -1)[:, 0].nonzero().flatten() for m in stack]
             self.kept_rows = torch.stack(rows).to(self.weight.device)
+            eye = torch.eye(shape[0])
+            self.placements = torch.stack([eye[:, r] for r in rows]).to(self.weight.device)
 
     def _kept(self, x: torch.Tensor, index: int, compute, place) -> torch.Tensor:
         """The output of a channel-masked layer from its kept rows alone: `compute(x, weight)`
@@ -52,9 +56,8 @@ class MaskedWeight:
         channels, 32x32, batch 64, one AMD EPYC core); the product adds kept*out MACs per pixel,
         1/9 of a 3x3 convolution's. The bias, unmasked as in the dense layer, is added after."""
         rows = self.kept_rows[index]
-        placement = torch.zeros(self.weight.shape[0], len(rows), dtype=x.dtype, device=x.device)
-        placement[rows, torch.arange(len(rows), device=x.device)] = 1
-        out = place(compute(x, self.weight.index_select(0, rows)), placement)
+        part = compute(x, self.weight.index_select(0, rows))
+        out = place(part, self.placements[index].to(part.dtype))
         if self.bias is not None:
             out = out + (self.bias.view(-1, 1, 1) if out.dim() == 4 else self.bias)
         return out
