@@ -89,6 +89,8 @@ def cmd_models(args, overrides) -> int:
     print(f"{'model':<20} {'params (3->10)':>14}  description")
     for name, fn in sorted(MODEL_PRESETS.items()):
         print(f"{name:<20} {count_params(create_model(name)):>14,}  {fn.__doc__.strip()}")
+    print("\nAlso any timm model as timm:NAME and any Hugging Face image classifier as hf:TYPE "
+          "(hf:vit, hf:resnet, ...), with model.args for its builder and model.tie for tying.")
     return 0
 
 
@@ -109,8 +111,19 @@ def cmd_info(args, overrides) -> int:
     model = build_model(m, shape)
     size = args.image_size
     macs = count_macs(model, (shape.channels, size, size))
-    print(f"model {m.name}: cell {m.cell}, {m.execution}, width {m.width}, depth {m.depth}, "
-          f"stages {m.stages}, masks {m.masks.kind}/{m.masks.scope} at density {m.masks.density}")
+    if m.external:
+        from .core.tie import tie_summary
+
+        summary = tie_summary(model)
+        print(f"model {m.name}: {m.execution}, masks {m.masks.kind}/{m.masks.scope} at density "
+              f"{m.masks.density}, {summary['parameters_before']:,} parameters before tying")
+        for run in summary["runs"]:
+            print(f"  tied {run['blocks']}: {run['applications']} applications of one block; "
+                  f"shared {run['shared']:,}, per application {run['per_application']:,}, "
+                  f"relaxation {run['relaxation']:,} (untied {run['parameters_before']:,})")
+    else:
+        print(f"model {m.name}: cell {m.cell}, {m.execution}, width {m.width}, depth {m.depth}, "
+              f"stages {m.stages}, masks {m.masks.kind}/{m.masks.scope} at density {m.masks.density}")
     print(f"parameters        {count_params(model):,}")
     print(f"MACs / image      {macs['dense'] / 1e6:.2f}M dense, {macs['effective'] / 1e6:.2f}M "
           f"effective ({shape.channels}x{size}x{size})")
@@ -251,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("bench", help="tied (dense/same/multi) vs DEQ on one cell, over seeds and budgets")
-    p.add_argument("preset", help="demo (offline, minutes) or cifar10")
+    p.add_argument("preset", help="demo (offline, minutes), cifar10, or vit-tie (`tie` on a Hugging Face ViT)")
     p.add_argument("--out", required=True, help="results store directory")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every variant")
     p.add_argument("--budgets", nargs="+", default=["epochs", "time"], choices=["epochs", "time"],

@@ -16,6 +16,7 @@ from torch import nn
 
 from .cells import Cell
 from .layers import MaskedWeight
+from .tie import shared_weight
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
@@ -28,6 +29,8 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
         density = 1.0
         if isinstance(module, MaskedWeight):
             density = module.mask_density(args[1] if len(args) > 1 else None)
+        elif (tied := shared_weight(module)) is not None:  # a block tied by `tiedmask.core.tie`
+            density = tied.density()
         totals["dense"] += dense
         totals["effective"] += dense * density
 

@@ -18,6 +18,7 @@ import torch
 from ..errors import ConfigError
 from ..typed import from_dict
 from .backbones import Backbone, TiedFastNet, TiedNet, TiedViT
+from .external import ExternalNet
 from .spec import DataShape, ModelConfig, model_values
 
 MODEL_PRESETS: dict[str, Callable[..., Backbone]] = {}
@@ -95,6 +96,8 @@ def create_model(name: str = ModelConfig.name, shape: DataShape = DataShape(), *
     >>> create_model("tied-resnet-s", width=16, masks={"scope": "same"}).config.masks.scope
     'same'
     """
+    if ":" in name:  # timm:NAME, hf:TYPE
+        return build(ExternalNet, shape, settings, name=name)
     if name not in MODEL_PRESETS:
         raise ConfigError(f"unknown model {name!r}; `tiedmask models` lists: {sorted(MODEL_PRESETS)}")
     if any(k in settings for k in ("in_channels", "image_size", "num_classes")):  # 0.1's keywords

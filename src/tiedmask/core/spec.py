@@ -54,6 +54,37 @@ class MaskConfig:
             raise ConfigError(f"model.masks.nm_m must be >= 1, got {self.nm_m}")
 
 
+TIE_INITS = ("mean", "first", "fresh")
+PER_APPLICATION_PARTS = ("norms", "biases", "adapters")
+RELAXATIONS = ("none", "lora", "multimask-lora")
+RELAX_INITS = ("auto", "svd", "zero")
+
+
+@dataclass
+class TieConfig:
+    """How `tiedmask.core.tie` ties the repeated blocks of an existing model."""
+
+    blocks: str = ""  # module path of the blocks, optionally sliced ('layer2[1:]'); '' = longest run
+    init: str = "mean"  # shared weights from: mean | first (block) | fresh (reset)
+    per_application: list = field(default_factory=lambda: ["norms", "adapters"])  # + biases
+    relax: str = "none"  # none | lora (per position) | multimask-lora (one pair, masked per position)
+    rank: int = 4
+    relax_density: float = 0.5  # multimask-lora: kept share of each factor
+    relax_init: str = "auto"  # auto (svd from trained blocks, zero when fresh) | svd | zero
+
+    def validate(self) -> None:
+        for key, value, choices in (("init", self.init, TIE_INITS), ("relax", self.relax, RELAXATIONS),
+                                    ("relax_init", self.relax_init, RELAX_INITS)):
+            if value not in choices:
+                raise ConfigError(f"tie.{key} {value!r} is not one of {list(choices)}")
+        unknown = sorted(set(self.per_application) - set(PER_APPLICATION_PARTS))
+        if unknown:
+            raise ConfigError(f"tie.per_application has {unknown}; choose from {list(PER_APPLICATION_PARTS)}")
+        if self.rank < 1:
+            raise ConfigError(f"tie.rank must be >= 1, got {self.rank}")
+        check_mask_settings("unstructured", "multi", self.relax_density)
+
+
 @dataclass
 class DeqConfig:
     """Equilibrium execution; ignored unless model.execution is equilibrium."""
@@ -125,6 +156,13 @@ class ModelConfig:
     weight_norm: str = "none"  # none | weight | spectral, on the tied cell's weights
     masks: MaskConfig = field(default_factory=MaskConfig)
     deq: DeqConfig = field(default_factory=DeqConfig)
+    # Models of other libraries (name 'timm:NAME' or 'hf:MODEL_TYPE', see core.external):
+    args: dict = field(default_factory=dict)  # keyword arguments of the library's model builder
+    tie: TieConfig = field(default_factory=TieConfig)  # how their repeated blocks are tied
+
+    @property
+    def external(self) -> bool:
+        return ":" in self.name
 
     def validate(self) -> None:
         for key in ("width", "depth", "stages", "head_pool", "patch_size", "heads"):
@@ -140,6 +178,10 @@ class ModelConfig:
         if self.weight_norm not in WEIGHT_NORMS:
             raise ConfigError(f"unknown weight_norm {self.weight_norm!r}; choose one of {list(WEIGHT_NORMS)}")
         self.masks.validate()
+        self.tie.validate()
+        if not self.external and (self.args or self.tie != TieConfig()):
+            raise ConfigError(f"model.args and model.tie apply to models of other libraries "
+                              f"('timm:NAME', 'hf:TYPE'), not to {self.name!r}; remove them")
         if self.execution == "untied" and self.masks.scope != "dense":
             raise ConfigError("untied execution gives every application weights of its own, so there "
                               "is nothing to mask per application; use model.masks.scope dense")

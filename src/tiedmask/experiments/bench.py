@@ -29,6 +29,14 @@ VARIANTS = {  # variant -> model settings on top of the preset's model
                              "deq": {"solver": "anderson", "grad": "phantom"}},
 }
 
+# Relaxations of a tied model of another library (timm:/hf:, `tiedmask.core.tie`).
+TIE_VARIANTS = {
+    "tied-multi-lora": {"execution": "unrolled", "masks": {"scope": "multi"}, "tie": {"relax": "lora"}},
+    "tied-multi-mmlora": {"execution": "unrolled", "masks": {"scope": "multi"},
+                          "tie": {"relax": "multimask-lora"}},
+}
+ALL_VARIANTS = {**VARIANTS, **TIE_VARIANTS}
+
 BENCH_PRESETS = {
     # Offline, minutes: 8x8 digits.
     "demo": {
@@ -44,6 +52,17 @@ BENCH_PRESETS = {
                  "epochs": 2, "batch_size": 64, "optim": {"lr": 3e-3, "warmup_epochs": 0.25}},
         "time_budget_s": 45.0,
     },
+    # `tie` on a library model: a Hugging Face ViT sized for 32x32 (6 blocks of width 96,
+    # patch 4), untied against its tied versions, on full CIFAR-10.
+    "vit-tie": {
+        "base": {"model": {"name": "hf:vit", "masks": {"density": 0.5},
+                           "args": {"hidden_size": 96, "num_hidden_layers": 6, "num_attention_heads": 4,
+                                    "intermediate_size": 192, "patch_size": 4}},
+                 "data": {"name": "cifar10"}, "epochs": 2, "batch_size": 128,
+                 "optim": {"lr": 2e-3, "warmup_epochs": 0.2}},
+        "time_budget_s": 240.0,
+        "variants": ["untied", "tied-dense", "tied-multi", "tied-multi-lora", "tied-multi-mmlora"],
+    },
 }
 
 
@@ -54,17 +73,17 @@ def bench_jobs(preset: str, seeds=(0, 1), budgets=("epochs", "time"), variants=N
     if preset not in BENCH_PRESETS:
         raise ConfigError(f"unknown bench preset {preset!r}; choose one of {sorted(BENCH_PRESETS)}")
     spec = BENCH_PRESETS[preset]
-    chosen = variants or list(VARIANTS)
-    unknown = sorted(set(chosen) - set(VARIANTS))
+    chosen = variants or spec.get("variants") or list(VARIANTS)
+    unknown = sorted(set(chosen) - set(ALL_VARIANTS))
     if unknown:
-        raise ConfigError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+        raise ConfigError(f"unknown variant(s) {unknown}; choose from {sorted(ALL_VARIANTS)}")
     jobs = []
     for budget in budgets:
         if budget not in ("epochs", "time"):
             raise ConfigError(f"unknown budget {budget!r}; use epochs and/or time")
         for variant in chosen:
             for seed in seeds:
-                cfg = merge(copy.deepcopy(spec["base"]), {"model": VARIANTS[variant]})
+                cfg = merge(copy.deepcopy(spec["base"]), {"model": ALL_VARIANTS[variant]})
                 cfg["seed"] = seed
                 if epochs:
                     cfg["epochs"] = epochs

@@ -190,8 +190,11 @@ def resolve_key(key: str) -> str:
     (`masks.density` -> `model.masks.density`), or a unique leaf (`depth` -> `model.depth`).
     A leaf in several places means the top level's, else the model's (`seed` is the run's
     seed, `density` the masks'); others must be spelled out."""
-    full = [k for k, _ in nested_fields(TrainConfig)]
+    fields = nested_fields(TrainConfig)
+    full = [k for k, _ in fields]
     if key in full or key in [f"{s}.name" for s in SECTIONS]:
+        return key
+    if any(t is dict and key.startswith(k + ".") for k, t in fields):  # an entry of a free mapping
         return key
     if "." in key:
         old = key.removeprefix("model.")

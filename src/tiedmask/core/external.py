@@ -1,0 +1,93 @@
+"""Models of other libraries by name, trained, benchmarked and swept like the presets:
+
+    timm:NAME       timm.create_model(NAME, pretrained=False, num_classes, in_chans[, img_size], **args)
+    hf:MODEL_TYPE   a Hugging Face image classifier built from its config (no download):
+                    AutoConfig.for_model(MODEL_TYPE, num_channels, num_labels, image_size, **args)
+
+`model.execution` untied keeps the library's network as it is; unrolled ties its repeated
+blocks with `tiedmask.core.tie` under `model.masks` and `model.tie`, so the untied network and
+its tied versions are compared with one bench or sweep. timm and transformers are extras
+(``pip install 'tiedmask[timm]'`` / ``'tiedmask[hf]'``).
+
+Note: timm imports torchvision, whose wheels on PyPI are CUDA builds; with a CPU-only torch
+they fail to load. Install torchvision from the CPU index that matches your torch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .backbones import Backbone
+from .spec import DataShape, ModelConfig
+from .tie import tie_with
+
+LIBRARIES = ("timm", "hf")
+
+
+class ExternalNet(Backbone):
+    """A timm or Hugging Face network, tied unless the execution is untied; returns logits."""
+
+    def __init__(self, cfg: ModelConfig, shape: DataShape = DataShape()):
+        super().__init__(cfg, shape)
+        self.net = build_external(cfg.name, shape, cfg.args)
+        if cfg.execution == "unrolled":
+            tie_with(self.net, cfg.masks, cfg.tie)
+        self.stages = nn.ModuleList()  # no runners of tiedmask's own: no solver stats, no traces
+
+    @classmethod
+    def check(cls, cfg: ModelConfig, shape: DataShape | None) -> None:
+        cfg.validate()
+        library = cfg.name.partition(":")[0]
+        if library not in LIBRARIES:
+            raise ConfigError(f"model {cfg.name!r}: unknown library {library!r}; use timm:NAME or hf:TYPE")
+        if cfg.execution == "equilibrium":
+            raise ConfigError(f"{cfg.name} runs unrolled (tied) or untied; equilibrium execution needs "
+                              "one of tiedmask's cells")
+
+    def rebuild_masks(self) -> None:
+        """The tie's masks are made when it ties (from the seed), never stored."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return getattr(out, "logits", out)
+
+
+def build_external(name: str, shape: DataShape, args: dict) -> nn.Module:
+    library, _, model = name.partition(":")
+    if library == "timm":
+        return _timm_model(model, shape, args)
+    return _hf_model(model, shape, args)
+
+
+def _timm_model(name: str, shape: DataShape, args: dict) -> nn.Module:
+    try:
+        import timm
+    except Exception as exc:  # ImportError, or torchvision built for another torch
+        raise ConfigError(f"timm is not usable here ({type(exc).__name__}: {exc}); "
+                          "pip install 'tiedmask[timm]' with a torchvision matching your torch") from None
+    if name not in timm.list_models():
+        raise ConfigError(f"timm has no model {name!r}; `python -c \"import timm; print(timm.list_models('vit*'))\"`")
+    settings = {"pretrained": False, "num_classes": shape.classes, "in_chans": shape.channels, **args}
+    try:
+        return timm.create_model(name, img_size=shape.size, **settings)
+    except TypeError as exc:
+        if "img_size" not in str(exc):
+            raise ConfigError(f"timm model {name}: {exc}; check model.args") from None
+        return timm.create_model(name, **settings)  # convolutional networks take any size
+
+
+def _hf_model(model_type: str, shape: DataShape, args: dict) -> nn.Module:
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("Hugging Face models need transformers: pip install 'tiedmask[hf]'") from None
+    try:
+        config = transformers.AutoConfig.for_model(model_type, num_channels=shape.channels,
+                                                   num_labels=shape.classes, image_size=shape.size, **args)
+        return transformers.AutoModelForImageClassification.from_config(config)
+    except ValueError as exc:  # an unknown model type, or one with no image classifier
+        first = str(exc).splitlines()[0][:160]
+        raise ConfigError(f"hf:{model_type}: {first}; image classifiers include hf:vit, hf:deit, "
+                          "hf:resnet, hf:convnext, hf:swin") from None
