@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "benchmarks" / "results" / "paper_claims.jsonl"
 GRID_CLAIMS = {  # store folder name -> the claim its runs test
     "paper-claims-fast": "multi-vs-same-vs-dense-vs-untied (fast family, depth 4)",
+    "paper-claims-depth8": "multi-vs-same-vs-dense-vs-untied (fast family, depth 8)",
 }
 REFERENCE = "tied-multi"
 

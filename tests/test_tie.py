@@ -31,6 +31,11 @@ def mlp(depth=4, width=8, identical=False):
     torch.manual_seed(0)
     first = block(width)
     blocks = [copy.deepcopy(first) if identical else block(width) for _ in range(depth)]
+    if not identical:
+        with torch.no_grad():  # norms that differ per block: routing to the wrong copy shows
+            for b in blocks:
+                b[3].weight.uniform_(0.5, 1.5)
+                b[3].bias.normal_()
     return nn.Sequential(nn.Linear(3, width), nn.Sequential(*blocks), nn.Linear(width, 2))
 
 
@@ -136,16 +141,16 @@ def test_lora_relaxation_of_full_rank_restores_the_untied_blocks():
     assert not torch.allclose(lossy(x), net(x), atol=1e-3)
     # rank 8 = min(out, in) of every weight: the SVD start is exactly what tying lost (biases
     # and norms kept per position)
-    relaxed = tie(copy.deepcopy(net), blocks="1", density=0.5, init="mean", relax="lora", rank=8,
-                  per_application=["norms", "biases"])
+    relaxed = tie(copy.deepcopy(net), blocks="1", density=0.5, init="mean", relax="lora", relax_rank=8,
+                  relax_init="svd", per_application=["norms", "biases"])
     torch.testing.assert_close(relaxed(x), net(x), atol=1e-5, rtol=1e-5)
-    zero = tie(copy.deepcopy(net), blocks="1", density=0.5, init="mean", relax="lora", relax_init="zero")
-    torch.testing.assert_close(zero(x), lossy(x))  # B = 0: starts as the tied model
+    zero = tie(copy.deepcopy(net), blocks="1", density=0.5, init="mean", relax="lora")
+    torch.testing.assert_close(zero(x), lossy(x))  # B = 0 (the default): starts as the tied model
 
 
 def test_multimask_lora_relaxation_shares_one_pair_under_distinct_masks():
     net = mlp(depth=4)
-    tied = tie(copy.deepcopy(net), blocks="1", relax="multimask-lora", rank=2, relax_density=0.5)
+    tied = tie(copy.deepcopy(net), blocks="1", relax="multimask-lora", relax_rank=2, relax_density=0.5)
     run = tie_summary(tied)["runs"][0]
     assert run["relaxation"] == 2 * (16 + 8) + 2 * (8 + 16)  # one A and one B per weight, not per position
     relaxation = tied[1].shared[0].parametrizations.weight[0].relaxation
@@ -157,7 +162,11 @@ def test_multimask_lora_relaxation_shares_one_pair_under_distinct_masks():
 
 def test_save_and_load_round_trip_exactly(tmp_path):
     net = mlp()
-    tied = tie(copy.deepcopy(net), blocks="1", density=0.5, relax="lora", rank=2)
+    tied = tie(copy.deepcopy(net), blocks="1", density=0.5, relax="lora", relax_rank=2,
+               per_application=["norms", "biases"])
+    with torch.no_grad():
+        for p in tied.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # every tensor, norms and relaxations included, moved
     path = tmp_path / "tied.safetensors"
     save_tied(tied, path)
     loaded = load_tied(mlp(), path)
@@ -166,6 +175,44 @@ def test_save_and_load_round_trip_exactly(tmp_path):
     assert not any("masks" in k for k in tied.state_dict())  # regenerated, never stored
     with pytest.raises(TiedmaskError, match="does not fit"):
         load_tied(nn.Sequential(nn.Linear(3, 8), nn.Sequential(*[block() for _ in range(4)]), nn.Linear(8, 3)), path)
+
+
+def test_a_tied_model_copies_and_loads_through_a_library_model(tmp_path):
+    shape = DataShape(3, 16, 5)
+    args = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64}
+    tied = create_model("hf:vit", shape, args=args, tie={"relax": "lora"})
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(copy.deepcopy(tied)(x), tied(x))
+    # blocks that are bare Linears: the shared block is itself parametrized
+    linears = tie(nn.Sequential(nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)])), blocks="0",
+                  per_application=["biases"])
+    y = torch.randn(2, 4)
+    assert torch.equal(copy.deepcopy(linears)(y), linears(y))
+    save_tied(tied, tmp_path / "vit.safetensors")
+    untied = create_model("hf:vit", shape, args=args, execution="untied", masks={"scope": "dense"})
+    assert torch.equal(load_tied(untied, tmp_path / "vit.safetensors")(x), tied(x))
+
+
+def test_blocks_that_differ_in_a_setting_are_refused():
+    blocks = [nn.Sequential(nn.Linear(4, 4), nn.Dropout(p)) for p in (0.0, 0.0, 0.1)]
+    net = nn.Sequential(nn.Sequential(*blocks))
+    with pytest.raises(ConfigError, match=r"0\[2\] differs .* setting 1.p \(0.0 against 0.1\)"):
+        tie(net, blocks="0")
+    assert repeated_blocks(net) == [("0[0:2]", 2, "Sequential")]
+    tie(net, blocks="0[0:2]")
+    assert repeated_blocks(net) == []  # nothing inside a tied run is offered again
+
+
+def test_stacked_biases_are_exempt_from_weight_decay():
+    from tiedmask.training.settings import load_config
+    from tiedmask.training.train import make_optimizer
+
+    tied = tie(mlp(), blocks="1", per_application=["norms", "biases"])
+    groups = make_optimizer(load_config(None, []), tied).param_groups
+    exempt = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    stacked = tied[1].shared[0].parametrizations.bias.original
+    assert stacked.dim() == 2 and id(stacked) in exempt
+    assert id(tied[1].shared[0].parametrizations.weight.original) not in exempt
 
 
 def test_hugging_face_vit_resnet_stage_and_bert():
@@ -177,7 +224,7 @@ def test_hugging_face_vit_resnet_stage_and_bert():
                                        depths=[2, 3], layer_type="basic")
     resnet = transformers.ResNetForImageClassification(config).eval()
     assert ("resnet.encoder.stages.1.layers[1:3]", 2, "ResNetBasicLayer") in repeated_blocks(resnet)
-    with pytest.raises(ConfigError, match=r"layers\[1\] differs .* e.g. 'resnet.encoder.stages.1.layers\[1:\]'"):
+    with pytest.raises(ConfigError, match=r"layers\[1\] differs .* '(resnet.encoder.stages.1.layers)\[1:\]'"):
         tie(copy.deepcopy(resnet), blocks="resnet.encoder.stages.1.layers")
     tied = tie(resnet, blocks="resnet.encoder.stages.1.layers[1:]", density=0.5)
     assert tied(torch.randn(2, 3, 32, 32)).logits.shape == (2, 4)

@@ -74,3 +74,12 @@ def test_learning_rate_schedule_closed_form():
     assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
     assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)  # half way through the cosine
     assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
+
+
+def test_a_run_failing_before_it_writes_anything_leaves_no_folder(tmp_path):
+    from tiedmask.errors import TiedmaskError
+
+    cfg = load_config(None, ["--data.name", "cifar10", "--data.root", str(tmp_path / "no-data"), "--epochs", "1"])
+    with pytest.raises(TiedmaskError):
+        train(cfg, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

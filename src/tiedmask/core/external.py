@@ -87,6 +87,8 @@ def _hf_model(model_type: str, shape: DataShape, args: dict) -> nn.Module:
         config = transformers.AutoConfig.for_model(model_type, num_channels=shape.channels,
                                                    num_labels=shape.classes, image_size=shape.size, **args)
         return transformers.AutoModelForImageClassification.from_config(config)
+    except TypeError as exc:  # e.g. an argument given twice (num_labels is set by the data)
+        raise ConfigError(f"hf:{model_type}: {exc}; check model.args") from None
     except ValueError as exc:  # an unknown model type, or one with no image classifier
         first = str(exc).splitlines()[0][:160]
         raise ConfigError(f"hf:{model_type}: {first}; image classifiers include hf:vit, hf:deit, "

@@ -57,7 +57,7 @@ class MaskConfig:
 TIE_INITS = ("mean", "first", "fresh")
 PER_APPLICATION_PARTS = ("norms", "biases", "adapters")
 RELAXATIONS = ("none", "lora", "multimask-lora")
-RELAX_INITS = ("auto", "svd", "zero")
+RELAX_INITS = ("zero", "svd")
 
 
 @dataclass
@@ -65,12 +65,17 @@ class TieConfig:
     """How `tiedmask.core.tie` ties the repeated blocks of an existing model."""
 
     blocks: str = ""  # module path of the blocks, optionally sliced ('layer2[1:]'); '' = longest run
-    init: str = "mean"  # shared weights from: mean | first (block) | fresh (reset)
+    # Shared weights from: first (block 0: right for a model built from scratch, whose blocks
+    # are independent draws; their mean would shrink the weights by sqrt(n)) | mean (of trained
+    # blocks, to tie a pre-trained model) | fresh (reset_parameters)
+    init: str = "first"
     per_application: list = field(default_factory=lambda: ["norms", "adapters"])  # + biases
     relax: str = "none"  # none | lora (per position) | multimask-lora (one pair, masked per position)
-    rank: int = 4
-    relax_density: float = 0.5  # multimask-lora: kept share of each factor
-    relax_init: str = "auto"  # auto (svd from trained blocks, zero when fresh) | svd | zero
+    relax_rank: int = 4
+    relax_density: float = 0.5  # multimask-lora: kept share of each (unstructured-masked) factor
+    # zero: B = 0, the relaxed model starts as the tied one | svd: lora starts at the best rank-r
+    # approximation of what tying lost (for pre-trained blocks; of random blocks it is noise)
+    relax_init: str = "zero"
 
     def validate(self) -> None:
         for key, value, choices in (("init", self.init, TIE_INITS), ("relax", self.relax, RELAXATIONS),
@@ -80,9 +85,10 @@ class TieConfig:
         unknown = sorted(set(self.per_application) - set(PER_APPLICATION_PARTS))
         if unknown:
             raise ConfigError(f"tie.per_application has {unknown}; choose from {list(PER_APPLICATION_PARTS)}")
-        if self.rank < 1:
-            raise ConfigError(f"tie.rank must be >= 1, got {self.rank}")
-        check_mask_settings("unstructured", "multi", self.relax_density)
+        if self.relax_rank < 1:
+            raise ConfigError(f"tie.relax_rank must be >= 1, got {self.relax_rank}")
+        if not 0 < self.relax_density <= 1:
+            raise ConfigError(f"tie.relax_density {self.relax_density} is outside (0, 1]")
 
 
 @dataclass

@@ -17,9 +17,14 @@ with no copy of its forward code. A container that is iterated (``for layer in s
 or called (``self.blocks(x)``) keeps working: the replacement does both.
 
 `relax` adds per-application low-rank updates to every masked weight (Relaxed Recursive
-Transformers, arXiv 2410.20672): ``lora`` gives each position its own pair (initialised from a
-truncated SVD of what tying lost when the blocks were trained); ``multimask-lora`` shares one
-pair across positions under a distinct mask per position (CapaBoost, arXiv 2407.01320).
+Transformers, arXiv 2410.20672): ``lora`` gives each position its own pair (``relax_init=svd``
+starts it at a truncated SVD of what tying pre-trained blocks lost); ``multimask-lora`` shares
+one pair across positions under a distinct mask per position (CapaBoost, arXiv 2407.01320).
+
+Limits: only the `weight` of nn.Linear and Conv modules is masked (`tie_summary` lists other
+weights left shared and dense, e.g. nn.MultiheadAttention's in_proj_weight); per-position
+norms are torch's norm classes. Positional indices (`layer_idx`) are not compared: the shared
+block runs with block 0's, so tie encoders, not decoders with KV caches.
 
 >>> blocks = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(4)])
 >>> tied = tie(torch.nn.Sequential(blocks), blocks="0", density=0.5)
@@ -103,9 +108,9 @@ class SharedWeight(nn.Module):
 
 def shared_weight(module: nn.Module) -> SharedWeight | None:
     """The `SharedWeight` parametrization of `module.weight`, if `tie` put one there."""
-    chain = getattr(module, "parametrizations", {})
-    chain = chain["weight"] if "weight" in chain else [None]
-    return chain[0] if isinstance(chain[0], SharedWeight) else None
+    chains = getattr(module, "parametrizations", {})
+    chain = chains["weight"] if "weight" in chains else []
+    return next((p for p in chain if isinstance(p, SharedWeight)), None)
 
 
 class PerApplication(nn.Module):
@@ -137,6 +142,8 @@ class PerApplicationModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name.startswith("_"):  # copy/pickle protocols look these up: never lend them
+                raise
             return getattr(self.copies[0], name)
 
 
@@ -199,6 +206,8 @@ class Application(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name.startswith("_") or name == "owner":  # copy/pickle protocols: never lend them
+                raise
             return getattr(self.owner.shared, name)
 
 
@@ -237,8 +246,9 @@ class TiedBlocks(nn.Module):
 def tie(model: nn.Module, blocks: str = "", scope: str = "multi", density: float = 0.5,
         kind: str = "unstructured", seed: int = 0, nm_m: int = 4, **options) -> nn.Module:
     """Replace the repeated `blocks` of `model` by one shared, masked block (in place; returns
-    `model`). `options` are `TieConfig`'s: init (mean | first | fresh), per_application (norms,
-    biases, adapters), relax (none | lora | multimask-lora), rank, relax_density, relax_init.
+    `model`). `options` are `TieConfig`'s: init (first | mean | fresh), per_application (norms,
+    biases, adapters), relax (none | lora | multimask-lora), relax_rank, relax_density,
+    relax_init (zero | svd).
     `blocks` empty: the longest run of identical blocks in the model."""
     masks = from_dict(MaskConfig, {"kind": kind, "scope": scope, "density": density, "seed": seed,
                                    "nm_m": nm_m}, "tie.")
@@ -272,7 +282,7 @@ def tie_with(model: nn.Module, masks: MaskConfig, cfg: TieConfig) -> nn.Module:
 
 
 def _parse_blocks(spec: str) -> tuple[str, slice]:
-    match = re.fullmatch(r"([\w.]+)(?:\[(-?\d*):(-?\d*)\])?", spec.strip())
+    match = re.fullmatch(r"([\w.]+)(?:\[((?:-?\d+)?):((?:-?\d+)?)\])?", spec.strip())
     if not match:
         raise ConfigError(f"blocks {spec!r} is not a module path with an optional slice, "
                           "e.g. 'blocks' or 'layer2[1:]'")
@@ -292,11 +302,29 @@ def _container(model: nn.Module, path: str) -> nn.Module:
     return found
 
 
+# Positional indices a block keeps for caches or logging; a tied block runs with block 0's.
+POSITION_ATTRIBUTES = ("layer_idx", "layer_id", "layer_index", "block_idx", "idx")
+SCALARS = (bool, int, float, str, type(None))
+
+
+def _settings(module: nn.Module) -> tuple:
+    """A module's plain settings (window shift, drop-path rate, eps...), which tying would make
+    block 0's for every position."""
+    out = []
+    for key, value in sorted(vars(module).items()):
+        if key.startswith("_") or key == "training" or key in POSITION_ATTRIBUTES:
+            continue
+        if isinstance(value, SCALARS) or (isinstance(value, tuple) and all(isinstance(v, SCALARS) for v in value)):
+            out.append((key, value))
+    return tuple(out)
+
+
 def _signature(block: nn.Module) -> tuple:
     return (type(block),
             tuple((n, type(m)) for n, m in block.named_modules()),
             tuple((n, tuple(p.shape), p.dtype) for n, p in block.named_parameters()),
-            tuple((n, tuple(b.shape)) for n, b in block.named_buffers()))
+            tuple((n, tuple(b.shape)) for n, b in block.named_buffers()),
+            tuple((n, _settings(m)) for n, m in block.named_modules()))
 
 
 def _check_identical(blocks: list[nn.Module], path: str, start: int) -> None:
@@ -305,25 +333,33 @@ def _check_identical(blocks: list[nn.Module], path: str, start: int) -> None:
         other = _signature(block)
         if other != first:
             part = next(i for i, (a, b) in enumerate(zip(first, other)) if a != b)
-            what = ("class", "submodules", "parameter shapes", "buffers")[part]
+            what = ("class", "submodules", "parameter shapes", "buffers", "settings")[part]
+            if part == 4:
+                name, a, b = next((n, a, b) for (n, a), (_, b) in zip(first[4], other[4]) if a != b)
+                key, x, y = next((k, x, y) for (k, x), (_, y) in zip(a, b) if x != y)
+                what = f"setting {'.'.join(filter(None, (name, key)))} ({x!r} against {y!r})"
             raise ConfigError(
-                f"{path}[{start + offset}] differs from {path}[{start}] in its {what}, so they "
-                f"cannot share weights; tie a slice of identical blocks, e.g. '{path}[{start + offset}:]'")
+                f"{path}[{start + offset}] differs from {path}[{start}] in its {what}, so one shared "
+                f"block cannot stand for both; tie a run of identical blocks (e.g. '{path}[{start + offset}:]'"
+                f" if the rest are alike, or '{path}[{start}:{start + offset}]')")
 
 
 def repeated_blocks(model: nn.Module) -> list[tuple[str, int, str]]:
     """(path with slice, count, block class) of every run of >= 2 identical consecutive blocks
     in a ModuleList or Sequential, longest first."""
     runs = []
+    tied = [n for n, m in model.named_modules() if isinstance(m, TiedBlocks)]
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or isinstance(module, TiedBlocks):
+        if not name or not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue  # the root cannot be replaced in place
+        if any(name == t or name.startswith(t + ".") for t in tied):
             continue
         items = list(module)
         signatures = [_signature(m) for m in items]
         i = 0
         for sig, group in itertools.groupby(signatures):
             n = len(list(group))
-            if n >= 2:
+            if n >= 2 and any(True for _ in items[i].parameters()):
                 span = "" if n == len(items) else f"[{i}:{i + n}]"
                 runs.append((f"{name}{span}", n, type(items[i]).__name__))
             i += n
@@ -385,9 +421,11 @@ def _make_per_application(shared: nn.Module, blocks: list[nn.Module], state: App
     for name in params:
         owner_path, _, attr = name.rpartition(".")
         owner = shared.get_submodule(owner_path) if owner_path else shared
+        vector = _get(shared, name).dim() < 2
         parametrize.register_parametrization(owner, attr, PerApplication(state, len(blocks)), unsafe=True)
+        stacked = owner.parametrizations[attr].original
+        stacked.no_weight_decay = vector  # a stack of biases is 2-D but still biases
         if not fresh:
-            stacked = owner.parametrizations[attr].original
             stacked.copy_(torch.stack([_get(b, name) for b in blocks]))
 
 
@@ -408,25 +446,19 @@ def _mask_weights(shared: nn.Module, blocks: list[nn.Module], state: Application
         rows, cols = weight.shape[0], weight[0].numel()
         relaxation = None
         if cfg.relax == "lora":
-            relaxation = LoRARelaxation(count, rows, cols, cfg.rank)
+            relaxation = LoRARelaxation(count, rows, cols, cfg.relax_rank)
         elif cfg.relax == "multimask-lora":
-            relaxation = MultiMaskLoRARelaxation(count, rows, cols, cfg.rank, masks.kind, cfg.relax_density,
-                                                 masks.seed, full_name)
+            relaxation = MultiMaskLoRARelaxation(count, rows, cols, cfg.relax_rank, "unstructured",
+                                                 cfg.relax_density, masks.seed, full_name)
         if relaxation is not None:
             relaxation.to(device=weight.device, dtype=weight.dtype)
         parametrization = SharedWeight(state, masks.scope, stack, relaxation)
         parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
-        if isinstance(relaxation, LoRARelaxation) and _relax_init(cfg) == "svd":
+        if isinstance(relaxation, LoRARelaxation) and cfg.relax_init == "svd":
             with torch.no_grad(), _without_relaxation(parametrization):
                 tied = [_weight_at(module, state, i) for i in range(count)]
             residuals = [(_get(b, f"{name}.weight") - t).reshape(rows, cols) for b, t in zip(blocks, tied)]
             relaxation.fit(residuals)
-
-
-def _relax_init(cfg: TieConfig) -> str:
-    if cfg.relax_init != "auto":
-        return cfg.relax_init
-    return "zero" if cfg.init == "fresh" else "svd"
 
 
 @contextlib.contextmanager
@@ -456,8 +488,13 @@ def tie_summary(model: nn.Module) -> dict:
         count = {part: sum(p.numel() for p in params) for part, params in parts.items()}
         before = tied.settings["parameters_before"]
         saved += before - sum(count.values())
+        unmasked = [n for n, p in tied.shared.named_parameters()
+                    if p.dim() >= 2 and id(p) in {id(q) for q in parts["shared"]} and n.endswith("weight")
+                    and ".parametrizations." not in n]
         runs.append({"blocks": name, "applications": len(tied.applications), **count, "parameters_before": before,
-                     "masks": tied.settings["masks"]["scope"], "density": tied.settings["masks"]["density"]})
+                     "masks": tied.settings["masks"]["scope"], "density": tied.settings["masks"]["density"],
+                     "masked_weights": sum(shared_weight(m) is not None for m in tied.shared.modules()),
+                     "unmasked_weights": unmasked})
     return {"parameters": total, "parameters_before": total + saved, "runs": runs}
 
 
@@ -468,10 +505,11 @@ def _parameter_parts(shared: nn.Module) -> dict[str, list[nn.Parameter]]:
         if isinstance(module, PerApplicationModule):
             role.update((id(p), "per_application") for p in module.parameters())
         for attr, chain in getattr(module, "parametrizations", {}).items():
-            if isinstance(chain[0], PerApplication):
-                role[id(chain.original)] = "per_application"
-            elif chain[0].relaxation is not None:
-                role.update((id(p), "relaxation") for p in chain[0].relaxation.parameters())
+            for step in chain:
+                if isinstance(step, PerApplication):
+                    role[id(chain.original)] = "per_application"
+                elif isinstance(step, SharedWeight) and step.relaxation is not None:
+                    role.update((id(p), "relaxation") for p in step.relaxation.parameters())
     parts = {"shared": [], "per_application": [], "relaxation": []}
     for p in shared.parameters():
         parts[role.get(id(p), "shared")].append(p)
@@ -479,14 +517,20 @@ def _parameter_parts(shared: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def tie_settings(model: nn.Module) -> list[dict]:
-    """What `tie` was called with, in order: enough to tie a fresh copy of the model again."""
-    return [{"path": name, **tied.settings} for name, tied in tied_containers(model)]
+    """What `tie` was called with, in order: enough to tie a fresh copy of the model again.
+    `root` is the module `tie` was given (mask names are relative to it)."""
+    out = []
+    for name, tied in tied_containers(model):
+        container = tied.settings["blocks"].partition("[")[0]
+        out.append({"root": name[: len(name) - len(container)].rstrip("."), **tied.settings})
+    return out
 
 
 def save_tied(model: nn.Module, path: str | Path) -> None:
     """The tied model's tensors (safetensors; masks are regenerated, so absent) and how it
     was tied (in the header)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # clone: tensors sharing storage (tied embeddings) cannot be saved as views of each other
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     metadata = {METADATA_KEY: json.dumps(tie_settings(model))}
     atomic_write(Path(path), save(tensors, metadata=metadata))
 
@@ -503,10 +547,13 @@ def load_tied(model: nn.Module, path: str | Path) -> nn.Module:
         raise TiedmaskError(f"cannot read tied model {path} ({exc})") from None
     if METADATA_KEY not in metadata:
         raise TiedmaskError(f"{path} was not saved by save_tied (no {METADATA_KEY} in its header)")
-    for entry in json.loads(metadata[METADATA_KEY]):
-        masks = from_dict(MaskConfig, entry["masks"], "tie.")
-        cfg = from_dict(TieConfig, {**entry["tie"], "blocks": entry["blocks"], "init": "fresh"}, "tie.")
-        tie_with(model, masks, cfg)
+    with torch.random.fork_rng(devices=[]):  # re-tying resets weights the file then overwrites
+        for entry in json.loads(metadata[METADATA_KEY]):
+            masks = from_dict(MaskConfig, entry["masks"], "tie.")
+            cfg = from_dict(TieConfig, {**entry["tie"], "blocks": entry["blocks"], "init": "fresh",
+                                        "relax_init": "zero"}, "tie.")
+            root = entry.get("root", "")
+            tie_with(model.get_submodule(root) if root else model, masks, cfg)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:  # missing, unexpected or differently shaped tensors

@@ -50,6 +50,9 @@ def prepare_finetune(model: torch.nn.Module, cfg: TrainConfig,
                      state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """Load the pre-trained weights `state` into `model`, reset its head, attach adapters."""
     ft = cfg.finetune
+    if cfg.model.external:
+        raise ConfigError(f"finetune works on tiedmask's own presets, not on {cfg.model.name}; fine-tune "
+                          "a library model with tiedmask.tie(..., relax='lora') or with peft directly")
     head_keys = [k for k in state if k.startswith("head.")]
     own = model.state_dict()
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape and k not in head_keys]

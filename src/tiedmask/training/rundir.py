@@ -143,6 +143,8 @@ class RunDir:
         model_state, optimizer_state, state = self.load_checkpoint()
         saved = read_json(self.path / "checkpoint.json").get("config")
         if saved is not None:  # checkpoints of 0.1 hold only an old-style hash: nothing to compare
+            with contextlib.suppress(ConfigError):  # read as today's config: keys added since match
+                saved = config_to_dict(config_from_dict(saved))
             changed = _changed_keys(saved, config_to_dict(cfg))
             if changed:
                 raise ConfigError(f"{self.path}/config.json differs from the settings its checkpoint was "

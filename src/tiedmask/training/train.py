@@ -100,10 +100,12 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
-    # No weight decay on norms and biases (1-D tensors), as is usual for AdamW.
+    # No weight decay on norms and biases (1-D tensors, or stacks of them per application
+    # marked by `tie`), as is usual for AdamW.
     params = [p for p in model.parameters() if p.requires_grad]  # adapters only, when fine-tuning
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
+    exempt = [p.dim() <= 1 or getattr(p, "no_weight_decay", False) for p in params]
+    decay = [p for p, e in zip(params, exempt) if not e]
+    no_decay = [p for p, e in zip(params, exempt) if e]
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if o.name == "sgd":
@@ -286,10 +288,16 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
     """
     device = resolve_device(cfg)
     ctx = setup_distributed(device.type, cfg.batch_size)
+    new_folder = out is not None and ctx.is_main and not Path(out).exists()
     try:
         if device.type == "cuda" and ctx.enabled:
             device = torch.device("cuda", ctx.local_rank)
         return _train(cfg, out, resume, dataset, log if ctx.is_main else (lambda *_: None), ctx, device)
+    except BaseException:
+        if new_folder:  # a run that failed before writing anything (missing data) leaves no folder
+            with contextlib.suppress(OSError):
+                Path(out).rmdir()  # only if still empty
+        raise
     finally:
         teardown_distributed(ctx)
 
