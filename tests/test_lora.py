@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from tiedmask.errors import ConfigError
+from tiedmask.errors import ConfigError, TiedmaskError
 from tiedmask.core.lora import (MultiMaskLoRALinear, adapters, apply_multimask_lora, load_adapter,
                            merge_all, save_adapter, trainable_parameters, unmerge_all)
 
@@ -97,7 +97,7 @@ def test_adapter_round_trip_holds_only_adapter_tensors(tmp_path):
 
 
 def test_no_matching_module_is_a_clear_error():
-    with pytest.raises(ConfigError, match="no nn.Linear module name matches"):
+    with pytest.raises(ConfigError, match="no nn.Linear or nn.Conv2d module name matches"):
         apply_multimask_lora(mlp(), r"attention")
 
 
@@ -143,3 +143,44 @@ def test_finetune_a_pretrained_run_on_another_dataset(tmp_path, capsys, method):
                 "multimask_lora": head + adapters_per_block}[method]
     assert result["trainable_params"] == expected
     assert main(["eval", str(out)]) == 0  # the adapter structure is rebuilt to score it
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+
+
+def test_one_dense_mask_on_a_convolution_equals_peft_conv_lora():
+    peft = pytest.importorskip("peft")
+    import copy
+
+    ours = apply_multimask_lora(conv_net(), targets=r"^0$", rank=2, n_masks=1, density=1.0)
+    reference = peft.get_peft_model(conv_net(), peft.LoraConfig(r=2, lora_alpha=2, target_modules=["0"]))
+    layer = reference.base_model.model[0]
+    with torch.no_grad():
+        ours[0].lora_A.shared.normal_()
+        ours[0].lora_B.shared.normal_()
+        layer.lora_A["default"].weight.copy_(ours[0].lora_A.shared)
+        layer.lora_B["default"].weight.copy_(ours[0].lora_B.shared)
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(ours(x), reference(x))
+    merged = copy.deepcopy(reference).merge_and_unload()  # peft's merge as the reference delta
+    merge_all(ours)
+    torch.testing.assert_close(ours[0].base.weight, merged[0].weight)
+
+
+def test_multimask_lora_on_a_convolution_merges_exactly_and_not_into_masked_weights():
+    from tiedmask.core.layers import MaskedConv2d
+
+    net = randomize(apply_multimask_lora(conv_net(), targets=r"^\d$", rank=2, n_masks=3, density=0.5))
+    assert trainable_parameters(net) == (2 * 27 + 8 * 2) + (2 * 72 + 4 * 2)  # A and B of each conv
+    x = torch.randn(2, 3, 9, 9)
+    before = net(x)
+    merge_all(net)
+    torch.testing.assert_close(net(x), before, atol=1e-5, rtol=1e-5)
+    tied = MaskedConv2d(4, 4, 3, padding=1)
+    tied.build_masks("unstructured", 2, 0.5, 0, "c.weight")
+    wrapped = apply_multimask_lora(nn.Sequential(tied), targets="0", rank=2)
+    assert wrapped[0](torch.randn(1, 4, 5, 5), 1).shape == (1, 4, 5, 5)  # the mask index passes through
+    with pytest.raises(TiedmaskError, match="masked shared weight"):
+        merge_all(wrapped)

@@ -1,4 +1,4 @@
-"""Multi-mask LoRA (CapaBoost, arXiv 2407.01320) for any nn.Linear of any PyTorch model.
+"""Multi-mask LoRA (CapaBoost, arXiv 2407.01320) for any nn.Linear or nn.Conv2d of any model.
 
     delta W = (alpha / r) * sum_i (B * M_B^i) @ (A * M_A^i)
 
@@ -10,6 +10,8 @@ Stacking the masked copies gives the same update as one LoRA of rank n*r,
     delta W = (alpha / r) * B_cat @ A_cat,
 
 whose rank can reach n*r for the parameters of rank r. With n = 1 and density 1 it is LoRA.
+On a convolution A is a conv of the base's kernel to r channels and B a 1x1 conv (peft's
+layout), W and the factors flattened to matrices over (in, kh, kw).
 
 >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
 >>> net = apply_multimask_lora(net, targets=r"^0$", rank=2, n_masks=3, density=0.5)
@@ -56,11 +58,14 @@ class MaskedFactor(torch.nn.Module):
         return F.linear(x, self.weight)
 
 
-class MultiMaskLoRALinear(torch.nn.Module):
-    """A frozen base Linear plus a multi-mask LoRA update; `merge()` folds it into the base."""
+class MultiMaskLoRA(torch.nn.Module):
+    """A frozen base layer plus a multi-mask LoRA update; `merge()` folds it into the base.
 
-    def __init__(self, base: torch.nn.Linear, name: str, rank: int = 4, alpha: float | None = None,
-                 n_masks: int = 2, density: float = 0.5, kind: str = "unstructured", seed: int = 0):
+    Subclasses give the factors' shapes and how the update acts on an input (`update`)."""
+
+    def __init__(self, base: torch.nn.Module, name: str, a_shape: tuple, b_shape: tuple, rank: int = 4,
+                 alpha: float | None = None, n_masks: int = 2, density: float = 0.5,
+                 kind: str = "unstructured", seed: int = 0):
         super().__init__()
         if rank < 1 or n_masks < 1:
             raise ConfigError(f"rank and n_masks must be >= 1, got {rank} and {n_masks}")
@@ -68,22 +73,29 @@ class MultiMaskLoRALinear(torch.nn.Module):
         self.base = base
         self.rank, self.n_masks = rank, n_masks
         self.scaling = (alpha if alpha is not None else rank) / rank
-        self.lora_A = MaskedFactor((rank, base.in_features), 0, n_masks, kind, density, seed, f"{name}.lora_A")
-        self.lora_B = MaskedFactor((base.out_features, rank), 1, n_masks, kind, density, seed, f"{name}.lora_B")
+        self.lora_A = MaskedFactor(a_shape, 0, n_masks, kind, density, seed, f"{name}.lora_A")
+        self.lora_B = MaskedFactor(b_shape, 1, n_masks, kind, density, seed, f"{name}.lora_B")
         torch.nn.init.kaiming_uniform_(self.lora_A.shared, a=math.sqrt(5))  # B = 0: starts as the base
         self.merged = False
 
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def delta_weight(self) -> torch.Tensor:
-        return self.scaling * self.lora_B.weight @ self.lora_A.weight
+        delta = self.lora_B.weight.flatten(1) @ self.lora_A.weight.flatten(1)
+        return self.scaling * delta.view_as(self.base.weight)
 
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
-        out = self.base(x, *args)
+        out = self.base(x, *args)  # *args: a tied layer's mask index
         if self.merged:
             return out
-        return out + self.scaling * self.lora_B(self.lora_A(x.to(self.lora_A.shared.dtype)))
+        return out + self.scaling * self.update(x.to(self.lora_A.shared.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:
+        if getattr(self.base, "masks", None) is not None:
+            raise TiedmaskError("the update is added outside the base layer's masks, so merging it into the "
+                                "masked shared weight would mask it too; keep this adapter unmerged")
         if not self.merged:
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
@@ -95,27 +107,61 @@ class MultiMaskLoRALinear(torch.nn.Module):
             self.merged = False
 
 
-def adapters(model: torch.nn.Module) -> dict[str, MultiMaskLoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, MultiMaskLoRALinear)}
+class MultiMaskLoRALinear(MultiMaskLoRA):
+    """On an nn.Linear: A [r, in], B [out, r]."""
+
+    def __init__(self, base: torch.nn.Linear, name: str, *args, **kwargs):
+        rank = args[0] if args else kwargs.get("rank", 4)
+        super().__init__(base, name, (rank, base.in_features), (base.out_features, rank), *args, **kwargs)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(x))
+
+
+class MultiMaskLoRAConv2d(MultiMaskLoRA):
+    """On an nn.Conv2d (a tied MaskedConv2d too): A is a conv of the base's kernel, stride and
+    padding to r channels, B a 1x1 conv back, as peft's Conv2d LoRA."""
+
+    def __init__(self, base: torch.nn.Conv2d, name: str, *args, **kwargs):
+        if base.groups != 1:
+            raise ConfigError(f"{name}: LoRA on a grouped convolution (groups={base.groups}) is not supported")
+        rank = args[0] if args else kwargs.get("rank", 4)
+        out, inp, kh, kw = base.weight.shape
+        super().__init__(base, name, (rank, inp, kh, kw), (out, rank, 1, 1), *args, **kwargs)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        hidden = F.conv2d(x, self.lora_A.weight, None, b.stride, b.padding, b.dilation)
+        return F.conv2d(hidden, self.lora_B.weight)
+
+
+ADAPTERS = {torch.nn.Linear: MultiMaskLoRALinear, torch.nn.Conv2d: MultiMaskLoRAConv2d}
+
+
+def adapters(model: torch.nn.Module) -> dict[str, MultiMaskLoRA]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, MultiMaskLoRA)}
 
 
 def apply_multimask_lora(model: torch.nn.Module, targets: str, rank: int = 4, alpha: float | None = None,
                          n_masks: int = 2, density: float = 0.5, kind: str = "unstructured",
                          seed: int = 0, train_also: str | None = None) -> torch.nn.Module:
-    """Wrap every nn.Linear whose qualified name matches the regex `targets`; freeze the rest.
+    """Wrap every nn.Linear and nn.Conv2d whose qualified name matches the regex `targets`;
+    freeze the rest.
 
     `train_also` is a regex of parameter names left trainable (e.g. a new head: ``head``).
     """
     pattern = re.compile(targets)
-    chosen = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and pattern.search(n)]
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, tuple(ADAPTERS)) and not isinstance(m, MultiMaskLoRA)]
+    chosen = [(n, m) for n, m in layers if pattern.search(n)]
     if not chosen:
-        raise ConfigError(f"no nn.Linear module name matches {targets!r}; "
-                          f"Linear modules: {[n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][:12]}")
+        raise ConfigError(f"no nn.Linear or nn.Conv2d module name matches {targets!r}; "
+                          f"such modules: {[n for n, _ in layers][:12]}")
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in chosen:
-        wrapped = MultiMaskLoRALinear(module, name, rank, alpha, n_masks, density, kind, seed)
+        adapter = ADAPTERS[torch.nn.Linear if isinstance(module, torch.nn.Linear) else torch.nn.Conv2d]
+        wrapped = adapter(module, name, rank, alpha, n_masks, density, kind, seed)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, wrapped.to(module.weight.device))
