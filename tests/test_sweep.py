@@ -73,6 +73,20 @@ def test_slurm_launcher_through_submitit(tmp_path):
     assert json.loads((store.run_dir(records[0]["config_hash"]) / "result.json").read_text())["status"] == "ok"
 
 
+def test_slurm_jobs_leave_a_run_that_another_sweep_holds(tmp_path):
+    pytest.importorskip("submitit")
+    from tiedmask.experiments.runner import Job, resolve_jobs
+    from tiedmask.experiments.slurm import run_jobs_slurm
+
+    store = ResultsStore(tmp_path / "store")
+    job = Job("tiny", {**BASE, "model": {**BASE["model"], "depth": 1}})
+    digest = resolve_jobs([job])[0][2]
+    with store.claim(digest) as mine:  # as a local sweep training this config would
+        assert mine
+        records = run_jobs_slurm([job], store, {}, log=lambda *a: None, cluster="debug")
+    assert records == [] and not (store.run_dir(digest) / "result.json").exists()
+
+
 def test_analyze_command_writes_heatmaps_and_summary(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--data", "digits", "--model", "tied-resnet-xs", "--width", "4", "--depth", "3",

@@ -8,14 +8,22 @@ from .runner import record_header, records_of, resolve_jobs
 from .store import ResultsStore
 
 
-def train_job(values: dict, run_dir: str) -> dict:
-    """What one cluster job runs: train (resuming if the run dir has a checkpoint)."""
-    from pathlib import Path
+SKIPPED = "skipped"
 
+
+def train_job(values: dict, store_root: str, digest: str) -> dict:
+    """What one cluster job runs: claim the run in the store (as a local sweep does, so two
+    sweeps on one store never train a config twice), then train it, resuming from its
+    checkpoint if it has one."""
     from ..training.train import train
 
-    resume = (Path(run_dir) / "checkpoint.json").exists()
-    return train(config_from_dict(values), out=run_dir, resume=resume, log=lambda *a: None).to_dict()
+    store = ResultsStore(store_root)
+    with store.claim(digest) as mine:
+        if not mine:
+            return {"status": SKIPPED}
+        run_dir = store.run_dir(digest)
+        resume = (run_dir / "checkpoint.json").exists()
+        return train(config_from_dict(values), out=run_dir, resume=resume, log=lambda *a: None).to_dict()
 
 
 def run_jobs_slurm(jobs, store: ResultsStore, slurm_options: dict, log=print, cluster: str | None = None):
@@ -31,9 +39,7 @@ def run_jobs_slurm(jobs, store: ResultsStore, slurm_options: dict, log=print, cl
     for job, values, digest in resolved:
         if digest in finished:
             continue
-        run_dir = store.run_dir(digest)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        submitted.append((job, values, digest, executor.submit(train_job, values, str(run_dir))))
+        submitted.append((job, values, digest, executor.submit(train_job, values, str(store.root), digest)))
     log(f"submitted {len(submitted)} jobs to {executor.cluster}")
     for job, values, digest, future in submitted:
         base = record_header(job, values, digest, f"runs/{digest}")
@@ -41,6 +47,9 @@ def run_jobs_slurm(jobs, store: ResultsStore, slurm_options: dict, log=print, cl
             record = {**future.result(), **base}
         except Exception as exc:  # the job's own failure, reported by submitit
             record = {**base, "status": "failed", "reason": str(exc).strip().splitlines()[-1][-500:]}
+        if record["status"] == SKIPPED:
+            log(f"  skipped  {job.variant} seed {values['seed']} (another process runs or finished it)")
+            continue
         store.append(record)
         log(f"  {record['status']:<8} {job.variant} seed {values['seed']}")
     return records_of(store, resolved)
