@@ -90,6 +90,7 @@ def _hf_model(model_type: str, shape: DataShape, args: dict) -> nn.Module:
     except TypeError as exc:  # e.g. an argument given twice (num_labels is set by the data)
         raise ConfigError(f"hf:{model_type}: {exc}; check model.args") from None
     except ValueError as exc:  # an unknown model type, or one with no image classifier
-        first = str(exc).splitlines()[0][:160]
-        raise ConfigError(f"hf:{model_type}: {first}; image classifiers include hf:vit, hf:deit, "
+        unknown = "Unrecognized model identifier" in str(exc)
+        problem = " is not a model type of transformers" if unknown else f": {str(exc).splitlines()[0][:160]}"
+        raise ConfigError(f"hf:{model_type}{problem}; image classifiers include hf:vit, hf:deit, "
                           "hf:resnet, hf:convnext, hf:swin") from None
