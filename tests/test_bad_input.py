@@ -56,6 +56,17 @@ def _settings_cases():
         yield ["info", key, value]
     yield ["info", "--mask_kind", "dots"]
     yield ["info", "--model", "nope"]
+    # models of other libraries and how they are tied
+    vit = ["--model", "hf:vit", "--model.args", "{num_hidden_layers: 2, hidden_size: 16}"]
+    for key, value in (("--model.tie.relax", "bogus"), ("--model.tie.init", "average"),
+                       ("--model.tie.per_application", "heads"), ("--model.tie.relax_rank", "0"),
+                       ("--model.tie.relax_density", "0"), ("--model.tie.blocks", "nothing.here"),
+                       ("--model.tie.blocks", "vit.layers[::2]"), ("--model.args", "[1, 2]"),
+                       ("--model.args.num_labels", "3"), ("--execution", "equilibrium")):
+        yield ["info", *vit, key, value]
+    yield ["info", "--model", "hf:nope"]
+    yield ["info", "--model", "pytorch:resnet"]
+    yield ["info", "--model", "tied-fast", "--model.tie.relax", "lora"]
 
 
 CASES = list(_settings_cases())
