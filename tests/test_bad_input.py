@@ -24,7 +24,7 @@ def _settings_cases():
         "--threads": ["-1"], "--device": ["tpu"], "--precision": ["fp8"], "--channels_last": ["maybe"],
         "--eval_tta": ["rotate"], "--optim.name": ["lion"], "--data.augment": ["mixup"],
         "--data.channels": ["2"], "--data.train_subset": ["-5"], "--data.image_size": ["-1"],
-        "--data.val_split": ["-1"], "--finetune.method": ["qlora"], "--finetune.rank": ["0"],
+        "--data.val_split": ["-1"], "--data.classes": ["[1]", "[0, 0]", "[-1, 2]", "[a, b]", "[true, 1]"], "--finetune.method": ["qlora"], "--finetune.rank": ["0"],
         "--finetune.alpha": ["-1"], "--finetune.density": ["0", "1.5"], "--finetune.n_masks": ["0"],
         "--mask_kind": ["dots"], "--mask_scope": ["some"], "--masks.nm_m": ["0"],
         "--execution": ["sideways"], "--weight_norm": ["batch"], "--norm": ["bogus"],
@@ -40,6 +40,7 @@ def _settings_cases():
         yield ["train", *TINY, *EQ, key, value]
     yield ["train", *TINY, "--execution", "equilibrium", "--mask_scope", "multi"]
     yield ["train", *TINY, "--execution", "untied", "--mask_scope", "multi"]
+    yield ["train", *TINY, "--data.classes", "[0, 99]"]  # known only once the data is loaded
     yield ["train", "--model", "tied-fast", "--cell", "transformer"]
     yield ["train", "--model", "tied-fast", *EQ]
     yield ["train", "--model", "tied-vit-s", "--stages", "2"]

@@ -7,7 +7,7 @@ import torch
 
 from tiedmask.training.data import augment, channel_stats
 from tiedmask.training.datasets import load_dataset, read_pickle
-from tiedmask.errors import DataError
+from tiedmask.errors import ConfigError, DataError
 
 
 def test_cifar10_from_the_shared_directory(shared_data):
@@ -128,3 +128,20 @@ def test_a_failed_download_names_the_file_to_place(tmp_path):
     dest = tmp_path / "cifar-10-python.tar.gz"
     with pytest.raises(DataError, match=f"by hand to {dest}"):
         obtain("http://127.0.0.1:9/none", dest, "0" * 32, allow_download=True)  # port 9: refused
+
+
+def test_keeping_some_classes_relabels_them_in_the_order_given():
+    from tiedmask.training.data import prepare_data
+    from tiedmask.training.datasets import Dataset
+    from tiedmask.training.settings import DataConfig
+
+    y = torch.arange(20) % 10
+    x = y.view(-1, 1, 1, 1).expand(-1, 1, 4, 4).to(torch.uint8).contiguous()  # each pixel = its label
+    ds = Dataset("toy", x, y, x.clone(), y.clone(), 10, "crop")
+    data = prepare_data(DataConfig(name="toy", classes=[7, 2]), dataset=ds)
+    assert data.shape.classes == 2
+    assert sorted(data.train_x[:, 0, 0, 0].tolist()) == [2, 2, 7, 7]  # only those images
+    for images, labels in ((data.train_x, data.train_y), (data.test_x, data.test_y)):
+        assert all({7: 0, 2: 1}[int(i)] == int(label) for i, label in zip(images[:, 0, 0, 0], labels))
+    with pytest.raises(ConfigError, match=r"data.classes \[12\] are not among toy's 10 classes"):
+        prepare_data(DataConfig(name="toy", classes=[1, 12]), dataset=ds)

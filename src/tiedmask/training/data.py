@@ -10,6 +10,7 @@ statistics that are computed once, saved with the run and reused, never recomput
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,8 @@ def prepare_data(cfg: DataConfig, stats: DataStats | None = None, dataset: Datas
     evaluation needs (the training images are dropped once the statistics exist).
     """
     ds = dataset or load_dataset(cfg.name, cfg.root, cfg.download)
+    if cfg.classes:
+        ds = keep_classes(ds, cfg.classes)
     train_x = adapt_images(ds.train_x, cfg.channels, cfg.image_size) if train or stats is None else None
     test_x = adapt_images(ds.test_x, cfg.channels, cfg.image_size)
     if stats is None:
@@ -101,6 +104,24 @@ def prepare_data(cfg: DataConfig, stats: DataStats | None = None, dataset: Datas
     augment = ds.augment if cfg.augment == "auto" else cfg.augment
     return RunData(train_x, train_y, test_x, test_y, stats, augment, ds.name,
                    "val" if cfg.val_split else "test")
+
+
+def keep_classes(ds: Dataset, classes: list[int]) -> Dataset:
+    """`ds` with only the images of `classes`, labelled by their position in that list."""
+    outside = [c for c in classes if c >= ds.num_classes]
+    if outside:
+        raise ConfigError(f"data.classes {outside} are not among {ds.name}'s {ds.num_classes} classes "
+                          f"(0..{ds.num_classes - 1})")
+    relabel = torch.full((ds.num_classes,), -1, dtype=torch.long)
+    relabel[torch.tensor(classes)] = torch.arange(len(classes))
+
+    def split(x, y):
+        kept = relabel[y] >= 0
+        return x[kept], relabel[y[kept]]
+
+    (train_x, train_y), (test_x, test_y) = split(ds.train_x, ds.train_y), split(ds.test_x, ds.test_y)
+    return dataclasses.replace(ds, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+                               num_classes=len(classes))
 
 
 def fixed_subset(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,8 +64,15 @@ class DataConfig:
     # Hold this many training images out and evaluate on them instead of the test set (for
     # tuning hyperparameters without looking at the test set); 0 = evaluate on the test set.
     val_split: int = 0
+    # Keep only these classes, relabelled 0..k-1 in this order (e.g. [0, 1, 2, 3, 4] to
+    # pre-train on half of CIFAR-10 and [5, 6, 7, 8, 9] to transfer to the other half).
+    classes: list = field(default_factory=list)
 
     def validate(self) -> None:
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.classes) \
+                or len(set(self.classes)) != len(self.classes) or len(self.classes) == 1:
+            raise ConfigError(f"data.classes must list two or more distinct class numbers >= 0, "
+                              f"got {self.classes!r}")
         _choose("data.augment", self.augment, AUGMENTS)
         _choose("data.channels", self.channels, (0, 1, 3))
         _at_least("data.", self, 0, "train_subset", "test_subset", "image_size", "val_split")
