@@ -1,7 +1,7 @@
 """Training and inference images/s of every registered model on this machine, with FLOPs and
 model FLOP utilisation (MFU) against a measured fp32 matmul peak; multi-mask against dense.
 
-    python benchmarks/throughput.py            # ~6 min on 2 CPU cores; run it alone
+    python benchmarks/throughput.py            # ~8 min on 2 CPU cores; run it alone
     python benchmarks/throughput.py --compile tied-fast  # adds torch.compile rows (slow to build)
 
 Batch 128 of 3x32x32 inputs, AdamW steps; 2 warm-up steps excluded, the median of 5 timed
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tiedmask.core.flops import count_macs
 from tiedmask.core.backbones import count_params
 from tiedmask.core.presets import MODEL_PRESETS, create_model
+from tiedmask.training.train import hardware_name
 
 
 def timed(fn, warmup: int = 2, repeats: int = 5) -> float:
@@ -45,9 +46,10 @@ def matmul_peak_gflops(n: int = 2048) -> float:
 LAYOUTS = ("fast", "naive", "bf16")
 
 
-def measure(name: str, scope: str, layout: str = "fast", batch: int = 128, compile: bool = False) -> dict:
+def measure(name: str, scope: str, layout: str = "fast", batch: int = 128, compile: bool = False,
+            kind: str = "unstructured") -> dict:
     torch.manual_seed(0)
-    model = create_model(name, masks={"scope": scope})
+    model = create_model(name, masks={"scope": scope, "kind": kind})
     macs = count_macs(model, (3, 32, 32))
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     if layout != "naive":
@@ -68,6 +70,7 @@ def measure(name: str, scope: str, layout: str = "fast", batch: int = 128, compi
     model.eval()
     with torch.no_grad(), autocast():
         infer_s = timed(lambda: run(x))
+    scope = scope if kind == "unstructured" or scope == "dense" else f"{scope}/{kind}"
     return {"model": name, "scope": scope, "layout": layout + ("+compile" if compile else ""),
             "params": count_params(model),
             "mflops_effective": 2 * macs["effective"] / 1e6, "mflops_dense": 2 * macs["dense"] / 1e6,
@@ -82,9 +85,11 @@ def main() -> None:
     args = parser.parse_args()
     peak = matmul_peak_gflops()
     rows = [measure(name, scope) for name in sorted(MODEL_PRESETS) for scope in ("dense", "multi")]
+    # channel masks compute only their kept filters (issue 13): the one kind that can save time
+    rows += [measure(name, "multi", kind="channel") for name in sorted(MODEL_PRESETS)]
     rows += [measure(name, "multi", layout) for name in sorted(MODEL_PRESETS) for layout in LAYOUTS[1:]]
     rows += [measure(name, "multi", compile=True) for name in args.compile]
-    print(f"fp32 matmul peak (2048^2): {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads\n")
+    print(f"{hardware_name()}: fp32 matmul peak (2048^2) {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads\n")
     print("| model | masks | layout | params | MFLOPs/img (eff.) | train img/s | infer img/s | train GFLOP/s | MFU |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -96,16 +101,20 @@ def main() -> None:
         return next((r for r in rows if (r["model"], r["scope"], r["layout"]) == (name, scope, layout)), None)
 
     print("\nmulti-mask step time / dense step time (fast layout), and training img/s ratios:")
-    print("| model | multi step / dense step | fast / naive img/s | bf16 / fast img/s | compile / fast img/s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| model | multi step / dense step | channel multi step / dense step | fast / naive img/s "
+          "| bf16 / fast img/s | compile / fast img/s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in sorted(MODEL_PRESETS):
         fast, compiled = row(name, "multi", "fast"), row(name, "multi", "fast+compile")
-        print(f"| {name} | {row(name, 'dense', 'fast')['train_img_s'] / fast['train_img_s']:.3f} | "
+        dense = row(name, "dense", "fast")["train_img_s"]
+        print(f"| {name} | {dense / fast['train_img_s']:.3f} | "
+              f"{dense / row(name, 'multi/channel', 'fast')['train_img_s']:.3f} | "
               f"{fast['train_img_s'] / row(name, 'multi', 'naive')['train_img_s']:.2f}x | "
               f"{row(name, 'multi', 'bf16')['train_img_s'] / fast['train_img_s']:.2f}x | "
               + (f"{compiled['train_img_s'] / fast['train_img_s']:.2f}x |" if compiled else "- |"))
     out = Path(__file__).parent / "results" / "throughput.json"
-    out.write_text(json.dumps({"matmul_peak_gflops": peak, "threads": torch.get_num_threads(),
+    out.write_text(json.dumps({"hardware": hardware_name(), "matmul_peak_gflops": peak,
+                               "threads": torch.get_num_threads(),
                                "rows": rows}, indent=1) + "\n")
 
 
