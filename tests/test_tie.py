@@ -299,3 +299,30 @@ def test_bad_tie_settings_are_named():
     tied = tie(mlp(), blocks="1")
     with pytest.raises(TiedmaskError, match="outside an application"):
         tied[1].shared(torch.randn(2, 8))
+
+
+def test_timm_names_reach_timm_create_model_with_the_data_shape(monkeypatch):
+    """The timm: road without timm installed here: a stand-in module records what it is asked."""
+    import types
+
+    calls = []
+
+    def create(name, pretrained, num_classes, in_chans, **kwargs):
+        calls.append((name, pretrained, num_classes, in_chans, kwargs))
+        if name == "conv_like" and "img_size" in kwargs:  # as timm's ResNet does
+            raise TypeError("ResNet.__init__() got an unexpected keyword argument 'img_size'")
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_chans * 16, 8),
+                             nn.Sequential(*[block() for _ in range(kwargs.get("depth", 3))]), nn.Linear(8, num_classes))
+
+    fake = types.SimpleNamespace(create_model=create, list_models=lambda: ["vit_like", "conv_like"])
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    shape = DataShape(1, 4, 7)
+    model = create_model("timm:vit_like", shape, args={"depth": 5}, masks={"density": 0.5})
+    assert calls[-1] == ("vit_like", False, 7, 1, {"img_size": 4, "depth": 5})
+    assert tie_summary(model)["runs"][0]["applications"] == 5
+    assert model(torch.randn(2, 1, 4, 4)).shape == (2, 7)
+    create_model("timm:conv_like", shape, execution="untied", masks={"scope": "dense"})
+    assert calls[-1] == ("conv_like", False, 7, 1, {})  # retried without img_size
+    with pytest.raises(ConfigError, match="timm has no model 'nope'"):
+        create_model("timm:nope", shape)
