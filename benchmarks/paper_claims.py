@@ -7,6 +7,7 @@ the difference of each variant from multi-mask, paired by seed, with a 95% t-int
 
     tiedmask sweep benchmarks/grids/paper_claims_fast.yaml --out runs/paper-claims-fast
     python benchmarks/paper_claims.py runs/paper-claims-fast --docs   # --docs: into docs/results.md §0
+                                                                      # --ship: into `advise`'s results
 
 Records already in the JSONL are kept (keyed by claim, variant and seed) and updated from the
 stores, so the file grows across sessions as sweeps continue. Each store's results.jsonl is
@@ -32,6 +33,7 @@ GRID_CLAIMS = {  # store folder name -> the claim its runs test
     "paper-claims-depth8": "multi-vs-same-vs-dense-vs-untied (fast family, depth 8)",
 }
 REFERENCE = "tied-multi"
+SHIPPED = ROOT / "src" / "tiedmask" / "resources" / "measured_results.jsonl"
 
 
 def claim_record(record: dict, claim: str) -> dict:
@@ -107,6 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stores", nargs="*", help="results stores written by the claim grids")
     parser.add_argument("--docs", action="store_true", help="write the table into docs/results.md")
+    parser.add_argument("--ship", action="store_true",
+                        help="add the stores' finished runs to the results `tiedmask advise` ships")
     args = parser.parse_args()
     def key(r):
         return r["claim"], r["variant"], r["seed"]
@@ -125,12 +129,25 @@ def main() -> None:
             copy = ROOT / "benchmarks" / "results" / "stores" / f"{store_dir.name}.results.jsonl"
             copy.parent.mkdir(parents=True, exist_ok=True)
             copy.write_bytes(store.path.read_bytes())
+        if args.ship:
+            ship(store)
     records = sorted(kept.values(), key=lambda r: (r["claim"], r["seed"], r["variant"]))
     RECORDS.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     print(table(records))
     print(f"{len(records)} records in {RECORDS.relative_to(ROOT)}")
     if args.docs:
         write_into_docs(table(records))
+
+
+def ship(store: ResultsStore) -> None:
+    """Append the store's finished runs that the shipped results lack (by config hash)."""
+    shipped = ResultsStore(SHIPPED.parent)
+    shipped.path = SHIPPED
+    have = {r["config_hash"] for r in shipped.records()}
+    for record in store.records():
+        if record.get("status") == "ok" and record["config_hash"] not in have:
+            shipped.append(record)
+    (SHIPPED.parent / ".lock").unlink(missing_ok=True)  # the append's lock file is not for the package
 
 
 def write_into_docs(text: str) -> None:

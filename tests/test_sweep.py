@@ -95,3 +95,14 @@ def test_analyze_command_writes_heatmaps_and_summary(tmp_path, capsys):
     assert (out / "analysis" / "cka_stage0.png").exists()
     cka = json.loads((out / "analysis" / "analysis.json").read_text())["cka"][0]
     assert len(cka) == 3 and all(abs(cka[i][i] - 1) < 1e-6 for i in range(3))
+
+
+def test_advise_never_averages_one_setting_across_budgets(tmp_path):
+    store = ResultsStore(tmp_path / "store")
+    model = {"name": "tied-resnet-xs", "width": 8, "depth": 2}
+    for epochs, acc, digest in ((2, 0.50, "a"), (8, 0.90, "b")):
+        store.append({"config_hash": digest, "status": "ok", "params": 1000, "macs_effective": 10,
+                      "test_acc": acc, "config": {"model": model, "data": {"name": "digits"}, "epochs": epochs}})
+    text = advise(10**6, stores=[store.root])
+    assert "90.00 ± 0.00% on digits (all training images, 8 epochs)" in text
+    assert "50.00 ± 0.00% on digits (all training images, 2 epochs)" in text

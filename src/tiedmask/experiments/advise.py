@@ -22,6 +22,15 @@ def _setting(record: dict) -> tuple:
     return tuple(setting(record, f"model.{k}") for k in SETTINGS)
 
 
+def _budget(record: dict) -> str:
+    """The training budget of a run, so that runs of one setting at different budgets (a
+    2-epoch subset against full data) are never averaged together."""
+    images = setting(record, "data.train_subset") or "all"
+    seconds = setting(record, "time_budget_s")
+    length = f"{seconds:.0f} s" if seconds else f"{setting(record, 'epochs')} epochs"
+    return f"{images} training images, {length}"
+
+
 def load_records(paths: list[str | Path]) -> list[dict]:
     records = []
     for path in paths:
@@ -54,7 +63,7 @@ def advise(params: int, flops: float | None = None, stores: list[str | Path] | N
             f"{2 * smallest.get('macs_effective', 0):.3g} FLOPs/img; raise the budget or run a sweep")
     groups: dict[tuple, list[dict]] = {}
     for r in fits:
-        data = setting(r, "data.name")
+        data = f"{setting(r, 'data.name')} ({_budget(r)})"
         groups.setdefault((data, _setting(r)), []).append(r)
     ranked = sorted(groups.items(), key=lambda kv: -statistics.mean(r["test_acc"] for r in kv[1]))
     lines = [f"budget: <= {int(params):,} parameters" + (f", <= {flops:.3g} FLOPs/img" if flops else ""),
