@@ -16,7 +16,9 @@ from torch import nn
 from tiedmask.core.masks import make_mask
 from tiedmask.core.presets import create_model
 from tiedmask.core.spec import DataShape
-from tiedmask.core.tie import load_tied, repeated_blocks, save_tied, tie, tie_summary
+from tiedmask.core.tie import repeated_blocks, tie
+from tiedmask.core.tie_io import load_tied, save_tied
+from tiedmask.core.tied_block import tie_summary
 from tiedmask.errors import ConfigError, TiedmaskError
 
 transformers = pytest.importorskip("transformers")

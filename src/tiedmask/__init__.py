@@ -7,7 +7,9 @@ reports and the demo are `tiedmask.experiments`; CKA analysis is `tiedmask.analy
 
 from .core.presets import create_model, register_model
 from .core.spec import DataShape, DeqConfig, MaskConfig, ModelConfig, TieConfig
-from .core.tie import load_tied, save_tied, tie, tie_summary
+from .core.tie import tie
+from .core.tie_io import load_tied, save_tied
+from .core.tied_block import tie_summary
 from .errors import ConfigError, DataError, TiedmaskError
 from .training.settings import TrainConfig, load_config
 from .training.train import Result, train

@@ -112,7 +112,7 @@ def cmd_info(args, overrides) -> int:
     size = args.image_size
     macs = count_macs(model, (shape.channels, size, size))
     if m.external:
-        from .core.tie import tie_summary
+        from .core.tied_block import tie_summary
 
         summary = tie_summary(model)
         print(f"model {m.name}: {m.execution}, masks {m.masks.kind}/{m.masks.scope} at density "

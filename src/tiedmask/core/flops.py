@@ -16,7 +16,7 @@ from torch import nn
 
 from .cells import Cell
 from .layers import MaskedWeight
-from .tie import shared_weight
+from .tied_block import shared_weight
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:

@@ -1,0 +1,248 @@
+"""The parts of a tied run of blocks that live in the model (made by `tiedmask.core.tie`).
+
+`TiedBlocks` replaces the run; its `Application` items call the one shared block with an
+application index set (`ApplicationIndex`). The shared block's parameters are read through
+`torch.nn.utils.parametrize` parametrizations that look at that index: `SharedWeight` (the
+weight under the application's mask, plus its relaxation) and `PerApplication` (one stacked
+value per application); norms are kept per application whole (`PerApplicationModule`).
+`tie_summary` counts a tied model's parameters by role.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+
+from ..errors import TiedmaskError
+from .lora import MaskedFactor
+from .masks import mask_index
+
+
+class ApplicationIndex:
+    """Which application of the shared block is running; read by its parametrizations."""
+
+    def __init__(self):
+        self.index: int | None = None
+
+    def current(self) -> int:
+        if self.index is None:
+            raise TiedmaskError("a tied block's weights were read outside an application; call "
+                                "the tied container (or one of its items), not the shared block")
+        return self.index
+
+    @contextlib.contextmanager
+    def applying(self, index: int):
+        previous, self.index = self.index, index
+        try:
+            yield
+        finally:
+            self.index = previous
+
+
+class SharedWeight(nn.Module):
+    """Parametrization: the shared weight under application i's mask, plus i's relaxation."""
+
+    def __init__(self, state: ApplicationIndex, scope: str, masks: torch.Tensor | None,
+                 relaxation: nn.Module | None):
+        super().__init__()
+        self.state, self.scope, self.relaxation = state, scope, relaxation
+        # Flat [n, numel]: 5-D buffers would break model.to(memory_format=channels_last).
+        self.register_buffer("masks", masks, persistent=False)
+
+    def density(self) -> float:
+        """The kept share of the weight in the running application."""
+        which = mask_index(self.scope, self.state.current())
+        return 1.0 if self.masks is None or which is None else float(self.masks[which].float().mean())
+
+    def masked(self, shared: torch.Tensor, i: int) -> torch.Tensor:
+        """The shared weight under application i's mask (no relaxation)."""
+        which = mask_index(self.scope, i)
+        return shared if self.masks is None or which is None else shared * self.masks[which].view_as(shared)
+
+    def forward(self, shared: torch.Tensor) -> torch.Tensor:
+        i = self.state.current()
+        weight = self.masked(shared, i)
+        if self.relaxation is not None:
+            weight = weight + self.relaxation.delta(i).view_as(weight).to(weight.dtype)
+        return weight
+
+
+def shared_weight(module: nn.Module) -> SharedWeight | None:
+    """The `SharedWeight` parametrization of `module.weight`, if `tie` put one there."""
+    chains = getattr(module, "parametrizations", {})
+    chain = chains["weight"] if "weight" in chains else []
+    return next((p for p in chain if isinstance(p, SharedWeight)), None)
+
+
+class PerApplication(nn.Module):
+    """Parametrization: one value per application, stacked on a leading axis."""
+
+    def __init__(self, state: ApplicationIndex, count: int):
+        super().__init__()
+        self.state, self.count = state, count
+
+    def forward(self, stacked: torch.Tensor) -> torch.Tensor:
+        return stacked[self.state.current()]
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value.unsqueeze(0).repeat(self.count, *([1] * value.dim()))
+
+
+class PerApplicationModule(nn.Module):
+    """A module (a norm layer, with its running statistics) kept once per application."""
+
+    def __init__(self, state: ApplicationIndex, copies: list[nn.Module]):
+        super().__init__()
+        self.state = state
+        self.copies = nn.ModuleList(copies)
+
+    def forward(self, *args, **kwargs):
+        return self.copies[self.state.current()](*args, **kwargs)
+
+    def __getattr__(self, name: str):  # e.g. `norm.eps` read by the surrounding code
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):  # copy/pickle protocols look these up: never lend them
+                raise
+            return getattr(self.copies[0], name)
+
+
+class LoRARelaxation(nn.Module):
+    """A low-rank update of its own for every application: delta_i = B_i @ A_i."""
+
+    def __init__(self, count: int, rows: int, cols: int, rank: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(count, rank, cols))
+        self.B = nn.Parameter(torch.zeros(count, rows, rank))  # B = 0: starts as the tied block
+        for a in self.A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def delta(self, i: int) -> torch.Tensor:
+        return self.B[i] @ self.A[i]
+
+    @torch.no_grad()
+    def fit(self, residuals: list[torch.Tensor]) -> None:
+        """Start each update at the best rank-r approximation of what tying lost (its SVD)."""
+        rank = self.A.shape[1]
+        for i, residual in enumerate(residuals):
+            u, s, vh = torch.linalg.svd(residual.double(), full_matrices=False)
+            root = s[:rank].sqrt()
+            self.B[i].zero_()[:, : len(root)] = (u[:, :rank] * root).to(self.B.dtype)
+            self.A[i].zero_()[: len(root)] = (root[:, None] * vh[:rank]).to(self.A.dtype)
+
+
+class MultiMaskLoRARelaxation(nn.Module):
+    """One low-rank pair shared by every application, under a distinct mask per application:
+    delta_i = (B * M_B^i) @ (A * M_A^i), the parameters of one LoRA (CapaBoost)."""
+
+    def __init__(self, count: int, rows: int, cols: int, rank: int, kind: str, density: float,
+                 seed: int, name: str):
+        super().__init__()
+        self.A = MaskedFactor((rank, cols), 0, count, kind, density, seed, f"{name}.relax_A")
+        self.B = MaskedFactor((rows, rank), 1, count, kind, density, seed, f"{name}.relax_B")
+        nn.init.kaiming_uniform_(self.A.shared, a=math.sqrt(5))  # B = 0: starts as the tied block
+
+    def delta(self, i: int) -> torch.Tensor:
+        return (self.B.shared * self.B.masks[i]) @ (self.A.shared * self.A.masks[i])
+
+
+class Application(nn.Module):
+    """Position i of a tied run: calls the shared block with application i's masks and parts.
+
+    It owns nothing (the shared block is not registered here, so it is stored once), and lends
+    the shared block's attributes, so code that reads ``layers[i].attention`` still works.
+    """
+
+    def __init__(self, owner: "TiedBlocks", index: int):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)
+        self.index = index
+
+    def forward(self, *args, **kwargs):
+        with self.owner.state.applying(self.index):
+            return self.owner.shared(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name == "owner":  # copy/pickle protocols: never lend them
+                raise
+            return getattr(self.owner.shared, name)
+
+
+class TiedBlocks(nn.Module):
+    """What replaces the run of blocks: untouched blocks `before`, the shared block applied
+    once per tied position, untouched blocks `after`. Iterate it like the ModuleList it
+    replaces, or call it like the Sequential."""
+
+    def __init__(self, shared: nn.Module, count: int, state: ApplicationIndex, before: list[nn.Module],
+                 after: list[nn.Module], settings: dict):
+        super().__init__()
+        self.shared = shared
+        self.before, self.after = nn.ModuleList(before), nn.ModuleList(after)
+        self.state, self.settings = state, settings
+        self.applications = [Application(self, i) for i in range(count)]  # a list: not registered
+
+    def _items(self) -> list[nn.Module]:
+        return [*self.before, *self.applications, *self.after]
+
+    def __iter__(self):
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self.before) + len(self.applications) + len(self.after)
+
+    def __getitem__(self, index):
+        items = self._items()
+        return nn.ModuleList(items[index]) if isinstance(index, slice) else items[index]
+
+    def forward(self, x):
+        for block in self:
+            x = block(x)
+        return x
+
+
+def tied_containers(model: nn.Module) -> list[tuple[str, TiedBlocks]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TiedBlocks)]
+
+
+def tie_summary(model: nn.Module) -> dict:
+    """Parameter counts of a tied model: now, before tying, and per tied run of blocks."""
+    total = sum(p.numel() for p in model.parameters())
+    runs, saved = [], 0
+    for name, tied in tied_containers(model):
+        parts = _parameter_parts(tied.shared)
+        count = {part: sum(p.numel() for p in params) for part, params in parts.items()}
+        before = tied.settings["parameters_before"]
+        saved += before - sum(count.values())
+        shared_ids = {id(p) for p in parts["shared"]}
+        unmasked = [n for n, p in tied.shared.named_parameters()
+                    if p.dim() >= 2 and id(p) in shared_ids and n.endswith("weight") and ".parametrizations." not in n]
+        runs.append({"blocks": name, "applications": len(tied.applications), **count, "parameters_before": before,
+                     "masks": tied.settings["masks"]["scope"], "density": tied.settings["masks"]["density"],
+                     "masked_weights": sum(shared_weight(m) is not None for m in tied.shared.modules()),
+                     "unmasked_weights": unmasked})
+    return {"parameters": total, "parameters_before": total + saved, "runs": runs}
+
+
+def _parameter_parts(shared: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The shared block's parameters by role: shared, per_application, relaxation."""
+    role: dict[int, str] = {}
+    for module in shared.modules():
+        if isinstance(module, PerApplicationModule):
+            role.update((id(p), "per_application") for p in module.parameters())
+        for attr, chain in getattr(module, "parametrizations", {}).items():
+            for step in chain:
+                if isinstance(step, PerApplication):
+                    role[id(chain.original)] = "per_application"
+                elif isinstance(step, SharedWeight) and step.relaxation is not None:
+                    role.update((id(p), "relaxation") for p in step.relaxation.parameters())
+    parts = {"shared": [], "per_application": [], "relaxation": []}
+    for p in shared.parameters():
+        parts[role.get(id(p), "shared")].append(p)
+    return parts
