@@ -61,15 +61,16 @@ class MaskedFactor(torch.nn.Module):
 class MultiMaskLoRA(torch.nn.Module):
     """A frozen base layer plus a multi-mask LoRA update; `merge()` folds it into the base.
 
-    Subclasses give the factors' shapes and how the update acts on an input (`update`)."""
+    Subclasses give the factors' shapes (`factor_shapes`) and how the update acts on an input
+    (`update`)."""
 
-    def __init__(self, base: torch.nn.Module, name: str, a_shape: tuple, b_shape: tuple, rank: int = 4,
-                 alpha: float | None = None, n_masks: int = 2, density: float = 0.5,
-                 kind: str = "unstructured", seed: int = 0):
+    def __init__(self, base: torch.nn.Module, name: str, rank: int = 4, alpha: float | None = None,
+                 n_masks: int = 2, density: float = 0.5, kind: str = "unstructured", seed: int = 0):
         super().__init__()
         if rank < 1 or n_masks < 1:
             raise ConfigError(f"rank and n_masks must be >= 1, got {rank} and {n_masks}")
         check_mask_settings(kind, "multi", density)
+        a_shape, b_shape = self.factor_shapes(base, rank, name)
         self.base = base
         self.rank, self.n_masks = rank, n_masks
         self.scaling = (alpha if alpha is not None else rank) / rank
@@ -77,6 +78,10 @@ class MultiMaskLoRA(torch.nn.Module):
         self.lora_B = MaskedFactor(b_shape, 1, n_masks, kind, density, seed, f"{name}.lora_B")
         torch.nn.init.kaiming_uniform_(self.lora_A.shared, a=math.sqrt(5))  # B = 0: starts as the base
         self.merged = False
+
+    @staticmethod
+    def factor_shapes(base: torch.nn.Module, rank: int, name: str) -> tuple[tuple, tuple]:
+        raise NotImplementedError
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -110,9 +115,9 @@ class MultiMaskLoRA(torch.nn.Module):
 class MultiMaskLoRALinear(MultiMaskLoRA):
     """On an nn.Linear: A [r, in], B [out, r]."""
 
-    def __init__(self, base: torch.nn.Linear, name: str, *args, **kwargs):
-        rank = args[0] if args else kwargs.get("rank", 4)
-        super().__init__(base, name, (rank, base.in_features), (base.out_features, rank), *args, **kwargs)
+    @staticmethod
+    def factor_shapes(base: torch.nn.Linear, rank: int, name: str) -> tuple[tuple, tuple]:
+        return (rank, base.in_features), (base.out_features, rank)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_B(self.lora_A(x))
@@ -122,12 +127,12 @@ class MultiMaskLoRAConv2d(MultiMaskLoRA):
     """On an nn.Conv2d (a tied MaskedConv2d too): A is a conv of the base's kernel, stride and
     padding to r channels, B a 1x1 conv back, as peft's Conv2d LoRA."""
 
-    def __init__(self, base: torch.nn.Conv2d, name: str, *args, **kwargs):
+    @staticmethod
+    def factor_shapes(base: torch.nn.Conv2d, rank: int, name: str) -> tuple[tuple, tuple]:
         if base.groups != 1:
             raise ConfigError(f"{name}: LoRA on a grouped convolution (groups={base.groups}) is not supported")
-        rank = args[0] if args else kwargs.get("rank", 4)
         out, inp, kh, kw = base.weight.shape
-        super().__init__(base, name, (rank, inp, kh, kw), (out, rank, 1, 1), *args, **kwargs)
+        return (rank, inp, kh, kw), (out, rank, 1, 1)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base
