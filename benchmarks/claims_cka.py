@@ -19,6 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
+from paper_claims import write_into_docs  # this folder's sibling script
 from tiedmask.analysis.analyze import analyze_run
 from tiedmask.experiments.store import ResultsStore, setting
 
@@ -72,10 +73,7 @@ def main() -> None:
     text = table(rows)
     print(text)
     if args.docs:
-        docs = ROOT / "docs" / "results.md"
-        before, rest = docs.read_text().split(MARKERS[0])
-        _, after = rest.split(MARKERS[1])
-        docs.write_text(f"{before}{MARKERS[0]}\n{text}\n{MARKERS[1]}{after}")
+        write_into_docs(text, *MARKERS)
 
 
 if __name__ == "__main__":

@@ -150,12 +150,11 @@ def ship(store: ResultsStore) -> None:
     (SHIPPED.parent / ".lock").unlink(missing_ok=True)  # the append's lock file is not for the package
 
 
-def write_into_docs(text: str) -> None:
-    """Replace the table between the markers in docs/results.md."""
+def write_into_docs(text: str, start: str = "<!-- paper-claims-table: written by benchmarks/paper_claims.py --docs -->",
+                    end: str = "<!-- /paper-claims-table -->") -> None:
+    """Replace what stands between the markers `start` and `end` in docs/results.md."""
     docs = ROOT / "docs" / "results.md"
-    start, end = "<!-- paper-claims-table: written by benchmarks/paper_claims.py --docs -->", "<!-- /paper-claims-table -->"
-    content = docs.read_text()
-    before, rest = content.split(start)
+    before, rest = docs.read_text().split(start)
     _, after = rest.split(end)
     docs.write_text(f"{before}{start}\n{text.strip()}\n{end}{after}")
 
