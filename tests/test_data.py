@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiedmask.training.data import augment, channel_stats
+from tiedmask.training.data import alternating_flips, augment, channel_stats
 from tiedmask.training.datasets import load_dataset, read_pickle
 from tiedmask.errors import ConfigError, DataError
 
@@ -105,6 +105,22 @@ def test_augment_crops_are_windows_of_the_padded_image_and_flips_mirror():
         windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)]
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
     assert torch.equal(augment(x, "none", gen), x)
+
+
+def test_alternating_flips_mirror_each_image_in_exactly_one_of_two_epochs():
+    first, second, third = (alternating_flips(1000, seed=3, epoch=e, device="cpu") for e in (1, 2, 3))
+    assert torch.equal(first ^ second, torch.ones(1000, dtype=torch.bool))
+    assert torch.equal(first, third)
+    assert 400 < int(first.sum()) < 600
+    assert not torch.equal(first, alternating_flips(1000, seed=4, epoch=1, device="cpu"))
+    # crop_altflip mirrors exactly the images it is told to (the crops are random as before)
+    x = torch.arange(4 * 8 * 8, dtype=torch.float32).view(4, 1, 8, 8)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    flips = torch.tensor([True, False, True, False])
+    out = augment(x, "crop_altflip", torch.Generator().manual_seed(0), flips)
+    for i in range(4):
+        windows = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)]
+        assert any(torch.equal(out[i], w.flip(-1) if flips[i] else w) for w in windows)
 
 
 def test_a_file_placed_by_hand_is_checked_and_used(tmp_path):

@@ -113,6 +113,25 @@ def test_flip_tta_averages_the_logits_of_an_image_and_its_mirror():
     assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
+def test_flip_translate_tta_averages_six_views_with_weights_half_and_quarters():
+    torch.manual_seed(0)
+    model = create_model("tied-resnet-xs", width=8, num_classes=3, in_channels=1).eval()
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 3, (6,))
+    mean, std = torch.tensor([0.5]), torch.tensor([0.25])
+    cfg = load_config(overrides=["--eval_tta", "flip_translate"])
+    _, loss = evaluate(model, images, labels, mean, std, cfg, torch.device("cpu"))
+    x = (images.float() / 255 - 0.5) / 0.25
+    # Shifts built by index: row/column i of the shifted image is i - 1 (down-right) or i + 1
+    # (up-left) of the original, mirrored at the border (-1 -> 1, 8 -> 6).
+    down_right, up_left = [1, *range(7)], [*range(1, 8), 6]
+    views = {"x": (x, 1 / 2), "dr": (x[:, :, down_right][..., down_right], 1 / 4),
+             "ul": (x[:, :, up_left][..., up_left], 1 / 4)}
+    with torch.no_grad():
+        logits = sum(w * (model(v) + model(v.flip(3))) / 2 for v, w in views.values())
+    assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
 def test_recipe_resolves_to_a_multi_mask_model_under_a_million_parameters():
     cfg = load_config(recipe_path("cifar10-fast"))
     assert cfg.model.masks.scope == "multi" and cfg.data.name == "cifar10"

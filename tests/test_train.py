@@ -37,8 +37,9 @@ def test_run_directory_contents(tmp_path, digits):
     assert json.loads((out / "data.json").read_text())["channels"] == 1  # the shape it was built for
 
 
-def test_resume_reaches_the_uninterrupted_result(tmp_path, digits, monkeypatch):
-    cfg = load_config(overrides=QUICK + ["--epochs", "3"])
+@pytest.mark.parametrize("extra", [[], ["--optim.lookahead_every", "3", "--data.augment", "crop_altflip"]])
+def test_resume_reaches_the_uninterrupted_result(tmp_path, digits, monkeypatch, extra):
+    cfg = load_config(overrides=QUICK + ["--epochs", "3", *extra])
     full, part = tmp_path / "full", tmp_path / "part"
     train(cfg, out=full, dataset=digits)
 
@@ -83,3 +84,25 @@ def test_a_run_failing_before_it_writes_anything_leaves_no_folder(tmp_path):
     with pytest.raises(TiedmaskError):
         train(cfg, out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_lookahead_moves_the_slow_weights_part_of_the_way_every_k_steps():
+    """Plain SGD on a loss with a constant gradient g: k steps move the weights by -k lr g, and
+    each lookahead sync keeps (1 - decay) of that, so m syncs give w0 - m k (1 - decay) lr g.
+    BatchNorm running statistics are averaged the same way."""
+    from tiedmask.training.lookahead import Lookahead
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False), torch.nn.BatchNorm1d(1))
+    w0 = net[0].weight.detach().clone()
+    g = torch.tensor([[1.0, -2.0, 0.5]])
+    opt = torch.optim.SGD(net[0].parameters(), lr=0.1)
+    avg = Lookahead(net, every=4, decay=0.75)
+    for step in range(1, 13):
+        opt.zero_grad()
+        (net[0].weight * g).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            net[1].running_mean.add_(1.0)  # a statistic that grows by 1 a step
+        avg.after_step(step)
+    assert torch.allclose(net[0].weight, w0 - 3 * 4 * 0.25 * 0.1 * g)
+    assert float(net[1].running_mean) == pytest.approx(3 * 4 * 0.25)

@@ -171,8 +171,10 @@ def normalize(batch_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) 
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after reflect-padding by 1/8 of the side (4 px at 32), and random flips.
+def augment(x: torch.Tensor, kind: str, generator: torch.Generator,
+            flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Random crop after reflect-padding by 1/8 of the side (4 px at 32), and flips: random
+    ones (`crop_flip`), or the given ones (`crop_altflip`, see `alternating_flips`).
 
     Batched on the tensor's device: one gather for the whole batch, no per-image Python loop.
     """
@@ -189,6 +191,15 @@ def augment(x: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Ten
     index = (rows * (w + 2 * pad) + cols).view(n, 1, h * w).expand(n, c, h * w)
     out = flat.gather(2, index).view(n, c, h, w)
     if kind == "crop_flip":
-        flip = torch.rand(n, device=x.device, generator=generator) < 0.5
-        out = torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
+        flips = torch.rand(n, device=x.device, generator=generator) < 0.5
+    if kind in ("crop_flip", "crop_altflip"):
+        out = torch.where(flips.view(n, 1, 1, 1), out.flip(3), out)
     return out
+
+
+def alternating_flips(images: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """Which training images are mirrored in `epoch` (from 1) under `crop_altflip`: a random
+    half in odd epochs, the other half in even ones, so that every pair of epochs shows each
+    image both ways (airbench's alternating flip; random flips repeat a view half the time)."""
+    first = torch.rand(images, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return (first ^ (epoch % 2 == 0)).to(device)

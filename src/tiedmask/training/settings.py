@@ -35,8 +35,8 @@ from ..typed import from_dict, nested_fields
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "adam", "sgd")
-AUGMENTS = ("auto", "crop_flip", "crop", "none")
-TTAS = ("none", "flip")
+AUGMENTS = ("auto", "crop_flip", "crop_altflip", "crop", "none")
+TTAS = ("none", "flip", "flip_translate")
 FINETUNE_METHODS = ("full", "lora", "multimask_lora")
 
 
@@ -56,7 +56,9 @@ class DataConfig:
     name: str = "cifar10"
     root: str = ""  # "" -> $TIEDMASK_DATA or ~/.cache/tiedmask/data
     download: bool = False
-    augment: str = "auto"  # auto picks crop_flip for natural images, crop for digits/clothes
+    # auto picks crop_flip for natural images, crop for digits/clothes; crop_altflip mirrors
+    # each image in every other epoch instead of at random
+    augment: str = "auto"
     train_subset: int = 0  # train on a fixed random subset of this many images (0 = all)
     test_subset: int = 0  # evaluate on a fixed random subset of the test set (0 = all)
     channels: int = 0  # 0 = as stored; 3 repeats grey images, 1 averages colour (for transfer)
@@ -87,15 +89,20 @@ class OptimConfig:
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0
     label_smoothing: float = 0.1
     grad_clip: float = 0.0  # max gradient norm; 0 = off
+    # Lookahead weight averaging (see `tiedmask.training.lookahead`): every this many steps the
+    # slow weights move (1 - decay) of the way to the trained ones, which restart from them
+    lookahead_every: int = 0  # 0 = off
+    lookahead_decay: float = 0.8
 
     def validate(self) -> None:
         _choose("optim.name", self.name, OPTIMIZERS)
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         _at_least("optim.", self, 0, "weight_decay", "momentum", "warmup_epochs", "label_smoothing",
-                  "grad_clip")
-        if self.momentum >= 1 or self.label_smoothing >= 1:
-            raise ConfigError("optim.momentum and optim.label_smoothing must be below 1")
+                  "grad_clip", "lookahead_every", "lookahead_decay")
+        if self.momentum >= 1 or self.label_smoothing >= 1 or self.lookahead_decay >= 1:
+            raise ConfigError("optim.momentum, optim.label_smoothing and optim.lookahead_decay "
+                              "must be below 1")
 
 
 @dataclass
@@ -135,7 +142,9 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 on cuda, fp32 on cpu (bf16 measured slower on cpu)
     channels_last: str = "auto"  # auto = on for inputs of 32x32 and up (measured faster), else off
     compile: bool = False  # torch.compile the model (measured no faster on this 2-core cpu)
-    eval_tta: str = "none"  # flip: average the logits of each test image and its mirror image
+    # flip: average the logits of each test image and its mirror image; flip_translate: also of
+    # both shifted by one pixel either way along the diagonal (weights 1/2, 1/4, 1/4)
+    eval_tta: str = "none"
     threads: int = 0  # torch threads on cpu; 0 = all cores
     progress: bool = True
 

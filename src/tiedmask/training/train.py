@@ -30,10 +30,11 @@ from ..core.deq.equilibrium import SolverDiverged
 from ..core.flops import count_macs
 from ..core.presets import build_model
 from ..errors import ConfigError
-from .data import augment, normalize, prepare_data
+from .data import alternating_flips, augment, normalize, prepare_data
 from .datasets import Dataset
 from .distributed import Dist, setup as setup_distributed, teardown as teardown_distributed
 from .finetune import prepare_finetune
+from .lookahead import Lookahead
 from .rundir import RunDir, RunState
 from .settings import TrainConfig, config_hash
 
@@ -128,19 +129,32 @@ def evaluate(model, x_all, y_all, mean, std, cfg: TrainConfig, device,
     ctx.average_buffers(model)
     mine = range(ctx.rank, math.ceil(len(x_all) / cfg.eval_batch_size), ctx.world)
     correct, loss_sum = 0, 0.0
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     for start in (b * cfg.eval_batch_size for b in mine):
         x = normalize(x_all[start:start + cfg.eval_batch_size].to(device), mean, std)
+        x = x.contiguous(memory_format=layout)
         y = y_all[start:start + cfg.eval_batch_size].to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, cfg.precision):
-            logits = model(x).float()
-            if cfg.eval_tta == "flip":  # test-time augmentation: the mirror image votes too
-                logits = (logits + model(x.flip(3)).float()) / 2
+            logits = tta_logits(model, x, cfg.eval_tta, layout)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     correct, loss_sum = ctx.sum(correct, loss_sum)
     return correct / len(x_all), loss_sum / len(x_all)
+
+
+def tta_logits(model, x: torch.Tensor, tta: str, layout=torch.contiguous_format) -> torch.Tensor:
+    """The model's logits for a batch in memory `layout`, averaged over the views of `tta`."""
+    def mirrored(views: torch.Tensor) -> torch.Tensor:
+        out = model(views).float()
+        return out if tta == "none" else (out + model(views.flip(3)).float()) / 2
+
+    logits = mirrored(x)
+    if tta == "flip_translate":  # and the image shifted one pixel down-right and up-left
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[-2:]
+        shifted = (padded[..., :h, :w], padded[..., 2:, 2:])
+        logits = logits / 2 + sum(mirrored(v.contiguous(memory_format=layout)) for v in shifted) / 4
+    return logits
 
 
 @dataclass
@@ -167,11 +181,12 @@ def summarize_solver(forward, backward) -> dict:
 
 def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, schedule,
                 time_left: float = math.inf, ctx: Dist = Dist(), runner=None,
-                channels_last: bool = False) -> EpochStats:
+                channels_last: bool = False, lookahead: Lookahead | None = None) -> EpochStats:
     """One epoch (or until `time_left` seconds of training are spent).
 
     `runner` is what computes the forward pass when it is not `model` itself: `model` wrapped
-    by DistributedDataParallel and/or torch.compile.
+    by DistributedDataParallel and/or torch.compile. `lookahead` averages the weights as the
+    steps go and leaves its slow weights in the model at the end of the epoch.
     """
     model.train()
     runner = runner or model
@@ -179,6 +194,7 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
     total_steps, warmup, elapsed_before = schedule
     gen = epoch_generator(cfg.seed, epoch, device)
     order = torch.randperm(len(train_x), device=device, generator=gen)
+    flips = alternating_flips(len(train_x), cfg.seed, epoch, device) if aug == "crop_altflip" else None
     n_batches = max(1, len(train_x) // cfg.batch_size)  # drop the last partial batch
     loss_sum, correct, seen, forward, backward = 0.0, 0, 0, [], []
     terminal = sys.stderr.isatty()
@@ -193,7 +209,8 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
     for b in bar:
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         # Every process augments the whole global batch (same generator), then keeps its slice.
-        x = ctx.shard(augment(normalize(train_x[idx], mean, std), aug, gen))
+        x = ctx.shard(augment(normalize(train_x[idx], mean, std), aug, gen,
+                              flips[idx] if flips is not None else None))
         y = ctx.shard(train_y[idx])
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -221,6 +238,8 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         step += 1
+        if lookahead is not None:
+            lookahead.after_step(step)
         f, bwd = model.pop_solver_stats()
         forward += f
         backward += bwd
@@ -240,6 +259,8 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
             stats.out_of_time = True
             break
     model.set_deadline(None)  # evaluation is bounded by its iteration limit alone
+    if lookahead is not None:
+        lookahead.sync()  # the checkpoint then holds the slow weights, and resuming is exact
     if device.type == "cuda":
         torch.cuda.synchronize()
     loss_sum, correct, seen = ctx.sum(loss_sum, correct, seen)
@@ -345,6 +366,8 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
             run.write_config(cfg)
             run.write_stats(data.stats)
     runner = wrap_for_training(model, cfg, ctx, device)
+    lookahead = Lookahead(model, cfg.optim.lookahead_every, cfg.optim.lookahead_decay) \
+        if cfg.optim.lookahead_every else None
 
     params, trainable = count_params(model), count_params(model, trainable_only=True)
     m = cfg.model
@@ -358,7 +381,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
             break
         ep = train_epoch(model, optimizer, (train_x, train_y, data.augment), mean, std, cfg, device,
                          epoch, state.step, (total_steps, warmup, state.train_time_s), time_left,
-                         ctx=ctx, runner=runner, channels_last=channels_last)
+                         ctx=ctx, runner=runner, channels_last=channels_last, lookahead=lookahead)
         state.step = ep.step
         state.train_time_s += ep.seconds
         state.images += ep.images
