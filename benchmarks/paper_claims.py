@@ -33,6 +33,12 @@ GRID_CLAIMS = {  # store folder name -> the claim its runs test
     "paper-claims-depth8": "multi-vs-same-vs-dense-vs-untied (fast family, depth 8)",
 }
 REFERENCE = "tied-multi"
+OTHER_PAIRS = [  # (a, b): a − b paired by seed, shown under a claim's table when both have runs
+    ("tied-dense", "tied-same"),
+    ("tied-channel-multi", "tied-dense"),  # issue 13: channel masks, equal epochs
+    ("tied-channel-multi-10ep", "tied-dense"),  # ... and about equal time
+    ("tied-channel-multi-10ep", "tied-multi"),
+]
 SHIPPED = ROOT / "src" / "tiedmask" / "resources" / "measured_results.jsonl"
 
 
@@ -80,6 +86,12 @@ def verdict(diff: dict | None) -> str:
     return "no significant difference"
 
 
+def interval(diff: dict) -> str:
+    if diff["n"] < 2:
+        return f"{diff['mean']:+.2f}"
+    return f"{diff['mean']:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}]"
+
+
 def table(records: list[dict]) -> str:
     lines = []
     for claim in sorted({r["claim"] for r in records}):
@@ -92,12 +104,15 @@ def table(records: list[dict]) -> str:
             accs = [r["test_acc"] for r in mine]
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
             diff = None if variant == REFERENCE else paired(rows, variant)
-            shown = "–" if diff is None else (
-                f"{diff['mean']:+.2f} (n={diff['n']})" if diff["n"] < 2 else
-                f"{diff['mean']:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}] (n={diff['n']})")
+            shown = "–" if diff is None else f"{interval(diff)} (n={diff['n']})"
             lines.append(f"| {variant} | {mine[0]['params']:,} | {mine[0]['effective_macs'] / 1e6:.1f} "
                          f"| {len(mine)} | {statistics.mean(accs):.2f} ± {sd:.2f} | {shown} "
                          f"| {'reference' if variant == REFERENCE else verdict(diff)} |")
+        present = {r["variant"] for r in rows}
+        pairs = [(a, b, paired(rows, b, reference=a)) for a, b in OTHER_PAIRS if {a, b} <= present]
+        if pairs:
+            lines += ["", "| difference | pp, 95% CI | n |", "|---|---|---:|"]
+            lines += [f"| {a} − {b} | {interval(d)} | {d['n']} |" for a, b, d in pairs if d]
         budgets = sorted({r["budget"] for r in rows})
         hardware = sorted({r["hardware"] for r in rows if r["hardware"]})
         lines += ["", f"Budget: {', '.join(budgets)}; {rows[0]['train_images']:,} training images; "

@@ -1,7 +1,8 @@
 """Training and inference images/s of every registered model on this machine, with FLOPs and
 model FLOP utilisation (MFU) against a measured fp32 matmul peak; multi-mask against dense.
 
-    python benchmarks/throughput.py            # ~8 min on 2 CPU cores; run it alone
+    python benchmarks/throughput.py            # ~7 min on 2 CPU cores; run it alone
+    python benchmarks/throughput.py --bf16     # adds bf16 rows (+13 min on CPUs without native bf16)
     python benchmarks/throughput.py --compile tied-fast  # adds torch.compile rows (slow to build)
 
 Batch 128 of 3x32x32 inputs, AdamW steps; 2 warm-up steps excluded, the median of 5 timed
@@ -82,18 +83,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile", nargs="*", default=[], metavar="MODEL",
                         help="also time these models under torch.compile (minutes to build each)")
+    parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast (slow on most CPUs)")
     args = parser.parse_args()
+    layouts = LAYOUTS[1:] if args.bf16 else ("naive",)
     peak = matmul_peak_gflops()
     rows = [measure(name, scope) for name in sorted(MODEL_PRESETS) for scope in ("dense", "multi")]
     # channel masks compute only their kept filters (issue 13): the one kind that can save time
     rows += [measure(name, "multi", kind="channel") for name in sorted(MODEL_PRESETS)]
-    rows += [measure(name, "multi", layout) for name in sorted(MODEL_PRESETS) for layout in LAYOUTS[1:]]
+    rows += [measure(name, "multi", layout) for name in sorted(MODEL_PRESETS) for layout in layouts]
     rows += [measure(name, "multi", compile=True) for name in args.compile]
-    print(f"{hardware_name()}: fp32 matmul peak (2048^2) {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads\n")
-    print("| model | masks | layout | params | MFLOPs/img (eff.) | train img/s | infer img/s | train GFLOP/s | MFU |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print(f"{hardware_name(torch.device('cpu'))}: fp32 matmul peak (2048^2) {peak:.0f} GFLOP/s on {torch.get_num_threads()} threads\n")
+    print("| model | masks | layout | params | MFLOPs/img (dense) | MFLOPs/img (eff.) | train img/s | infer img/s "
+          "| train GFLOP/s (eff.) | MFU (eff.) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['scope']} | {r['layout']} | {r['params']:,} | {r['mflops_effective']:.1f} | "
+        print(f"| {r['model']} | {r['scope']} | {r['layout']} | {r['params']:,} | {r['mflops_dense']:.1f} "
+              f"| {r['mflops_effective']:.1f} | "
               f"{r['train_img_s']:.0f} | {r['infer_img_s']:.0f} | {r['train_gflops_s']:.1f} | "
               f"{100 * r['train_gflops_s'] / peak:.1f}% |")
 
@@ -105,15 +110,15 @@ def main() -> None:
           "| bf16 / fast img/s | compile / fast img/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in sorted(MODEL_PRESETS):
-        fast, compiled = row(name, "multi", "fast"), row(name, "multi", "fast+compile")
+        fast, compiled, bf16 = (row(name, "multi", layout) for layout in ("fast", "fast+compile", "bf16"))
         dense = row(name, "dense", "fast")["train_img_s"]
         print(f"| {name} | {dense / fast['train_img_s']:.3f} | "
               f"{dense / row(name, 'multi/channel', 'fast')['train_img_s']:.3f} | "
               f"{fast['train_img_s'] / row(name, 'multi', 'naive')['train_img_s']:.2f}x | "
-              f"{row(name, 'multi', 'bf16')['train_img_s'] / fast['train_img_s']:.2f}x | "
+              + (f"{bf16['train_img_s'] / fast['train_img_s']:.2f}x | " if bf16 else "- | ")
               + (f"{compiled['train_img_s'] / fast['train_img_s']:.2f}x |" if compiled else "- |"))
     out = Path(__file__).parent / "results" / "throughput.json"
-    out.write_text(json.dumps({"hardware": hardware_name(), "matmul_peak_gflops": peak,
+    out.write_text(json.dumps({"hardware": hardware_name(torch.device("cpu")), "matmul_peak_gflops": peak,
                                "threads": torch.get_num_threads(),
                                "rows": rows}, indent=1) + "\n")
 

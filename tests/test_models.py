@@ -177,9 +177,9 @@ def test_channel_masks_compute_only_kept_rows_and_equal_the_masked_dense_layer(l
 
 
 def test_channel_masked_models_equal_their_multiply_by_mask_version():
-    for name in ("tied-fast", "tied-resnet-s"):
+    for name in ("tied-fast", "tied-resnet-s", "tied-vit-s"):
         fast = create_model(name, width=8, depth=3, masks={"kind": "channel"}).eval()
-        x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
         ours = fast(x)
         for _, layer in masked_layers(fast):
             layer.kept_rows = None  # back to weight * mask
