@@ -112,6 +112,7 @@ def _run_cases(root: Path):
     yield ["eval", str(root / "norun")]
     yield ["eval", run, "--data", "cifar10"]
     yield ["eval", run, "--data-root", str(root / "absent"), "--data.channels", "3"]
+    yield ["eval", run, "--tta", "rotate"]
     yield ["analyze", str(root / "absent")]
     yield ["analyze", run, "--images", "0"]
     yield ["analyze", run, "--images", "-1"]

@@ -40,6 +40,18 @@ def test_eval_reproduces_training_on_plain_and_deq_runs(tmp_path, capsys, extra)
     assert analyzes(run)
 
 
+def test_eval_scores_with_other_test_time_views_on_request(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "digits", *QUIET, "--model", "tied-resnet-xs", "--width", "8",
+                 "--depth", "2", "--out", str(run)]) == 0
+    recorded, plain = recorded_and_evaluated(capsys, run)
+    assert recorded == plain
+    assert main(["eval", str(run), "--tta", "flip_translate"]) == 0
+    assert "test-time views: flip_translate" in capsys.readouterr().out
+    assert main(["eval", str(run)]) == 0  # the run itself is untouched
+    assert f"test acc {plain}%" in capsys.readouterr().out
+
+
 def test_fine_tuned_runs_change_channels_and_size_and_still_evaluate(tmp_path, capsys, shared_data):
     """CIFAR-10 (3x32x32) -> Fashion-MNIST (1x28x28 grey, adapted to 3x32x32)."""
     pre = tmp_path / "pre"

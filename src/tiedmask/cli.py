@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -72,13 +73,16 @@ def cmd_eval(args, overrides) -> int:
         raise TiedmaskError(f"eval scores a run as it was trained and takes no overrides "
                             f"({' '.join(overrides)}); use --data-root DIR if the data moved")
     model, cfg, data = load_trained(args.run_dir, args.data_root)
+    if args.tta:  # scoring with other test-time views leaves the trained model as it is
+        cfg = dataclasses.replace(cfg, eval_tta=args.tta)
+        cfg.validate()
     device = resolve_device(cfg)
     mean, std = data.stats.tensors(device)
     channels_last = use_channels_last(cfg, data.shape.size)
     acc, loss = evaluate(place(model, device, channels_last), data.test_x, data.test_y, mean, std, cfg,
                          device, channels_last=channels_last)
     print(f"{args.run_dir}: test acc {acc:.2%}, test loss {loss:.4f} on {data.name} "
-          f"({len(data.test_x)} images)")
+          f"({len(data.test_x)} images, test-time views: {cfg.eval_tta})")
     return 0
 
 
@@ -252,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a run's checkpoint on its test set, as training did")
     p.add_argument("run_dir", help="a run directory written by `tiedmask train --out`")
     p.add_argument("--data-root", default="", help="dataset folder, if it moved since training")
+    p.add_argument("--tta", help="test-time augmentation to score with: none, flip or flip_translate "
+                   "(default: the run's eval_tta)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("models", help="list the model presets")
