@@ -86,14 +86,14 @@ def conv_step(shape: tuple[int, ...], density: float, kept_only: bool):
     return step
 
 
-def timed_in_turns(steps: dict, rounds: int) -> dict[str, float]:
+def timed_in_turns(steps: dict, rounds: int, per_round: int = 3) -> dict:
     """Median seconds per call of each step, timed in alternating rounds after 2 warm-ups."""
     times = {name: [] for name in steps}
     for step in steps.values():
         step(), step()
     for _ in range(rounds):
         for name, step in steps.items():
-            for _ in range(3):
+            for _ in range(per_round):
                 start = time.perf_counter()
                 step()
                 times[name].append(time.perf_counter() - start)
