@@ -11,7 +11,6 @@ Writes benchmarks/results/tta_gain.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -20,20 +19,13 @@ import torch
 from scipy import stats as scipy_stats
 
 from tiedmask.experiments.store import ResultsStore
-from tiedmask.training.rundir import load_trained
-from tiedmask.training.train import evaluate, hardware_name, place, use_channels_last
+from tiedmask.training.train import hardware_name, score_run
 
 VIEWS = ("flip", "flip_translate")
 
 
 def scores(run_dir: Path, data_root: str) -> dict[str, float]:
-    model, cfg, data = load_trained(run_dir, data_root)
-    mean, std = data.stats.tensors()
-    channels_last = use_channels_last(cfg, data.shape.size)
-    model = place(model, torch.device("cpu"), channels_last)
-    return {tta: 100 * evaluate(model, data.test_x, data.test_y, mean, std,
-                                dataclasses.replace(cfg, eval_tta=tta), torch.device("cpu"),
-                                channels_last=channels_last)[0] for tta in VIEWS}
+    return {tta: 100 * score_run(run_dir, data_root, tta)[0] for tta in VIEWS}
 
 
 def main() -> None:

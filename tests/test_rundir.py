@@ -4,11 +4,13 @@ as training did (same images, adaptation, statistics and test-time augmentation)
 import json
 
 import pytest
+import torch
 
 from tiedmask.cli import main
 from tiedmask.errors import ConfigError
-from tiedmask.training.rundir import RunDir
+from tiedmask.training.rundir import RunDir, load_trained
 from tiedmask.training.settings import config_hash
+from tiedmask.training.train import evaluate
 
 QUIET = ["--progress", "false", "--epochs", "1"]
 
@@ -47,7 +49,12 @@ def test_eval_scores_with_other_test_time_views_on_request(tmp_path, capsys):
     recorded, plain = recorded_and_evaluated(capsys, run)
     assert recorded == plain
     assert main(["eval", str(run), "--tta", "flip_translate"]) == 0
-    assert "test-time views: flip_translate" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    # the score of the model under six views, computed here from the checkpoint
+    model, cfg, data = load_trained(run)
+    cfg.eval_tta = "flip_translate"
+    _, loss = evaluate(model, data.test_x, data.test_y, *data.stats.tensors(), cfg, torch.device("cpu"))
+    assert f"test loss {loss:.4f}" in printed and "test-time views: flip_translate" in printed
     assert main(["eval", str(run)]) == 0  # the run itself is untouched
     assert f"test acc {plain}%" in capsys.readouterr().out
 

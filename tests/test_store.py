@@ -53,3 +53,22 @@ def test_sweep_exits_nonzero_and_names_each_failure(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "seed 0: diverged: non-finite" in err
     assert "non-finite" in (tmp_path / "store" / "report.md").read_text()
+
+
+def test_a_run_started_before_settings_were_added_is_resumed_from_its_folder(tmp_path):
+    """Adding a setting (with a default) changes every config's hash; an interrupted run keeps
+    the folder its version named, and the store must find it there rather than start over."""
+    from tiedmask.training.settings import config_hash, config_to_dict, load_config
+
+    cfg = load_config(overrides=["--data", "digits", "--model", "tied-resnet-xs"])
+    old = config_to_dict(cfg)
+    del old["optim"]["lookahead_every"], old["optim"]["lookahead_decay"]  # as written before they existed
+    folder = tmp_path / "runs" / "0123456789abcdef"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(old))
+    (tmp_path / "runs" / "broken").mkdir()
+    (tmp_path / "runs" / "broken" / "config.json").write_text("{not json")
+    store = ResultsStore(tmp_path)
+    assert store.run_dir(config_hash(cfg)) == folder
+    other = load_config(overrides=["--data", "digits", "--model", "tied-resnet-xs", "--seed", "5"])
+    assert store.run_dir(config_hash(other)) == tmp_path / "runs" / config_hash(other)

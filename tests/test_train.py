@@ -37,8 +37,21 @@ def test_run_directory_contents(tmp_path, digits):
     assert json.loads((out / "data.json").read_text())["channels"] == 1  # the shape it was built for
 
 
-@pytest.mark.parametrize("extra", [[], ["--optim.lookahead_every", "3", "--data.augment", "crop_altflip"]])
-def test_resume_reaches_the_uninterrupted_result(tmp_path, digits, monkeypatch, extra):
+@pytest.mark.parametrize("extra, averaged", [
+    ([], False),
+    (["--optim.lookahead_every", "3", "--data.augment", "crop_altflip"], False),
+    # evaluation changing BatchNorm statistics between epochs (as data-parallel averaging does)
+    (["--optim.lookahead_every", "3", "--norm", "batch"], True),
+])
+def test_resume_reaches_the_uninterrupted_result(tmp_path, digits, monkeypatch, extra, averaged):
+    if averaged:
+        def halve_statistics(self, model):
+            for name, buffer in model.state_dict().items():
+                if name.endswith("running_mean"):
+                    buffer.mul_(0.5)
+
+        monkeypatch.setattr(importlib.import_module("tiedmask.training.distributed").Dist,
+                            "average_buffers", halve_statistics)
     cfg = load_config(overrides=QUICK + ["--epochs", "3", *extra])
     full, part = tmp_path / "full", tmp_path / "part"
     train(cfg, out=full, dataset=digits)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -66,21 +65,15 @@ def cmd_finetune(args, overrides) -> int:
 
 
 def cmd_eval(args, overrides) -> int:
-    from .training.rundir import load_trained
-    from .training.train import evaluate, place, resolve_device, use_channels_last
+    from .training.settings import TTAS
+    from .training.train import score_run
 
     if overrides:
         raise TiedmaskError(f"eval scores a run as it was trained and takes no overrides "
                             f"({' '.join(overrides)}); use --data-root DIR if the data moved")
-    model, cfg, data = load_trained(args.run_dir, args.data_root)
-    if args.tta:  # scoring with other test-time views leaves the trained model as it is
-        cfg = dataclasses.replace(cfg, eval_tta=args.tta)
-        cfg.validate()
-    device = resolve_device(cfg)
-    mean, std = data.stats.tensors(device)
-    channels_last = use_channels_last(cfg, data.shape.size)
-    acc, loss = evaluate(place(model, device, channels_last), data.test_x, data.test_y, mean, std, cfg,
-                         device, channels_last=channels_last)
+    if args.tta is not None and args.tta not in TTAS:
+        raise TiedmaskError(f"--tta {args.tta!r} is not one of {list(TTAS)}")
+    acc, loss, cfg, data = score_run(args.run_dir, args.data_root, args.tta)
     print(f"{args.run_dir}: test acc {acc:.2%}, test loss {loss:.4f} on {data.name} "
           f"({len(data.test_x)} images, test-time views: {cfg.eval_tta})")
     return 0
@@ -256,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score a run's checkpoint on its test set, as training did")
     p.add_argument("run_dir", help="a run directory written by `tiedmask train --out`")
     p.add_argument("--data-root", default="", help="dataset folder, if it moved since training")
-    p.add_argument("--tta", help="test-time augmentation to score with: none, flip or flip_translate "
-                   "(default: the run's eval_tta)")
+    p.add_argument("--tta", help="test-time augmentation to score with, a value of the eval_tta "
+                   "setting (default: the run's own)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("models", help="list the model presets")

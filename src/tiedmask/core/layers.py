@@ -51,13 +51,9 @@ class MaskedWeight:
     def _kept(self, x: torch.Tensor, index: int, compute, place) -> torch.Tensor:
         """The output of a channel-masked layer from its kept rows alone: `compute(x, weight)`
         runs on the kept rows' weights (density d of the arithmetic, forward and backward) and
-        `place(part, index)` puts the result back among zeros. The bias, unmasked as in the
-        dense layer, is added after."""
-        part = compute(x, self.weight.index_select(0, self.kept_rows[index]))
-        out = place(part, index)
-        if self.bias is not None:
-            out = out + (self.bias.view(-1, 1, 1) if out.dim() == 4 else self.bias)
-        return out
+        `place(part, index)` puts the result back among zeros. The bias stays unmasked, as in
+        the dense layer: each layer adds it after."""
+        return place(compute(x, self.weight.index_select(0, self.kept_rows[index])), index)
 
     def masked_weight(self, index: int | None) -> torch.Tensor:
         if index is None or self.masks is None:
@@ -88,7 +84,8 @@ class MaskedConv2d(nn.Conv2d, MaskedWeight):
 
     def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         if index is not None and self.kept_rows is not None:
-            return self._kept(x, index, lambda x, w: self._conv_forward(x, w, None), self._place)
+            out = self._kept(x, index, lambda x, w: self._conv_forward(x, w, None), self._place)
+            return out if self.bias is None else out + self.bias.to(out.dtype).view(-1, 1, 1)
         return self._conv_forward(x, self.masked_weight(index), self.bias)
 
     def _place(self, part: torch.Tensor, index: int) -> torch.Tensor:
@@ -106,7 +103,8 @@ class MaskedLinear(nn.Linear, MaskedWeight):
 
     def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         if index is not None and self.kept_rows is not None:
-            return self._kept(x, index, F.linear, self._place)
+            out = self._kept(x, index, F.linear, self._place)
+            return out if self.bias is None else out + self.bias.to(out.dtype)
         return F.linear(x, self.masked_weight(index), self.bias)
 
     def _place(self, part: torch.Tensor, index: int) -> torch.Tensor:

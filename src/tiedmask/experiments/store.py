@@ -27,7 +27,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TiedmaskError
+from ..files import read_json
 from ..training.settings import config_from_dict, config_hash, config_to_dict
 
 FINISHED = ("ok", "diverged")
@@ -46,6 +47,10 @@ def rekey(record: dict) -> dict:
     return record
 
 
+def today_hash(config: dict) -> str:
+    return config_hash(config_from_dict(config))
+
+
 def setting(record: dict, key: str):
     """A record's config value at a dotted key, e.g. ``model.masks.density`` (None if absent)."""
     node = record.get("config", {})
@@ -60,7 +65,19 @@ class ResultsStore:
         self.path = self.root / "results.jsonl"
 
     def run_dir(self, config_hash: str) -> Path:
-        return self.root / "runs" / config_hash
+        """runs/<hash>; or, when there is none, the folder of a run that an older version
+        started for the same config (named by that version's hash, which changes when
+        settings are added), so that an interrupted run resumes rather than restarts."""
+        own = self.root / "runs" / config_hash
+        if own.exists():
+            return own
+        for folder in sorted((self.root / "runs").glob("*/config.json")):
+            try:
+                if config_hash == today_hash(read_json(folder)):
+                    return folder.parent
+            except TiedmaskError:
+                continue  # a config this version cannot read is nobody's run today
+        return own
 
     def records(self, warn=lambda message: print(message, file=sys.stderr)) -> list[dict]:
         """The latest record of every config, in the order first seen; bad lines are skipped

@@ -192,6 +192,8 @@ def augment(x: torch.Tensor, kind: str, generator: torch.Generator,
     out = flat.gather(2, index).view(n, c, h, w)
     if kind == "crop_flip":
         flips = torch.rand(n, device=x.device, generator=generator) < 0.5
+    if kind == "crop_altflip" and flips is None:
+        raise ValueError("crop_altflip mirrors the images it is given flips for (see alternating_flips)")
     if kind in ("crop_flip", "crop_altflip"):
         out = torch.where(flips.view(n, 1, 1, 1), out.flip(3), out)
     return out
@@ -201,5 +203,6 @@ def alternating_flips(images: int, seed: int, epoch: int, device: torch.device) 
     """Which training images are mirrored in `epoch` (from 1) under `crop_altflip`: a random
     half in odd epochs, the other half in even ones, so that every pair of epochs shows each
     image both ways (airbench's alternating flip; random flips repeat a view half the time)."""
-    first = torch.rand(images, generator=torch.Generator().manual_seed(seed)) < 0.5
+    # A stream of its own: the bare seed also draws the initial weights.
+    first = torch.rand(images, generator=torch.Generator().manual_seed(seed * 1_000_003 + 17)) < 0.5
     return (first ^ (epoch % 2 == 0)).to(device)

@@ -5,8 +5,9 @@ of the way to them and the fast weights restart from it:
     slow <- slow + (1 - decay) * (fast - slow);   fast <- slow
 
 BatchNorm running statistics are averaged alike. The optimizer's momentum is left alone.
-`sync` at the end of each epoch leaves slow == fast, so a checkpoint of the model holds the
-whole state and a resumed run continues bitwise.
+Each epoch starts with `restart` (slow <- fast) and ends with `sync`, so a checkpoint of the
+model holds the whole state and a resumed run continues bitwise, whatever happens to the
+weights between epochs (data-parallel runs average their BatchNorm statistics there).
 
 >>> import torch
 >>> net = torch.nn.Linear(1, 1, bias=False)
@@ -32,6 +33,12 @@ class Lookahead:
         # state_dict returns as views of the model's own storage.
         self.fast = [t for t in model.state_dict().values() if t.is_floating_point()]
         self.slow = [t.detach().clone() for t in self.fast]
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Start the slow weights from the model's weights as they are now."""
+        for fast, slow in zip(self.fast, self.slow):
+            slow.copy_(fast)
 
     def after_step(self, step: int) -> None:
         """Call after optimizer step number `step` (from 1)."""

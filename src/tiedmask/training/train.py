@@ -30,12 +30,12 @@ from ..core.deq.equilibrium import SolverDiverged
 from ..core.flops import count_macs
 from ..core.presets import build_model
 from ..errors import ConfigError
-from .data import alternating_flips, augment, normalize, prepare_data
+from .data import RunData, alternating_flips, augment, normalize, prepare_data
 from .datasets import Dataset
 from .distributed import Dist, setup as setup_distributed, teardown as teardown_distributed
 from .finetune import prepare_finetune
 from .lookahead import Lookahead
-from .rundir import RunDir, RunState
+from .rundir import RunDir, RunState, load_trained
 from .settings import TrainConfig, config_hash
 
 
@@ -142,6 +142,21 @@ def evaluate(model, x_all, y_all, mean, std, cfg: TrainConfig, device,
     return correct / len(x_all), loss_sum / len(x_all)
 
 
+def score_run(run_dir, data_root: str = "", tta: str | None = None) -> tuple[float, float, TrainConfig, RunData]:
+    """(accuracy, loss, settings, data) of a saved run on its evaluation images, as its training
+    scored them, or with the test-time views `tta` (the run itself is not changed)."""
+    model, cfg, data = load_trained(run_dir, data_root)
+    if tta is not None:
+        cfg = dataclasses.replace(cfg, eval_tta=tta)
+        cfg.validate()
+    device = resolve_device(cfg)
+    mean, std = data.stats.tensors(device)
+    channels_last = use_channels_last(cfg, data.shape.size)
+    acc, loss = evaluate(place(model, device, channels_last), data.test_x, data.test_y, mean, std, cfg,
+                         device, channels_last=channels_last)
+    return acc, loss, cfg, data
+
+
 def tta_logits(model, x: torch.Tensor, tta: str, layout=torch.contiguous_format) -> torch.Tensor:
     """The model's logits for a batch in memory `layout`, averaged over the views of `tta`."""
     def mirrored(views: torch.Tensor) -> torch.Tensor:
@@ -195,6 +210,8 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
     gen = epoch_generator(cfg.seed, epoch, device)
     order = torch.randperm(len(train_x), device=device, generator=gen)
     flips = alternating_flips(len(train_x), cfg.seed, epoch, device) if aug == "crop_altflip" else None
+    if lookahead is not None:
+        lookahead.restart()
     n_batches = max(1, len(train_x) // cfg.batch_size)  # drop the last partial batch
     loss_sum, correct, seen, forward, backward = 0.0, 0, 0, [], []
     terminal = sys.stderr.isatty()
@@ -260,7 +277,7 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
             break
     model.set_deadline(None)  # evaluation is bounded by its iteration limit alone
     if lookahead is not None:
-        lookahead.sync()  # the checkpoint then holds the slow weights, and resuming is exact
+        lookahead.sync()  # the checkpoint holds the slow weights, the next epoch restarts from it
     if device.type == "cuda":
         torch.cuda.synchronize()
     loss_sum, correct, seen = ctx.sum(loss_sum, correct, seen)
