@@ -67,13 +67,17 @@ def paired(records: list[dict], variant: str, reference: str = REFERENCE) -> dic
     seeds = sorted(set(by_seed[variant]) & set(by_seed[reference]))
     if not seeds:
         return None
-    diffs = [by_seed[reference][s] - by_seed[variant][s] for s in seeds]
-    mean = statistics.mean(diffs)
-    if len(diffs) < 2:
+    return mean_interval([by_seed[reference][s] - by_seed[variant][s] for s in seeds])
+
+
+def mean_interval(values: list[float]) -> dict:
+    """Mean, std and 95% t-interval of the mean (nan with one value), and n."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
         return {"n": 1, "mean": mean, "std": float("nan"), "low": float("nan"), "high": float("nan")}
-    sd = statistics.stdev(diffs)
-    half = scipy_stats.t.ppf(0.975, len(diffs) - 1) * sd / len(diffs) ** 0.5
-    return {"n": len(diffs), "mean": mean, "std": sd, "low": mean - half, "high": mean + half}
+    sd = statistics.stdev(values)
+    half = scipy_stats.t.ppf(0.975, len(values) - 1) * sd / len(values) ** 0.5
+    return {"n": len(values), "mean": mean, "std": sd, "low": mean - half, "high": mean + half}
 
 
 def verdict(diff: dict | None) -> str:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
-from scipy import stats as scipy_stats
 
+from paper_claims import mean_interval  # this folder's sibling script
 from tiedmask.experiments.store import ResultsStore
 from tiedmask.training.train import hardware_name, score_run
 
@@ -44,12 +43,9 @@ def main() -> None:
                              "gain": acc["flip_translate"] - acc["flip"]})
                 print(f"{rows[-1]['variant']:<28} seed {record['seed']}  flip {acc['flip']:.2f}  "
                       f"flip+translate {acc['flip_translate']:.2f}  gain {rows[-1]['gain']:+.2f}", flush=True)
-    gains = [r["gain"] for r in rows]
-    summary = {"n": len(gains), "mean": statistics.mean(gains)}
-    if len(gains) > 1:
-        half = scipy_stats.t.ppf(0.975, len(gains) - 1) * statistics.stdev(gains) / len(gains) ** 0.5
-        summary.update(low=summary["mean"] - half, high=summary["mean"] + half)
-        print(f"\ngain over {len(gains)} runs: {summary['mean']:+.2f} points, 95% CI "
+    summary = mean_interval([r["gain"] for r in rows])
+    if summary["n"] > 1:
+        print(f"\ngain over {summary['n']} runs: {summary['mean']:+.2f} points, 95% CI "
               f"[{summary['low']:+.2f}, {summary['high']:+.2f}]")
     out = Path(__file__).resolve().parent / "results" / "tta_gain.json"
     out.write_text(json.dumps({"hardware": hardware_name(torch.device("cpu")), "summary": summary,

@@ -65,14 +65,11 @@ def cmd_finetune(args, overrides) -> int:
 
 
 def cmd_eval(args, overrides) -> int:
-    from .training.settings import TTAS
     from .training.train import score_run
 
     if overrides:
         raise TiedmaskError(f"eval scores a run as it was trained and takes no overrides "
                             f"({' '.join(overrides)}); use --data-root DIR if the data moved")
-    if args.tta is not None and args.tta not in TTAS:
-        raise TiedmaskError(f"--tta {args.tta!r} is not one of {list(TTAS)}")
     acc, loss, cfg, data = score_run(args.run_dir, args.data_root, args.tta)
     print(f"{args.run_dir}: test acc {acc:.2%}, test loss {loss:.4f} on {data.name} "
           f"({len(data.test_x)} images, test-time views: {cfg.eval_tta})")

@@ -36,7 +36,7 @@ from .distributed import Dist, setup as setup_distributed, teardown as teardown_
 from .finetune import prepare_finetune
 from .lookahead import Lookahead
 from .rundir import RunDir, RunState, load_trained
-from .settings import TrainConfig, config_hash
+from .settings import TTAS, TrainConfig, config_hash
 
 
 @dataclass
@@ -145,10 +145,11 @@ def evaluate(model, x_all, y_all, mean, std, cfg: TrainConfig, device,
 def score_run(run_dir, data_root: str = "", tta: str | None = None) -> tuple[float, float, TrainConfig, RunData]:
     """(accuracy, loss, settings, data) of a saved run on its evaluation images, as its training
     scored them, or with the test-time views `tta` (the run itself is not changed)."""
+    if tta is not None and tta not in TTAS:  # before anything is loaded
+        raise ConfigError(f"test-time augmentation {tta!r} is not one of {list(TTAS)}")
     model, cfg, data = load_trained(run_dir, data_root)
     if tta is not None:
         cfg = dataclasses.replace(cfg, eval_tta=tta)
-        cfg.validate()
     device = resolve_device(cfg)
     mean, std = data.stats.tensors(device)
     channels_last = use_channels_last(cfg, data.shape.size)
