@@ -86,18 +86,26 @@ def conv_step(shape: tuple[int, ...], density: float, kept_only: bool):
     return step
 
 
-def timed_in_turns(steps: dict, rounds: int, per_round: int = 3) -> dict:
-    """Median seconds per call of each step, timed in alternating rounds after 2 warm-ups."""
+def round_medians(steps: dict, rounds: int, per_round: int = 3) -> dict[str, list[float]]:
+    """Each step's median seconds per call in each round; the steps alternate within a round
+    (after 2 warm-up calls each), so a drift in the machine's speed falls on all of them alike."""
     times = {name: [] for name in steps}
     for step in steps.values():
         step(), step()
     for _ in range(rounds):
         for name, step in steps.items():
+            calls = []
             for _ in range(per_round):
                 start = time.perf_counter()
                 step()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+                calls.append(time.perf_counter() - start)
+            times[name].append(statistics.median(calls))
+    return times
+
+
+def timed_in_turns(steps: dict, rounds: int, per_round: int = 3) -> dict:
+    """Median seconds per call of each step over `round_medians`' rounds."""
+    return {name: statistics.median(t) for name, t in round_medians(steps, rounds, per_round).items()}
 
 
 def main() -> None:
