@@ -42,6 +42,7 @@ def test_run_directory_contents(tmp_path, digits):
     (["--optim.lookahead_every", "3", "--data.augment", "crop_altflip"], False),
     # evaluation changing BatchNorm statistics between epochs (as data-parallel averaging does)
     (["--optim.lookahead_every", "3", "--norm", "batch"], True),
+    (["--optim.name", "sgd", "--optim.muon_lr", "0.02"], False),  # Muon state in the checkpoint
 ])
 def test_resume_reaches_the_uninterrupted_result(tmp_path, digits, monkeypatch, extra, averaged):
     if averaged:

@@ -93,13 +93,19 @@ class OptimConfig:
     # slow weights move (1 - decay) of the way to the trained ones, which restart from them
     lookahead_every: int = 0  # 0 = off
     lookahead_decay: float = 0.8
+    # sgd only: convolution filters take orthogonalised (Muon) steps at this peak learning rate,
+    # on the same schedule (see `tiedmask.training.muon`); 0 = off, every parameter takes SGD steps
+    muon_lr: float = 0.0
 
     def validate(self) -> None:
         _choose("optim.name", self.name, OPTIMIZERS)
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         _at_least("optim.", self, 0, "weight_decay", "momentum", "warmup_epochs", "label_smoothing",
-                  "grad_clip", "lookahead_every", "lookahead_decay")
+                  "grad_clip", "lookahead_every", "lookahead_decay", "muon_lr")
+        if self.muon_lr and self.name != "sgd":
+            raise ConfigError(f"optim.muon_lr works with optim.name sgd, not {self.name}; set "
+                              "optim.name sgd or optim.muon_lr 0")
         if self.momentum >= 1 or self.label_smoothing >= 1 or self.lookahead_decay >= 1:
             raise ConfigError("optim.momentum, optim.label_smoothing and optim.lookahead_decay "
                               "must be below 1")

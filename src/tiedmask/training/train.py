@@ -35,6 +35,7 @@ from .datasets import Dataset
 from .distributed import Dist, setup as setup_distributed, teardown as teardown_distributed
 from .finetune import prepare_finetune
 from .lookahead import Lookahead
+from .muon import MuonSGD
 from .rundir import RunDir, RunState, load_trained
 from .settings import TTAS, TrainConfig, config_hash
 
@@ -109,6 +110,12 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     no_decay = [p for p, e in zip(params, exempt) if e]
     groups = [{"params": decay, "weight_decay": o.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "sgd" and o.muon_lr:
+        filters = [p for p in decay if p.dim() == 4]
+        groups[0]["params"] = [p for p in decay if p.dim() != 4]
+        groups.append({"params": filters, "weight_decay": o.weight_decay, "orthogonal": True,
+                       "lr_scale": o.muon_lr / o.lr})
+        return MuonSGD(groups, lr=o.lr, momentum=o.momentum)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
