@@ -75,3 +75,19 @@ def test_console_entry_point_reports_errors_without_traceback():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown model") and "Traceback" not in proc.stderr
+
+
+def test_the_help_lists_every_setting_in_its_section():
+    """`tiedmask train --help` is the settings' reference: a key added to a section must be in it."""
+    import re
+
+    from tiedmask.cli import OVERRIDES_HELP
+    from tiedmask.training.settings import TrainConfig
+    from tiedmask.typed import nested_fields
+
+    listed = {section: set(keys.split()) for section, keys in
+              re.findall(r"([\w.]+) \(([^)]*)\)", " ".join(OVERRIDES_HELP.split()))}
+    top = set(" ".join(OVERRIDES_HELP.split()).split(", and ")[1].split(".")[0].split())
+    for key, _ in nested_fields(TrainConfig):
+        section, _, leaf = key.rpartition(".")
+        assert leaf in (listed.get(section, set()) if section else top), key

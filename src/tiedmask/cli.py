@@ -13,15 +13,16 @@ OVERRIDES_HELP = """overrides: --KEY VALUE for any config key, dotted (--model.d
 leaf name (--depth 6; a name shared with the model means the model's); --model NAME and
 --data NAME pick a preset and a dataset.
 Sections: model (name cell execution width depth stages norm checkpointing head_pool
-weight_norm patch_size heads mlp_ratio), model.masks (kind scope density seed nm_m), model.deq
-(solver grad train_iter eval_iter backward_iter tol stop_mode solver_options phantom_steps
-phantom_tau jac_reg), data (name root download augment train_subset test_subset channels
-image_size val_split), optim (name lr weight_decay momentum warmup_epochs label_smoothing
-grad_clip), finetune (init_from method rank alpha n_masks density targets train_head rescale),
-and epochs
-time_budget_s batch_size eval_batch_size seed device precision channels_last compile eval_tta
-threads progress. A section path may stand for the whole key (--masks.scope same,
---deq.solver_options "{m: 3}"); the flat keys of 0.1 (--mask_scope, --deq_solver) still work.
+patch_size heads mlp_ratio weight_norm args), model.masks (kind scope density seed nm_m),
+model.deq (solver grad train_iter eval_iter backward_iter tol stop_mode solver_options
+phantom_steps phantom_tau jac_reg), model.tie (blocks init per_application relax relax_rank
+relax_density relax_init), data (name root download augment train_subset test_subset channels
+image_size val_split classes), optim (name lr weight_decay momentum warmup_epochs
+label_smoothing grad_clip lookahead_every lookahead_decay muon_lr), finetune (init_from method
+rank alpha n_masks density targets train_head rescale), and epochs time_budget_s batch_size
+eval_batch_size seed device precision channels_last compile eval_tta threads progress.
+A section path may stand for the whole key (--masks.scope same, --deq.solver_options "{m: 3}");
+the flat keys of 0.1 (--mask_scope, --deq_solver) still work.
 `tiedmask info` shows a resolved model. Data-parallel: `torchrun --nproc_per_node N -m
 tiedmask.cli train ...`."""
 
