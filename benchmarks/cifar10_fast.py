@@ -1,13 +1,18 @@
 """Time to accuracy on CIFAR-10 with the `cifar10-fast` recipe (a multi-mask weight-tied model
-of 0.89M parameters), on this machine's CPU cores.
+of 0.89M parameters) on this machine's CPU cores, beside untied networks trained the same way.
 
-    python benchmarks/cifar10_fast.py --data-root ../shared/data     # ~33 min per seed; run alone
+    python benchmarks/cifar10_fast.py --data-root ../shared/data     # ~33 min a run; run alone
+    python benchmarks/cifar10_fast.py --variants tied untied-equal-params untied-equal-flops
 
-Each seed is one `tiedmask train --recipe cifar10-fast` run: 29 minutes of training (evaluation,
-with flip TTA on the full 10k test set after every epoch, is excluded from the clock, as in
-airbench). Finished runs are kept and skipped; interrupted ones resume. Reports the final test
-accuracy (mean ± std over seeds), the training time at which each target was first reached, and
-the accuracy-against-time curve. Writes benchmarks/results/cifar10_fast.json and
+Each run is one `tiedmask train --recipe cifar10-fast` (29 minutes of training; evaluation,
+with the recipe's TTA on the full 10k test set after every epoch, is excluded from the clock,
+as in airbench). Variants: `tied` (the recipe), `untied-equal-flops` (the same shape with every
+application its own weights: the dense FLOPs of the tied model, more parameters) and
+`untied-equal-params` (untied, at the width whose parameter count is nearest the tied model's,
+found here by building the models). Runs go seed by seed, so a stopped benchmark leaves paired
+sets; finished runs are kept and skipped, interrupted ones resume. Reports each variant's final
+test accuracy (mean ± std over seeds), the training time at which each target was first reached,
+and the accuracy-against-time curves. Writes benchmarks/results/cifar10_fast.json and
 docs/img/cifar10_fast_curve.png.
 """
 
@@ -15,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,21 +31,43 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from tiedmask.core.backbones import count_params  # noqa: E402
+from tiedmask.core.presets import build_model  # noqa: E402
 from tiedmask.experiments.report import fmt  # noqa: E402
+from tiedmask.training.settings import load_config, recipe_path  # noqa: E402
+from tiedmask.training.train import hardware_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = (0.80, 0.85, 0.90, 0.94)
+TARGETS = (0.80, 0.85, 0.90, 0.92, 0.93, 0.94)
+VARIANTS = ("tied", "untied-equal-flops", "untied-equal-params")
+UNTIED = ["--model.execution", "untied", "--model.masks.scope", "dense"]
 
 
-def run_seed(seed: int, runs: Path, data_root: str) -> Path:
-    run_dir = runs / f"seed{seed}"
+def params_of(overrides: list[str]) -> int:
+    return count_params(build_model(load_config(recipe_path("cifar10-fast"), overrides).model))
+
+
+def variant_overrides(variant: str) -> list[str]:
+    """The `tiedmask train` overrides of a variant on top of the recipe."""
+    if variant == "tied":
+        return []
+    if variant == "untied-equal-flops":
+        return UNTIED
+    tied = params_of([])
+    widths = range(8, load_config(recipe_path("cifar10-fast")).model.width + 1)
+    width = min(widths, key=lambda w: abs(params_of(UNTIED + ["--model.width", str(w)]) - tied))
+    return UNTIED + ["--model.width", str(width)]
+
+
+def run(variant: str, seed: int, runs: Path, data_root: str) -> Path:
+    run_dir = runs / variant / f"seed{seed}"
     if (run_dir / "result.json").exists():
         return run_dir
     if (run_dir / "checkpoint.json").exists():
         cmd = ["--resume", str(run_dir)]
     else:
         cmd = ["--recipe", "cifar10-fast", "--data.root", data_root, "--seed", str(seed),
-               "--progress", "false", "--out", str(run_dir)]
+               "--progress", "false", "--out", str(run_dir), *variant_overrides(variant)]
     subprocess.run([sys.executable, "-m", "tiedmask.cli", "train", *cmd], check=True)
     return run_dir
 
@@ -65,43 +91,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["tied"])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "cifar10-fast")
     args = parser.parse_args()
-    curves = {seed: curve(run_seed(seed, args.runs, args.data_root)) for seed in args.seeds}
-    results = {seed: json.loads((args.runs / f"seed{seed}" / "result.json").read_text())
-               for seed in args.seeds}
-    finals = [100 * results[s]["test_acc"] for s in args.seeds]
-    print(f"cifar10-fast on {torch.get_num_threads()} threads ({platform.processor() or platform.machine()}): "
-          f"{results[args.seeds[0]]['params']:,} params")
-    print(f"final test accuracy (flip TTA): {mean_std(finals)} %")
-    reached = {}
-    for target in TARGETS:
-        times = [first_time_at(curves[s], target) for s in args.seeds]
-        reached[str(target)] = times
-        shown = ", ".join("not reached" if t is None else f"{t / 60:.1f} min" for t in times)
-        print(f"  time to {target:.0%}: {shown}")
-    for seed in args.seeds:
-        r = results[seed]
-        print(f"  seed {seed}: {100 * r['test_acc']:.2f}% after {r['epochs']} epochs, "
-              f"{r['train_time_s'] / 60:.1f} min training, {r['img_per_s']:.0f} img/s")
+    run_dirs = {(v, s): run(v, s, args.runs, args.data_root) for s in args.seeds for v in args.variants}
+    curves = {key: curve(d) for key, d in run_dirs.items()}
+    results = {key: json.loads((d / "result.json").read_text()) for key, d in run_dirs.items()}
+    print(f"cifar10-fast on {hardware_name(torch.device('cpu'))}\n")
+    summary = {}
+    for variant in args.variants:
+        keys = [(variant, s) for s in args.seeds]
+        finals = [100 * results[k]["test_acc"] for k in keys]
+        reached = {str(t): [first_time_at(curves[k], t) for k in keys] for t in TARGETS}
+        summary[variant] = {"params": results[keys[0]]["params"], "final_test_acc": finals,
+                            "time_to_target_s": reached, "overrides": variant_overrides(variant)}
+        print(f"{variant}: {results[keys[0]]['params']:,} params; final test accuracy {mean_std(finals)} %")
+        for target, times in reached.items():
+            shown = ", ".join("not reached" if t is None else f"{t / 60:.1f} min" for t in times)
+            print(f"  time to {float(target):.0%}: {shown}")
+        for k in keys:
+            r = results[k]
+            print(f"  seed {k[1]}: {100 * r['test_acc']:.2f}% after {r['epochs']} epochs, "
+                  f"{r['train_time_s'] / 60:.1f} min training, {r['img_per_s']:.0f} img/s")
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for seed, points in curves.items():
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    colors = dict(zip(VARIANTS, ("C0", "C1", "C2")))
+    for (variant, seed), points in curves.items():
         ax.plot([t / 60 for t, _ in points], [100 * a for _, a in points], marker="o", ms=3,
-                label=f"seed {seed}")
-    ax.axhline(90, color="grey", lw=0.8, ls="--")
+                color=colors[variant], ls="-" if seed == args.seeds[0] else "--",
+                label=f"{variant} ({summary[variant]['params'] / 1e6:.2f}M), seed {seed}")
+    ax.axhline(93, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("training time (min, 2 CPU cores)")
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
-    ax.set_title("cifar10-fast: multi-mask tied model, 0.89M params")
-    ax.legend()
+    ax.set_ylim(bottom=75)
+    ax.set_title("cifar10-fast recipe: tied multi-mask and untied")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(ROOT / "docs" / "img" / "cifar10_fast_curve.png", dpi=120)
 
     out = ROOT / "benchmarks" / "results" / "cifar10_fast.json"
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "final_test_acc": finals, "time_to_target_s": reached,
-                               "curves": {str(s): c for s, c in curves.items()},
-                               "results": {str(s): r for s, r in results.items()}}, indent=1) + "\n")
+    out.write_text(json.dumps({"hardware": hardware_name(torch.device("cpu")), "torch": torch.__version__,
+                               "seeds": args.seeds, "variants": summary,
+                               "curves": {f"{v}/seed{s}": c for (v, s), c in curves.items()},
+                               "results": {f"{v}/seed{s}": r for (v, s), r in results.items()}},
+                              indent=1) + "\n")
 
 
 if __name__ == "__main__":
