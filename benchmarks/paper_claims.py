@@ -31,6 +31,7 @@ RECORDS = ROOT / "benchmarks" / "results" / "paper_claims.jsonl"
 GRID_CLAIMS = {  # store folder name -> the claim its runs test
     "paper-claims-fast": "multi-vs-same-vs-dense-vs-untied (fast family, depth 4)",
     "paper-claims-depth8": "multi-vs-same-vs-dense-vs-untied (fast family, depth 8)",
+    "paper-claims-resnet": "multi-vs-same-vs-dense (the paper's GroupNorm ResNet cell, depth 6)",
 }
 REFERENCE = "tied-multi"
 OTHER_PAIRS = [  # (a, b): a − b paired by seed, shown under a claim's table when both have runs
