@@ -120,3 +120,32 @@ def test_lookahead_moves_the_slow_weights_part_of_the_way_every_k_steps():
         avg.after_step(step)
     assert torch.allclose(net[0].weight, w0 - 3 * 4 * 0.25 * 0.1 * g)
     assert float(net[1].running_mean) == pytest.approx(3 * 4 * 0.25)
+
+
+def test_the_whitening_bias_trains_for_its_epochs_then_stays(digits, monkeypatch):
+    train_module = importlib.import_module("tiedmask.training.train")
+    real_epoch, seen = train_module.train_epoch, []
+
+    def recording(model, *args, **kwargs):
+        if not seen:
+            seen.append((model.whitening_bias().detach().clone(), model.head.weight.detach().clone()))
+        stats = real_epoch(model, *args, **kwargs)
+        seen.append((model.whitening_bias().detach().clone(), model.head.weight.detach().clone()))
+        return stats
+
+    monkeypatch.setattr(train_module, "train_epoch", recording)
+    overrides = ["--data", "digits", "--data.image_size", "32", "--model", "tied-fast", "--width", "8",
+                 "--batch_size", "64", "--optim.name", "sgd", "--optim.lr", "0.05", "--epochs", "3",
+                 "--optim.whiten_bias_epochs", "1", "--progress", "false"]
+    train(load_config(overrides=overrides), dataset=digits)
+    (b0, h0), (b1, h1), (b2, h2), (b3, h3) = seen
+    assert not torch.equal(b0, b1)  # trained in epoch 1
+    assert torch.equal(b1, b2) and torch.equal(b2, b3)  # then left alone (weight decay too)
+    assert not torch.equal(h1, h2) and not torch.equal(h2, h3)  # while the rest trains on
+
+
+def test_whitening_bias_epochs_without_a_whitening_stem_is_refused(digits):
+    from tiedmask.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="whitening stem"):
+        train(load_config(overrides=QUICK + ["--epochs", "1", "--optim.whiten_bias_epochs", "2"]), dataset=digits)

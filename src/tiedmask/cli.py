@@ -18,8 +18,8 @@ model.deq (solver grad train_iter eval_iter backward_iter tol stop_mode solver_o
 phantom_steps phantom_tau jac_reg), model.tie (blocks init per_application relax relax_rank
 relax_density relax_init), data (name root download augment train_subset test_subset channels
 image_size val_split classes), optim (name lr weight_decay momentum warmup_epochs
-label_smoothing grad_clip lookahead_every lookahead_decay muon_lr), finetune (init_from method
-rank alpha n_masks density targets train_head rescale), and epochs time_budget_s batch_size
+label_smoothing grad_clip lookahead_every lookahead_decay muon_lr whiten_bias_epochs),
+finetune (init_from method rank alpha n_masks density targets train_head rescale), and epochs time_budget_s batch_size
 eval_batch_size seed device precision channels_last compile eval_tta threads progress.
 A section path may stand for the whole key (--masks.scope same, --deq.solver_options "{m: 3}");
 the flat keys of 0.1 (--mask_scope, --deq_solver) still work.

@@ -105,6 +105,10 @@ class Backbone(nn.Module):
     def init_from_data(self, images: torch.Tensor) -> None:
         """Data-dependent initialisation from normalised training images (default: none)."""
 
+    def whitening_bias(self) -> nn.Parameter | None:
+        """The trained bias of a stem whose filters are set from the data, or None (no such stem)."""
+        return None
+
     def aux_loss(self) -> torch.Tensor | None:
         """The runners' regularisers of the last forward pass (DEQ Jacobian penalty), or None."""
         terms = [t for t in (r.aux_loss() for r in self.runners()) if t is not None]
@@ -212,6 +216,9 @@ class TiedFastNet(Backbone):
         with torch.no_grad():
             filters = whitening_filters(images.cpu(), WHITEN_KERNEL)
             self.whiten.weight.copy_(filters.to(self.whiten.weight.device))
+
+    def whitening_bias(self) -> nn.Parameter:
+        return self.whiten.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.whiten(x))

@@ -96,13 +96,16 @@ class OptimConfig:
     # sgd only: convolution filters take orthogonalised (Muon) steps at this peak learning rate,
     # on the same schedule (see `tiedmask.training.muon`); 0 = off, every parameter takes SGD steps
     muon_lr: float = 0.0
+    # models with a whitening stem (tied-fast): its bias trains for this many epochs, then stays
+    # (airbench trains it for 3); 0 = it trains throughout
+    whiten_bias_epochs: int = 0
 
     def validate(self) -> None:
         _choose("optim.name", self.name, OPTIMIZERS)
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         _at_least("optim.", self, 0, "weight_decay", "momentum", "warmup_epochs", "label_smoothing",
-                  "grad_clip", "lookahead_every", "lookahead_decay", "muon_lr")
+                  "grad_clip", "lookahead_every", "lookahead_decay", "muon_lr", "whiten_bias_epochs")
         if self.muon_lr and self.name != "sgd":
             raise ConfigError(f"optim.muon_lr works with optim.name sgd, not {self.name}; set "
                               "optim.name sgd or optim.muon_lr 0")

@@ -230,6 +230,7 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
     start = time.perf_counter()
     # A DEQ solve inside a step stops when the budget is spent (one process: its own clock).
     model.set_deadline(start + time_left if math.isfinite(time_left) and not ctx.enabled else None)
+    settled_bias = model.whitening_bias() if epoch > cfg.optim.whiten_bias_epochs > 0 else None
     stats = EpochStats(math.nan, 0.0, 0, 0.0, step)
     for b in bar:
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
@@ -259,6 +260,8 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
         except SolverDiverged as exc:
             stats.failure = str(exc)
             break
+        if settled_bias is not None:
+            settled_bias.grad = None  # the optimizer skips it (after data-parallel averaging)
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -367,6 +370,9 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.shape)
     model.init_from_data(normalize(train_x[:5000], mean, std))
+    if cfg.optim.whiten_bias_epochs and model.whitening_bias() is None:
+        raise ConfigError(f"optim.whiten_bias_epochs needs a model with a whitening stem (tied-fast); "
+                          f"{cfg.model.name} has none: set it to 0")
     if cfg.finetune.init_from:
         pretrained, _, _ = RunDir(cfg.finetune.init_from).load_checkpoint()
         model = prepare_finetune(model, cfg, pretrained)
