@@ -74,7 +74,7 @@ def run(variant: str, seed: int, runs: Path, data_root: str) -> Path:
 
 def curve(run_dir: Path) -> list[tuple[float, float]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return [(r["train_time_s"], r["test_acc"]) for r in rows]
+    return [(r["train_time_s"], r["test_acc"]) for r in rows if r["test_acc"] is not None]
 
 
 def first_time_at(points, target: float) -> float | None:

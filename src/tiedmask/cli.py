@@ -20,7 +20,7 @@ relax_density relax_init), data (name root download augment train_subset test_su
 image_size val_split classes), optim (name lr weight_decay momentum warmup_epochs
 label_smoothing grad_clip lookahead_every lookahead_decay muon_lr whiten_bias_epochs),
 finetune (init_from method rank alpha n_masks density targets train_head rescale), and epochs time_budget_s batch_size
-eval_batch_size seed device precision channels_last compile eval_tta threads progress.
+eval_batch_size seed device precision channels_last compile eval_tta eval_every threads progress.
 A section path may stand for the whole key (--masks.scope same, --deq.solver_options "{m: 3}");
 the flat keys of 0.1 (--mask_scope, --deq_solver) still work.
 `tiedmask info` shows a resolved model. Data-parallel: `torchrun --nproc_per_node N -m

@@ -154,6 +154,9 @@ class TrainConfig:
     # flip: average the logits of each test image and its mirror image; flip_translate: also of
     # both shifted by one pixel either way along the diagonal (weights 1/2, 1/4, 1/4)
     eval_tta: str = "none"
+    # score the test set after every this many epochs, and always after the last: long sweeps
+    # that read only the final score save the evaluations' time (a run-time key: not hashed)
+    eval_every: int = 1
     threads: int = 0  # torch threads on cpu; 0 = all cores
     progress: bool = True
 
@@ -165,7 +168,7 @@ class TrainConfig:
         _choose("precision", self.precision, PRECISIONS)
         _choose("channels_last", self.channels_last, ("auto", "true", "false"))
         _choose("eval_tta", self.eval_tta, TTAS)
-        _at_least("", self, 1, "epochs", "batch_size", "eval_batch_size")
+        _at_least("", self, 1, "epochs", "batch_size", "eval_batch_size", "eval_every")
         _at_least("", self, 0, "threads", "time_budget_s")
 
 
@@ -322,9 +325,9 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# Keys that change how fast or from where a run goes, not what it computes: left out of the
-# hash (so moving the data or adding threads keeps a store's results) and of resume checks.
-RUNTIME_ONLY = ("threads", "progress", "compile", "data.root", "data.download")
+# Keys that change how fast or from where a run goes, not what it trains or its final score: left
+# out of the hash (so moving the data or adding threads keeps a store's results) and of resume checks.
+RUNTIME_ONLY = ("threads", "progress", "compile", "data.root", "data.download", "eval_every")
 
 
 def without_runtime_keys(values: dict, prefix: str = "") -> dict:
