@@ -154,10 +154,13 @@ def test_whitening_bias_epochs_without_a_whitening_stem_is_refused(digits):
 def test_scoring_every_other_epoch_trains_the_same_run(tmp_path, digits):
     from tiedmask.training.settings import config_hash
 
-    every, sparse = (load_config(overrides=QUICK + ["--epochs", "3", "--eval_every", str(k)]) for k in (1, 2))
+    every, sparse, last = (load_config(overrides=QUICK + ["--epochs", "3", "--eval_every", str(k)]) for k in (1, 2, 0))
     assert config_hash(every) == config_hash(sparse)  # a run-time key: stores skip either
     a = train(every, out=tmp_path / "a", dataset=digits)
     b = train(sparse, out=tmp_path / "b", dataset=digits)
     assert a.test_acc == b.test_acc and a.final_train_loss == b.final_train_loss
     scored = [json.loads(x)["test_acc"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert scored[0] is None and scored[1] is not None and scored[2] is not None  # epoch 2, and the last
+    train(last, out=tmp_path / "c", dataset=digits)
+    scored = [json.loads(x)["test_acc"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert scored[:2] == [None, None] and scored[2] == b.test_acc  # 0: only the last

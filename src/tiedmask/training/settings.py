@@ -154,8 +154,9 @@ class TrainConfig:
     # flip: average the logits of each test image and its mirror image; flip_translate: also of
     # both shifted by one pixel either way along the diagonal (weights 1/2, 1/4, 1/4)
     eval_tta: str = "none"
-    # score the test set after every this many epochs, and always after the last: long sweeps
-    # that read only the final score save the evaluations' time (a run-time key: not hashed)
+    # score the test set after every this many epochs, and always after the last (0: only after
+    # the last): sweeps that read only the final score save the evaluations' time (a run-time
+    # key, not hashed: the trained run and its final score do not change)
     eval_every: int = 1
     threads: int = 0  # torch threads on cpu; 0 = all cores
     progress: bool = True
@@ -168,8 +169,8 @@ class TrainConfig:
         _choose("precision", self.precision, PRECISIONS)
         _choose("channels_last", self.channels_last, ("auto", "true", "false"))
         _choose("eval_tta", self.eval_tta, TTAS)
-        _at_least("", self, 1, "epochs", "batch_size", "eval_batch_size", "eval_every")
-        _at_least("", self, 0, "threads", "time_budget_s")
+        _at_least("", self, 1, "epochs", "batch_size", "eval_batch_size")
+        _at_least("", self, 0, "threads", "time_budget_s", "eval_every")
 
 
 SECTIONS = ("model", "data", "optim", "finetune")

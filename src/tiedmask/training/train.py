@@ -424,7 +424,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
         last = (epoch == cfg.epochs or ep.out_of_time
                 or bool(cfg.time_budget_s) and state.train_time_s >= cfg.time_budget_s)
         test_acc = test_loss = None  # not scored this epoch (eval_every)
-        if last or epoch % cfg.eval_every == 0:
+        if last or (cfg.eval_every and epoch % cfg.eval_every == 0):
             test_acc, test_loss = evaluate(model, data.test_x, data.test_y, mean, std, cfg, device, ctx,
                                            channels_last)
             eval_fwd, _ = model.pop_solver_stats()
