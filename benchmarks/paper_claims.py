@@ -32,8 +32,15 @@ GRID_CLAIMS = {  # store folder name -> the claim its runs test
     "paper-claims-fast": "multi-vs-same-vs-dense-vs-untied (fast family, depth 4)",
     "paper-claims-depth8": "multi-vs-same-vs-dense-vs-untied (fast family, depth 8)",
     "paper-claims-resnet": "multi-vs-same-vs-dense (the paper's GroupNorm ResNet cell, depth 6)",
+    "transfer-test": "multi-mask LoRA vs LoRA (CIFAR-10 base -> Fashion-MNIST)",
+    "transfer-split-test": "multi-mask LoRA vs LoRA (CIFAR-10 classes 0-4 -> 5-9)",
 }
 REFERENCE = "tied-multi"
+REFERENCES = {  # claim -> the multi-mask variant the others are paired against, when not REFERENCE
+    GRID_CLAIMS["transfer-test"]: "multimask-lora",
+    GRID_CLAIMS["transfer-split-test"]: "multimask-lora",
+}
+TRAIN_IMAGES = {"cifar10": 50_000, "fashion_mnist": 60_000}  # both balanced across their 10 classes
 OTHER_PAIRS = [  # (a, b): a − b paired by seed, shown under a claim's table when both have runs
     ("tied-dense", "tied-same"),
     ("tied-channel-multi", "tied-dense"),  # issue 13: channel masks, equal epochs
@@ -47,19 +54,29 @@ def claim_record(record: dict, claim: str) -> dict:
     """One paper_claims.jsonl record from a results-store record."""
     epochs = setting(record, "epochs")
     budget_s = setting(record, "time_budget_s")
-    subset = setting(record, "data.train_subset")
     return {
         "claim": claim, "variant": record["variant"], "config_hash": record["config_hash"],
         "model": setting(record, "model.name"), "execution": setting(record, "model.execution"),
         "mask_scope": setting(record, "model.masks.scope"), "depth": setting(record, "model.depth"),
         "width": setting(record, "model.width"), "density": setting(record, "model.masks.density"),
         "seed": record["seed"], "data": setting(record, "data.name"),
-        "train_images": subset or 50000, "budget": f"{budget_s:.0f} s" if budget_s else f"{epochs} epochs",
+        "train_images": training_images(record), "budget": f"{budget_s:.0f} s" if budget_s else f"{epochs} epochs",
         "epochs_done": record.get("epochs"), "test_acc": round(100 * record["test_acc"], 2),
         "train_time_s": round(record["train_time_s"], 1), "params": record["params"],
+        "trainable_params": record["trainable_params"], "lr": setting(record, "optim.lr"),
         "effective_macs": record["macs_effective"], "dense_macs": record["macs_dense"],
         "hardware": record.get("hardware", ""),
     }
+
+
+def training_images(record: dict) -> int:
+    """How many images a run trained on: its subset, or its classes' share of the training set,
+    less the validation split."""
+    name, classes = setting(record, "data.name"), setting(record, "data.classes") or []
+    full = setting(record, "data.train_subset") or TRAIN_IMAGES.get(name, 0)
+    if classes and not setting(record, "data.train_subset"):
+        full = full * len(classes) // 10
+    return full - (setting(record, "data.val_split") or 0)
 
 
 def paired(records: list[dict], variant: str, reference: str = REFERENCE) -> dict | None:
@@ -101,18 +118,20 @@ def table(records: list[dict]) -> str:
     lines = []
     for claim in sorted({r["claim"] for r in records}):
         rows = [r for r in records if r["claim"] == claim]
+        reference = REFERENCES.get(claim, REFERENCE)
         lines += [f"### {claim}", "",
-                  "| variant | params | effective MMACs/img | n | test acc (%) | multi − variant (pp), 95% CI | verdict |",
+                  "| variant | params (trained) | effective MMACs/img | n | test acc (%) "
+                  "| multi − variant (pp), 95% CI | verdict |",
                   "|---|---:|---:|---:|---:|---|---|"]
         for variant in dict.fromkeys(r["variant"] for r in rows):
             mine = [r for r in rows if r["variant"] == variant]
             accs = [r["test_acc"] for r in mine]
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            diff = None if variant == REFERENCE else paired(rows, variant)
+            diff = None if variant == reference else paired(rows, variant, reference)
             shown = "–" if diff is None else f"{interval(diff)} (n={diff['n']})"
-            lines.append(f"| {variant} | {mine[0]['params']:,} | {mine[0]['effective_macs'] / 1e6:.1f} "
+            lines.append(f"| {variant} | {params(mine[0])} | {mine[0]['effective_macs'] / 1e6:.1f} "
                          f"| {len(mine)} | {statistics.mean(accs):.2f} ± {sd:.2f} | {shown} "
-                         f"| {'reference' if variant == REFERENCE else verdict(diff)} |")
+                         f"| {'reference' if variant == reference else verdict(diff)} |")
         present = {r["variant"] for r in rows}
         pairs = [(a, b, paired(rows, b, reference=a)) for a, b in OTHER_PAIRS if {a, b} <= present]
         if pairs:
@@ -123,6 +142,12 @@ def table(records: list[dict]) -> str:
         lines += ["", f"Budget: {', '.join(budgets)}; {rows[0]['train_images']:,} training images; "
                   f"hardware: {'; '.join(hardware) or 'not recorded'}.", ""]
     return "\n".join(lines)
+
+
+def params(record: dict) -> str:
+    """All parameters, and the trained ones where fewer are (fine-tuning; a frozen stem)."""
+    trained = record.get("trainable_params", record["params"])
+    return f"{record['params']:,}" if trained > 0.99 * record["params"] else f"{record['params']:,} ({trained:,})"
 
 
 def main() -> None:
