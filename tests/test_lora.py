@@ -184,3 +184,16 @@ def test_multimask_lora_on_a_convolution_merges_exactly_and_not_into_masked_weig
     assert wrapped[0](torch.randn(1, 4, 5, 5), 1).shape == (1, 4, 5, 5)  # the mask index passes through
     with pytest.raises(TiedmaskError, match="masked shared weight"):
         merge_all(wrapped)
+
+
+def test_conv_adapters_train_in_channels_last_as_in_nchw():
+    """Training puts 32x32 models in channels_last (`place`); a 5-D mask stack used to make
+    that fail for every fine-tuning run of a conv model."""
+    from tiedmask.training.train import place
+
+    net = randomize(apply_multimask_lora(conv_net(), targets=r"^\d$", rank=2, n_masks=2, density=0.5))
+    x = torch.randn(2, 3, 9, 9)
+    expected = net(x)
+    fast = place(net, torch.device("cpu"), channels_last=True)
+    torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), expected,
+                               atol=1e-5, rtol=1e-5)

@@ -47,7 +47,14 @@ class MaskedFactor(torch.nn.Module):
         self.shared = torch.nn.Parameter(torch.zeros(shape))
         self.stack_dim = stack_dim
         masks = [make_mask(kind, tuple(shape), density, seed, name, i) for i in range(n_masks)]
-        self.register_buffer("masks", torch.stack(masks), persistent=False)
+        # Kept flat, [n, numel]: a conv factor's stack would be 5-D, and `model.to(memory_format=
+        # torch.channels_last)` fails on 5-D tensors.
+        self.register_buffer("flat_masks", torch.stack(masks).flatten(1), persistent=False)
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """The masks, [n, *shared.shape]."""
+        return self.flat_masks.view(-1, *self.shared.shape)
 
     @property
     def weight(self) -> torch.Tensor:
