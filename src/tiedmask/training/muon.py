@@ -7,7 +7,7 @@ A filter bank's update is the Nesterov momentum of its gradient, flattened to a 
 rate. The update rule is torch.optim.Muon's; torch's class is not used because it accepts 2-D
 parameters only and runs the iteration in bfloat16, which CPUs without native bf16 emulate at a
 tenth of fp32's speed (docs/results.md §6). Other parameters get torch.optim.SGD's Nesterov
-update. tests/test_train.py checks both halves against torch's own optimizers.
+update. tests/test_muon.py checks both halves against torch's own optimizers.
 
 >>> import torch
 >>> g = torch.tensor([[3.0, 0.0], [0.0, 0.1]])
