@@ -454,7 +454,9 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
         s_per_epoch=state.train_time_s / state.epoch if state.epoch else 0.0,
         epochs=state.epoch, seed=cfg.seed, config_hash=state.config_hash,
         peak_mem_mb=peak_memory_mb(device), hardware=hardware_name(device), solver=state.solver,
-        warning=chance_warning(state.last_test_acc, data.shape.classes) if state.epoch else "",
+        # A diverged run keeps the score of its last scored epoch (0 if none was: eval_every);
+        # its status says what happened, so it gets no "learned nothing" warning.
+        warning=chance_warning(state.last_test_acc, data.shape.classes) if state.epoch and status == "ok" else "",
         eval_split=data.eval_split)
     if run is not None and ctx.is_main:
         run.write_result(result.to_dict())
