@@ -94,7 +94,9 @@ class OptimConfig:
     lookahead_every: int = 0  # 0 = off
     lookahead_decay: float = 0.8
     # sgd only: convolution filters take orthogonalised (Muon) steps at this peak learning rate,
-    # on the same schedule (see `tiedmask.training.muon`); 0 = off, every parameter takes SGD steps
+    # on the same schedule (see `tiedmask.training.muon`); 0 = off, every parameter takes SGD steps.
+    # Their weight decay is decoupled, as torch's Muon: p *= 1 - muon_lr * weight_decay, far weaker
+    # than SGD's coupled decay at the same weight_decay
     muon_lr: float = 0.0
     # models with a whitening stem (tied-fast): its bias trains for this many epochs, then stays
     # (airbench trains it for 3); 0 = it trains throughout
@@ -156,7 +158,8 @@ class TrainConfig:
     eval_tta: str = "none"
     # score the test set after every this many epochs, and always after the last (0: only after
     # the last): sweeps that read only the final score save the evaluations' time (a run-time
-    # key, not hashed: the trained run and its final score do not change)
+    # key, not hashed: the trained run and its final score do not change; best_test_acc, the best
+    # scored epoch, does)
     eval_every: int = 1
     threads: int = 0  # torch threads on cpu; 0 = all cores
     progress: bool = True
