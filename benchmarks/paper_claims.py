@@ -60,7 +60,8 @@ def claim_record(record: dict, claim: str) -> dict:
         "mask_scope": setting(record, "model.masks.scope"), "depth": setting(record, "model.depth"),
         "width": setting(record, "model.width"), "density": setting(record, "model.masks.density"),
         "seed": record["seed"], "data": setting(record, "data.name"),
-        "train_images": training_images(record), "budget": f"{budget_s:.0f} s" if budget_s else f"{epochs} epochs",
+        "train_images": training_images(record),
+        "budget": f"{budget_s:.0f} s" if budget_s else f"{epochs} epochs",
         "epochs_done": record.get("epochs"), "test_acc": round(100 * record["test_acc"], 2),
         "train_time_s": round(record["train_time_s"], 1), "params": record["params"],
         "trainable_params": record["trainable_params"], "lr": setting(record, "optim.lr"),
@@ -72,8 +73,8 @@ def claim_record(record: dict, claim: str) -> dict:
 def training_images(record: dict) -> int:
     """How many images a run trained on: its subset, or its classes' share of the training set,
     less the validation split."""
-    name, classes = setting(record, "data.name"), setting(record, "data.classes") or []
-    full = setting(record, "data.train_subset") or TRAIN_IMAGES.get(name, 0)
+    classes = setting(record, "data.classes") or []
+    full = setting(record, "data.train_subset") or TRAIN_IMAGES[setting(record, "data.name")]
     if classes and not setting(record, "data.train_subset"):
         full = full * len(classes) // 10
     return full - (setting(record, "data.val_split") or 0)
@@ -147,7 +148,8 @@ def table(records: list[dict]) -> str:
 def params(record: dict) -> str:
     """All parameters, and the trained ones where fewer are (fine-tuning; a frozen stem)."""
     trained = record.get("trainable_params", record["params"])
-    return f"{record['params']:,}" if trained > 0.99 * record["params"] else f"{record['params']:,} ({trained:,})"
+    shown = f"{record['params']:,}"
+    return shown if trained > 0.99 * record["params"] else f"{shown} ({trained:,})"
 
 
 def main() -> None:

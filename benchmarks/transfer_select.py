@@ -59,7 +59,8 @@ def main() -> None:
         "# Claim 5 at real accuracy, step 3 of 3 (written by benchmarks/transfer_select.py from the\n"
         f"# tuning store {args.store}): each method at the learning rate chosen on the validation split,\n"
         "# 3 seeds, scored on the test set.\n" + header +
-        f"#   tiedmask sweep {args.out} --out runs/{Path(args.out).stem.replace('_', '-')}\n" + yaml.safe_dump(spec, sort_keys=False))
+        f"#   tiedmask sweep {args.out} --out runs/{Path(args.out).stem.replace('_', '-')}\n"
+        + yaml.safe_dump(spec, sort_keys=False))
     print(header, end="")
     print(f"wrote {args.out}")
 

@@ -456,7 +456,8 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
         peak_mem_mb=peak_memory_mb(device), hardware=hardware_name(device), solver=state.solver,
         # A diverged run keeps the score of its last scored epoch (0 if none was: eval_every);
         # its status says what happened, so it gets no "learned nothing" warning.
-        warning=chance_warning(state.last_test_acc, data.shape.classes) if state.epoch and status == "ok" else "",
+        warning=(chance_warning(state.last_test_acc, data.shape.classes)
+                 if state.epoch and status == "ok" else ""),
         eval_split=data.eval_split)
     if run is not None and ctx.is_main:
         run.write_result(result.to_dict())
