@@ -9,7 +9,9 @@ consecutive layers when nothing is tied?
     python benchmarks/claims_cka.py runs/paper-claims-fast [runs/paper-claims-depth8 ...] [--docs]
 
 Writes benchmarks/results/claims_cka.json (one entry per run) and, with --docs, the table into
-docs/results.md between its markers. A minute per store of five runs on 2 CPU cores.
+docs/results.md between its markers. A minute per store of five runs on 2 CPU cores. Runs
+already in the JSON are kept and not analysed again (`--redo` analyses them anew), so a store
+restored from its results.jsonl alone, whose checkpoints are gone, loses none of its rows.
 """
 
 from __future__ import annotations
@@ -28,11 +30,20 @@ RESULTS = ROOT / "benchmarks" / "results" / "claims_cka.json"
 MARKERS = ("<!-- claims-cka-table: written by benchmarks/claims_cka.py --docs -->", "<!-- /claims-cka-table -->")
 
 
-def analyse_store(store_dir: Path, images: int) -> list[dict]:
+def row_key(row: dict) -> tuple:
+    return row["store"], row["variant"], row["seed"]
+
+
+def analyse_store(store_dir: Path, images: int, known: set[tuple]) -> list[dict]:
+    """Rows of the store's finished runs that are not `known` and still have their checkpoint."""
     rows = []
     store = ResultsStore(store_dir)
     for record in store.records():
-        if record.get("status") != "ok":
+        key = (store_dir.name, record["variant"], record["seed"])
+        if record.get("status") != "ok" or key in known:
+            continue
+        if not (store.run_dir_of(record) / "checkpoint.json").exists():
+            print(f"{'/'.join(map(str, key))}: no checkpoint (store restored from its records?); skipped")
             continue
         result = analyze_run(store.run_dir_of(record), images=images)
         rows.append({"store": store_dir.name, "variant": record["variant"], "seed": record["seed"],
@@ -66,9 +77,12 @@ def main() -> None:
     parser.add_argument("stores", nargs="+", help="results stores of the claim grids")
     parser.add_argument("--images", type=int, default=1000, help="test images to analyse")
     parser.add_argument("--docs", action="store_true", help="write the table into docs/results.md")
+    parser.add_argument("--redo", action="store_true", help="analyse runs already in the JSON again")
     args = parser.parse_args()
-    rows = [row for store in args.stores for row in analyse_store(Path(store), args.images)]
-    rows.sort(key=lambda r: (r["store"], r["variant"], r["seed"]))
+    kept = [] if args.redo or not RESULTS.exists() else json.loads(RESULTS.read_text())
+    known = {row_key(r) for r in kept}
+    rows = kept + [row for store in args.stores for row in analyse_store(Path(store), args.images, known)]
+    rows.sort(key=row_key)
     RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
     text = table(rows)
     print(text)
