@@ -3,7 +3,10 @@
 Runs come from `tiedmask sweep` stores (one grid per claim family; each grid file says how
 long it takes); this script turns their finished runs into one record per run in
 benchmarks/results/paper_claims.jsonl and prints the claims table: mean ± std per variant, and
-the difference of each variant from multi-mask, paired by seed, with a 95% t-interval.
+the difference of each variant from multi-mask, paired by seed, with a 95% t-interval. Beside
+accuracy, the last epoch's mean training loss (augmented images, label smoothing, as training
+saw them) and its paired difference: a variant that wins on test accuracy by fitting the
+training set better has more capacity; one that wins with a higher training loss regularises.
 
     tiedmask sweep benchmarks/grids/paper_claims_fast.yaml --out runs/paper-claims-fast
     python benchmarks/paper_claims.py runs/paper-claims-fast --docs   # --docs: into docs/results.md §0
@@ -63,6 +66,7 @@ def claim_record(record: dict, claim: str) -> dict:
         "train_images": training_images(record),
         "budget": f"{budget_s:.0f} s" if budget_s else f"{epochs} epochs",
         "epochs_done": record.get("epochs"), "test_acc": round(100 * record["test_acc"], 2),
+        "final_train_loss": round(record["final_train_loss"], 4),
         "train_time_s": round(record["train_time_s"], 1), "params": record["params"],
         "trainable_params": record["trainable_params"], "lr": setting(record, "optim.lr"),
         "effective_macs": record["macs_effective"], "dense_macs": record["macs_dense"],
@@ -80,9 +84,10 @@ def training_images(record: dict) -> int:
     return full - (setting(record, "data.val_split") or 0)
 
 
-def paired(records: list[dict], variant: str, reference: str = REFERENCE) -> dict | None:
-    """reference - variant, paired by seed: mean, std, 95% t-interval, n."""
-    by_seed = {v: {r["seed"]: r["test_acc"] for r in records if r["variant"] == v} for v in (variant, reference)}
+def paired(records: list[dict], variant: str, reference: str = REFERENCE,
+           field: str = "test_acc") -> dict | None:
+    """reference - variant in `field`, paired by seed: mean, std, 95% t-interval, n."""
+    by_seed = {v: {r["seed"]: r[field] for r in records if r["variant"] == v} for v in (variant, reference)}
     seeds = sorted(set(by_seed[variant]) & set(by_seed[reference]))
     if not seeds:
         return None
@@ -109,10 +114,15 @@ def verdict(diff: dict | None) -> str:
     return "no significant difference"
 
 
-def interval(diff: dict) -> str:
+def interval(diff: dict, digits: int = 2) -> str:
     if diff["n"] < 2:
-        return f"{diff['mean']:+.2f}"
-    return f"{diff['mean']:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}]"
+        return f"{diff['mean']:+.{digits}f}"
+    return f"{diff['mean']:+.{digits}f} [{diff['low']:+.{digits}f}, {diff['high']:+.{digits}f}]"
+
+
+def mean_sd(values: list[float], digits: int = 2) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def table(records: list[dict]) -> str:
@@ -122,17 +132,21 @@ def table(records: list[dict]) -> str:
         reference = REFERENCES.get(claim, REFERENCE)
         lines += [f"### {claim}", "",
                   "| variant | params (trained) | effective MMACs/img | n | test acc (%) "
-                  "| multi − variant (pp), 95% CI | verdict |",
-                  "|---|---:|---:|---:|---:|---|---|"]
+                  "| multi − variant (pp), 95% CI | verdict | final train loss "
+                  "| variant − multi train loss, 95% CI |",
+                  "|---|---:|---:|---:|---:|---|---|---:|---|"]
         for variant in dict.fromkeys(r["variant"] for r in rows):
             mine = [r for r in rows if r["variant"] == variant]
-            accs = [r["test_acc"] for r in mine]
-            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            diff = None if variant == reference else paired(rows, variant, reference)
+            diff = loss_diff = None
+            if variant != reference:
+                diff = paired(rows, variant, reference)
+                loss_diff = paired(rows, reference, variant, field="final_train_loss")
             shown = "–" if diff is None else f"{interval(diff)} (n={diff['n']})"
+            loss_shown = "–" if loss_diff is None else interval(loss_diff, digits=4)
             lines.append(f"| {variant} | {params(mine[0])} | {mine[0]['effective_macs'] / 1e6:.1f} "
-                         f"| {len(mine)} | {statistics.mean(accs):.2f} ± {sd:.2f} | {shown} "
-                         f"| {'reference' if variant == reference else verdict(diff)} |")
+                         f"| {len(mine)} | {mean_sd([r['test_acc'] for r in mine])} | {shown} "
+                         f"| {'reference' if variant == reference else verdict(diff)} "
+                         f"| {mean_sd([r['final_train_loss'] for r in mine], 4)} | {loss_shown} |")
         present = {r["variant"] for r in rows}
         pairs = [(a, b, paired(rows, b, reference=a)) for a, b in OTHER_PAIRS if {a, b} <= present]
         if pairs:
