@@ -32,6 +32,7 @@ def test_grid_is_the_cartesian_product_crossed_with_variants_and_seeds():
       "grid": {"model.deq.stop_mode": ["sideways"]}}, "stop_mode"),
     ({"base": {"model": {"execution": "equilibrium", "masks": {"scope": "same"}}},
       "grid": {"model.deq.solver_options": [{"momentum": 0.5}]}}, "takes no option"),
+    ({"reuse": "runs/other"}, "reuse must be a list"),
 ])
 def test_bad_grids_fail_before_anything_runs(spec, match):
     with pytest.raises(ConfigError, match=match):
@@ -53,6 +54,27 @@ def test_sweep_with_cka_then_report_and_advise(tmp_path, capsys):
     assert f"{100 * best['test_acc']:.2f}" in text.splitlines()[3] and best["config_hash"] in text
     with pytest.raises(TiedmaskError, match="no measured configuration fits"):
         advise(10, stores=[store])
+
+
+def test_a_grid_reuses_another_stores_finished_run_of_the_same_config(tmp_path, monkeypatch):
+    first = tmp_path / "first.yaml"
+    first.write_text(yaml.safe_dump({"base": BASE, "variants": [{"label": "deep", "model.depth": 2}]}))
+    run_sweep(first, tmp_path / "a", log=lambda *a: None)
+    trained = []
+    import tiedmask.experiments.runner as runner
+    real = runner._run_one
+    monkeypatch.setattr(runner, "_run_one", lambda job, *rest: trained.append(job.variant) or real(job, *rest))
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump({
+        "base": BASE, "reuse": [str(tmp_path / "a"), str(tmp_path / "missing")],
+        "variants": [{"label": "depth-2", "model.depth": 2}, {"label": "depth-1", "model.depth": 1}]}))
+    records = {r["variant"]: r for r in run_sweep(second, tmp_path / "b", log=lambda *a: None)}
+    assert trained == ["depth-1"]  # the shared config did not train again
+    (original,) = ResultsStore(tmp_path / "a").records()
+    reused = records["depth-2"]
+    assert reused["config_hash"] == original["config_hash"] and reused["test_acc"] == original["test_acc"]
+    assert (ResultsStore(tmp_path / "b").run_dir_of(reused) / "checkpoint.json").exists()
+    assert [r["variant"] for r in ResultsStore(tmp_path / "a").records()] == ["deep"]  # source untouched
 
 
 def test_advise_reads_the_shipped_results_or_says_what_is_missing(tmp_path):
