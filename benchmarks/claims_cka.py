@@ -9,9 +9,10 @@ consecutive layers when nothing is tied?
     python benchmarks/claims_cka.py runs/paper-claims-fast [runs/paper-claims-depth8 ...] [--docs]
 
 Writes benchmarks/results/claims_cka.json (one entry per run) and, with --docs, the table into
-docs/results.md between its markers. A minute per store of five runs on 2 CPU cores. Runs
-already in the JSON are kept and not analysed again (`--redo` analyses them anew), so a store
-restored from its results.jsonl alone, whose checkpoints are gone, loses none of its rows.
+docs/results.md between its markers. A minute per store of five runs on 2 CPU cores. A run
+already in the JSON (same config, same image count) is not analysed again unless `--redo`
+and its checkpoint is here, so a store restored from its results.jsonl alone, checkpoints
+gone, keeps its rows; rows of stores not named on the command line stay too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import statistics
 from pathlib import Path
 
-from paper_claims import write_into_docs  # this folder's sibling script
+from paper_claims import mean_sd, write_into_docs  # this folder's sibling script
 from tiedmask.analysis.analyze import analyze_run
 from tiedmask.experiments.store import ResultsStore, setting
 
@@ -34,28 +35,32 @@ def row_key(row: dict) -> tuple:
     return row["store"], row["variant"], row["seed"]
 
 
-def analyse_store(store_dir: Path, images: int, known: set[tuple]) -> list[dict]:
-    """Rows of the store's finished runs that are not `known` and still have their checkpoint."""
+def analyse_store(store_dir: Path, images: int, kept: dict[tuple, dict], redo: bool) -> list[dict]:
+    """A row per finished run of the store: the kept row when it is of this run (same config,
+    same image count) and not to be redone, else a new analysis where the checkpoint still is."""
     rows = []
     store = ResultsStore(store_dir)
     for record in store.records():
-        key = (store_dir.name, record["variant"], record["seed"])
-        if record.get("status") != "ok" or key in known:
+        if record.get("status") != "ok":
             continue
-        if not (store.run_dir_of(record) / "checkpoint.json").exists():
+        key = (store_dir.name, record["variant"], record["seed"])
+        old = kept.pop(key, None)
+        current = old is not None and old["images"] == images and \
+            old.get("config_hash", record["config_hash"]) == record["config_hash"]  # older rows lack it
+        has_checkpoint = (store.run_dir_of(record) / "checkpoint.json").exists()
+        if current and not (redo and has_checkpoint):
+            rows.append({**old, "config_hash": record["config_hash"]})
+            continue
+        if not has_checkpoint:
             print(f"{'/'.join(map(str, key))}: no checkpoint (store restored from its records?); skipped")
             continue
         result = analyze_run(store.run_dir_of(record), images=images)
         rows.append({"store": store_dir.name, "variant": record["variant"], "seed": record["seed"],
-                     "depth": setting(record, "model.depth"), "test_acc": round(100 * record["test_acc"], 2),
+                     "config_hash": record["config_hash"], "depth": setting(record, "model.depth"),
+                     "test_acc": round(100 * record["test_acc"], 2),
                      "cka_offdiag": result["cka_offdiag_mean"], "cka_adjacent": result["cka_adjacent_mean"],
                      "images": result["images"]})
     return rows
-
-
-def _mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
 def table(rows: list[dict]) -> str:
@@ -65,8 +70,8 @@ def table(rows: list[dict]) -> str:
     for store, variant in keys:
         mine = [r for r in rows if (r["store"], r["variant"]) == (store, variant)]
         stages = range(len(mine[0]["cka_offdiag"]))
-        off = " / ".join(_mean_sd([r["cka_offdiag"][s] for r in mine]) for s in stages)
-        adj = " / ".join(_mean_sd([r["cka_adjacent"][s] for r in mine]) for s in stages)
+        off = " / ".join(mean_sd([r["cka_offdiag"][s] for r in mine], 3) for s in stages)
+        adj = " / ".join(mean_sd([r["cka_adjacent"][s] for r in mine], 3) for s in stages)
         acc = statistics.mean(r["test_acc"] for r in mine)
         lines.append(f"| {store} | {variant} | {mine[0]['depth']} | {len(mine)} | {acc:.2f} | {off} | {adj} |")
     return "\n".join(lines)
@@ -77,12 +82,12 @@ def main() -> None:
     parser.add_argument("stores", nargs="+", help="results stores of the claim grids")
     parser.add_argument("--images", type=int, default=1000, help="test images to analyse")
     parser.add_argument("--docs", action="store_true", help="write the table into docs/results.md")
-    parser.add_argument("--redo", action="store_true", help="analyse runs already in the JSON again")
+    parser.add_argument("--redo", action="store_true",
+                        help="analyse again the runs already in the JSON whose checkpoints are here")
     args = parser.parse_args()
-    kept = [] if args.redo or not RESULTS.exists() else json.loads(RESULTS.read_text())
-    known = {row_key(r) for r in kept}
-    rows = kept + [row for store in args.stores for row in analyse_store(Path(store), args.images, known)]
-    rows.sort(key=row_key)
+    kept = {row_key(r): r for r in json.loads(RESULTS.read_text())} if RESULTS.exists() else {}
+    rows = [row for store in args.stores for row in analyse_store(Path(store), args.images, kept, args.redo)]
+    rows = sorted(rows + list(kept.values()), key=row_key)  # rows of stores not named here stay
     RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
     text = table(rows)
     print(text)

@@ -140,6 +140,8 @@ def table(records: list[dict]) -> str:
             diff = loss_diff = None
             if variant != reference:
                 diff = paired(rows, variant, reference)
+                # paired() gives reference − variant; the loss column reads variant − multi, so
+                # that a positive number favours multi-mask in both columns
                 loss_diff = paired(rows, reference, variant, field="final_train_loss")
             shown = "–" if diff is None else f"{interval(diff)} (n={diff['n']})"
             loss_shown = "–" if loss_diff is None else interval(loss_diff, digits=4)

@@ -60,21 +60,34 @@ def test_a_grid_reuses_another_stores_finished_run_of_the_same_config(tmp_path, 
     first = tmp_path / "first.yaml"
     first.write_text(yaml.safe_dump({"base": BASE, "variants": [{"label": "deep", "model.depth": 2}]}))
     run_sweep(first, tmp_path / "a", log=lambda *a: None)
+    (original,) = ResultsStore(tmp_path / "a").records()
     trained = []
     import tiedmask.experiments.runner as runner
     real = runner._run_one
     monkeypatch.setattr(runner, "_run_one", lambda job, *rest: trained.append(job.variant) or real(job, *rest))
     second = tmp_path / "second.yaml"
     second.write_text(yaml.safe_dump({
-        "base": BASE, "reuse": [str(tmp_path / "a"), str(tmp_path / "missing")],
+        "base": BASE, "reuse": [str(tmp_path / "missing"), str(tmp_path / "a")],
         "variants": [{"label": "depth-2", "model.depth": 2}, {"label": "depth-1", "model.depth": 1}]}))
-    records = {r["variant"]: r for r in run_sweep(second, tmp_path / "b", log=lambda *a: None)}
+    begun = tmp_path / "b" / "runs" / original["config_hash"]  # a run of its own this store had begun
+    begun.mkdir(parents=True)
+    (begun / "checkpoint.json").write_text("{}")
+    (begun / "checkpoint-1.safetensors").write_bytes(b"partial")
+    logged = []
+    records = {r["variant"]: r for r in run_sweep(second, tmp_path / "b", log=logged.append)}
     assert trained == ["depth-1"]  # the shared config did not train again
-    (original,) = ResultsStore(tmp_path / "a").records()
+    assert any("missing has no results.jsonl" in line for line in logged)
     reused = records["depth-2"]
     assert reused["config_hash"] == original["config_hash"] and reused["test_acc"] == original["test_acc"]
-    assert (ResultsStore(tmp_path / "b").run_dir_of(reused) / "checkpoint.json").exists()
+    assert reused["reused_from"] == str((tmp_path / "a").resolve())
+    copied = ResultsStore(tmp_path / "b").run_dir_of(reused)
+    source = ResultsStore(tmp_path / "a").run_dir_of(original)
+    assert sorted(p.name for p in copied.iterdir() if p.name != ".claim") == sorted(
+        p.name for p in source.iterdir() if p.name != ".claim")  # the partial run's files are gone
+    assert (copied / "checkpoint.json").read_bytes() == (source / "checkpoint.json").read_bytes()
     assert [r["variant"] for r in ResultsStore(tmp_path / "a").records()] == ["deep"]  # source untouched
+    run_sweep(second, tmp_path / "b", log=lambda *a: None)
+    assert trained == ["depth-1"] and len(ResultsStore(tmp_path / "b").path.read_text().splitlines()) == 2
 
 
 def test_advise_reads_the_shipped_results_or_says_what_is_missing(tmp_path):
@@ -93,6 +106,11 @@ def test_slurm_launcher_through_submitit(tmp_path):
                              log=lambda *a: None, cluster="debug")
     assert records[0]["status"] == "ok"
     assert json.loads((store.run_dir(records[0]["config_hash"]) / "result.json").read_text())["status"] == "ok"
+    other = ResultsStore(tmp_path / "other")  # another grid's store takes the run rather than submit it
+    (taken,) = run_jobs_slurm([Job("same", {**BASE, "model": {**BASE["model"], "depth": 1}})], other, {},
+                              log=lambda *a: None, cluster="debug", reuse=[store])
+    assert taken["variant"] == "same" and taken["test_acc"] == records[0]["test_acc"] and "reused_from" in taken
+    assert not (other.root / "slurm").exists()  # nothing was submitted
 
 
 def test_slurm_jobs_leave_a_run_that_another_sweep_holds(tmp_path):

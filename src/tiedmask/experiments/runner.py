@@ -7,17 +7,19 @@ it (status failed, with the reason) and goes on. Interrupted runs resume from th
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
 from ..files import atomic_write, read_json
 from ..training.settings import config_from_dict, config_hash, config_to_dict
-from .store import ResultsStore
+from .store import FINISHED, ResultsStore
 
 
 @dataclass
@@ -47,9 +49,46 @@ def records_of(store: ResultsStore, resolved) -> list[dict]:
     return [r for r in store.records() if r["config_hash"] in wanted]
 
 
+def take_finished(store: ResultsStore, sources: list[ResultsStore], job: Job, values: dict,
+                  digest: str) -> dict | None:
+    """The record of a finished run of `digest` in one of `sources` (other grids' stores), under
+    this job's label, with its run folder copied into `store`; None when no source has one.
+    Call it holding `store`'s claim of `digest`. The copy replaces whatever this store had begun
+    of the config (a finished run is the same result), and its checkpoint and result files go
+    last, so a copy cut short leaves nothing to resume from and is simply taken again."""
+    for source in sources:
+        if source.root.resolve() == store.root.resolve():
+            continue
+        found = [r for r in source.records() if r["config_hash"] == digest and r.get("status") in FINISHED]
+        if not found:
+            continue
+        local = store.run_dir(digest)
+        _copy_run(source.run_dir_of(found[0]), local)
+        header = record_header(job, values, digest, str(local.relative_to(store.root)))
+        return {**found[0], **header, "reused_from": found[0].get("reused_from", str(source.root.resolve()))}
+    return None
+
+
+def _copy_run(source: Path, target: Path) -> None:
+    for item in target.iterdir():  # what this store had begun, but the claim it holds
+        if item.name != ".claim":
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    if not source.is_dir():
+        return  # the record stands alone; eval and analyze need the folder
+    last = ("checkpoint.json", "result.json")
+    for item in sorted(source.iterdir(), key=lambda item: item.name in last):
+        if item.name == ".claim":
+            continue
+        if item.is_dir():
+            shutil.copytree(item, target / item.name)
+        else:
+            shutil.copy2(item, target / item.name)
+
+
 def run_jobs(jobs: list[Job], store: ResultsStore, workers: int = 1, threads: int = 0,
-             timeout_s: float | None = None, log=print) -> list[dict]:
-    """Run every unfinished job; returns the store's records for all `jobs`."""
+             timeout_s: float | None = None, log=print, reuse: list[ResultsStore] = ()) -> list[dict]:
+    """Run every unfinished job, or take its finished run from a `reuse` store; returns the
+    store's records for all `jobs`."""
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
     resolved = resolve_jobs(jobs)
     finished = store.finished()
@@ -64,6 +103,11 @@ def run_jobs(jobs: list[Job], store: ResultsStore, workers: int = 1, threads: in
                 log(f"  skipped  {job.variant:<24} seed {values['seed']}  (another process runs "
                     "or finished it)")
                 return None
+            record = take_finished(store, reuse, job, values, digest)
+            if record is not None:
+                store.append(record)
+                log(f"  reused   {job.variant:<24} seed {values['seed']}  from {record['reused_from']}")
+                return record
             record = _run_one(job, values, digest, store, threads, timeout_s)
             store.append(record)
         log(f"  {record['status']:<8} {job.variant:<24} seed {values['seed']}  "

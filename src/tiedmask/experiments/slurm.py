@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..training.settings import config_from_dict
-from .runner import record_header, records_of, resolve_jobs
+from .runner import record_header, records_of, resolve_jobs, take_finished
 from .store import ResultsStore
 
 
@@ -26,7 +26,8 @@ def train_job(values: dict, store_root: str, digest: str) -> dict:
         return train(config_from_dict(values), out=run_dir, resume=resume, log=lambda *a: None).to_dict()
 
 
-def run_jobs_slurm(jobs, store: ResultsStore, slurm_options: dict, log=print, cluster: str | None = None):
+def run_jobs_slurm(jobs, store: ResultsStore, slurm_options: dict, log=print, cluster: str | None = None,
+                   reuse: list[ResultsStore] = ()):
     try:
         import submitit
     except ImportError:
@@ -39,6 +40,11 @@ def run_jobs_slurm(jobs, store: ResultsStore, slurm_options: dict, log=print, cl
     for job, values, digest in resolved:
         if digest in finished:
             continue
+        with store.claim(digest) as mine:
+            taken = take_finished(store, reuse, job, values, digest) if mine else None
+            if taken is not None:
+                store.append(taken)
+                continue
         submitted.append((job, values, digest, executor.submit(train_job, values, str(store.root), digest)))
     log(f"submitted {len(submitted)} jobs to {executor.cluster}")
     for job, values, digest, future in submitted:

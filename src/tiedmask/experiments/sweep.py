@@ -17,7 +17,8 @@ A grid file:
     launcher: local            # or slurm (needs the `slurm` extra: submitit)
     slurm: {partition: gpu, timeout_min: 60, cpus_per_task: 4}
     analyze: true              # CKA between applications after each run (adds cka_* columns)
-    reuse: [runs/other-grid]   # stores whose finished runs of the same config count here
+    reuse: [runs/other-grid]   # stores whose finished runs of a config of this grid are taken
+                               # (under this grid's label) rather than trained again
 
 >>> jobs, options = grid_jobs({"base": {"data": {"name": "digits"}}, "grid": {"model.depth": [2, 4]}})
 >>> [j.variant for j in jobs]
@@ -28,14 +29,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-import shutil
 from pathlib import Path
 
 from ..analysis.analyze import analyze_run
 from ..errors import ConfigError
 from ..training.settings import config_from_dict, config_hash, read_yaml, resolve_key
-from .runner import Job, record_header, resolve_jobs, run_jobs
-from .store import FINISHED, ResultsStore
+from .runner import Job, run_jobs
+from .store import ResultsStore
 
 GRID_KEYS = {"base", "grid", "variants", "seeds", "workers", "threads", "launcher", "slurm", "analyze",
              "timeout_s", "reuse"}
@@ -93,51 +93,24 @@ def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
 def run_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
     jobs, options = grid_jobs(read_yaml(grid_file))
     store = ResultsStore(out)
-    for source in options.get("reuse", []):
-        reuse_finished(jobs, store, ResultsStore(source), log)
+    reuse = [ResultsStore(folder) for folder in options.get("reuse", [])]
+    for source in reuse:
+        if not source.path.exists():
+            log(f"warning: reuse store {source.root} has no results.jsonl (a path relative to the "
+                "working directory, as --out is); nothing is taken from it")
     launcher = options.get("launcher", "local")
     if launcher == "local":
         records = run_jobs(jobs, store, options.get("workers", 1), options.get("threads", 0),
-                           timeout_s=options.get("timeout_s"), log=log)
+                           timeout_s=options.get("timeout_s"), log=log, reuse=reuse)
     elif launcher == "slurm":
         from .slurm import run_jobs_slurm
 
-        records = run_jobs_slurm(jobs, store, options.get("slurm", {}), log=log)
+        records = run_jobs_slurm(jobs, store, options.get("slurm", {}), log=log, reuse=reuse)
     else:
         raise ConfigError(f"unknown launcher {launcher!r}; use local or slurm")
     if options.get("analyze"):
         records = add_cka(records, store, log)
     return records
-
-
-def reuse_finished(jobs: list[Job], store: ResultsStore, source: ResultsStore, log=print) -> int:
-    """Take into `store` the finished runs of `source` (another grid's store) that train a config
-    of `jobs` which `store` has not finished: one config hash, one run, so two grids that share
-    a setting train it once. The record gets this grid's label; its run folder comes along
-    where `source` still has it. A config this store has begun itself resumes here instead."""
-    if source.root.resolve() == store.root.resolve():
-        return 0
-    finished = store.finished()
-    wanted = {digest: (job, values) for job, values, digest in resolve_jobs(jobs) if digest not in finished}
-    taken = 0
-    for record in source.records():
-        digest = record["config_hash"]
-        if digest not in wanted or record.get("status") not in FINISHED:
-            continue
-        with store.claim(digest) as mine:
-            local = store.run_dir(digest)
-            if not mine or (local / "checkpoint.json").exists():
-                continue
-            folder = source.run_dir_of(record)
-            if folder.is_dir():
-                shutil.copytree(folder, local, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".claim"))
-            job, values = wanted[digest]
-            header = record_header(job, values, digest, str(local.relative_to(store.root)))
-            store.append({**record, **header, "reused_from": str(source.root)})
-            taken += 1
-    if taken:
-        log(f"{taken} finished run(s) taken from {source.root} (the same configs)")
-    return taken
 
 
 def add_cka(records: list[dict], store: ResultsStore, log=print) -> list[dict]:
