@@ -50,6 +50,9 @@ OTHER_PAIRS = [  # (a, b): a − b paired by seed, shown under a claim's table w
     ("tied-channel-multi-10ep", "tied-dense"),  # ... and about equal time
     ("tied-channel-multi-10ep", "tied-multi"),
 ]
+POOLED = {  # a pooled comparison -> the claims whose seeds it pairs (each within its own claim)
+    "fast family, depths 4 and 8": (GRID_CLAIMS["paper-claims-fast"], GRID_CLAIMS["paper-claims-depth8"]),
+}
 SHIPPED = ROOT / "src" / "tiedmask" / "resources" / "measured_results.jsonl"
 
 
@@ -86,8 +89,10 @@ def training_images(record: dict) -> int:
 
 def paired(records: list[dict], variant: str, reference: str = REFERENCE,
            field: str = "test_acc") -> dict | None:
-    """reference - variant in `field`, paired by seed: mean, std, 95% t-interval, n."""
-    by_seed = {v: {r["seed"]: r[field] for r in records if r["variant"] == v} for v in (variant, reference)}
+    """reference - variant in `field`, paired by seed (within each claim, when `records` pool
+    several): mean, std, 95% t-interval, n."""
+    by_seed = {v: {(r["claim"], r["seed"]): r[field] for r in records if r["variant"] == v}
+               for v in (variant, reference)}
     seeds = sorted(set(by_seed[variant]) & set(by_seed[reference]))
     if not seeds:
         return None
@@ -158,7 +163,28 @@ def table(records: list[dict]) -> str:
         hardware = sorted({r["hardware"] for r in rows if r["hardware"]})
         lines += ["", f"Budget: {', '.join(budgets)}; {rows[0]['train_images']:,} training images; "
                   f"hardware: {'; '.join(hardware) or 'not recorded'}.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + pooled_table(records))
+
+
+def pooled_table(records: list[dict]) -> list[str]:
+    """multi − variant over the seeds of several claims, each seed paired within its claim: the
+    average effect over those settings, with the interval that their pooled pairs give."""
+    lines = []
+    for name, claims in POOLED.items():
+        rows = [r for r in records if r["claim"] in claims]
+        variants = [v for v in dict.fromkeys(r["variant"] for r in rows)
+                    if v != REFERENCE and all(any(r["claim"] == c and r["variant"] == v for r in rows)
+                                              for c in claims)]
+        diffs = [(v, d) for v in variants if (d := paired(rows, v)) and d["n"] >= 2]
+        if not diffs:
+            continue
+        lines += [f"### pooled: {name}", "", "| multi − variant | test acc (pp), 95% CI | n pairs "
+                  "| variant − multi train loss, 95% CI |", "|---|---|---:|---|"]
+        lines += [f"| multi − {v} | {interval(d)} | {d['n']} "
+                  f"| {interval(paired(rows, REFERENCE, v, field='final_train_loss'), digits=4)} |"
+                  for v, d in diffs]
+        lines.append("")
+    return lines
 
 
 def params(record: dict) -> str:
