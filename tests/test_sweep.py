@@ -58,7 +58,7 @@ def test_sweep_with_cka_then_report_and_advise(tmp_path, capsys):
 
 def test_a_grid_reuses_another_stores_finished_run_of_the_same_config(tmp_path, monkeypatch):
     first = tmp_path / "first.yaml"
-    first.write_text(yaml.safe_dump({"base": BASE, "variants": [{"label": "deep", "model.depth": 2}]}))
+    first.write_text(yaml.safe_dump({"base": BASE, "grid": {"model.depth": [2]}}))  # tags its record depth: 2
     run_sweep(first, tmp_path / "a", log=lambda *a: None)
     (original,) = ResultsStore(tmp_path / "a").records()
     trained = []
@@ -80,12 +80,13 @@ def test_a_grid_reuses_another_stores_finished_run_of_the_same_config(tmp_path, 
     reused = records["depth-2"]
     assert reused["config_hash"] == original["config_hash"] and reused["test_acc"] == original["test_acc"]
     assert reused["reused_from"] == str((tmp_path / "a").resolve())
+    assert original["depth"] == 2 and "depth" not in reused  # the other grid's tags stay there
     copied = ResultsStore(tmp_path / "b").run_dir_of(reused)
     source = ResultsStore(tmp_path / "a").run_dir_of(original)
     assert sorted(p.name for p in copied.iterdir() if p.name != ".claim") == sorted(
         p.name for p in source.iterdir() if p.name != ".claim")  # the partial run's files are gone
     assert (copied / "checkpoint.json").read_bytes() == (source / "checkpoint.json").read_bytes()
-    assert [r["variant"] for r in ResultsStore(tmp_path / "a").records()] == ["deep"]  # source untouched
+    assert [r["variant"] for r in ResultsStore(tmp_path / "a").records()] == ["depth=2"]  # source untouched
     run_sweep(second, tmp_path / "b", log=lambda *a: None)
     assert trained == ["depth-1"] and len(ResultsStore(tmp_path / "b").path.read_text().splitlines()) == 2
 

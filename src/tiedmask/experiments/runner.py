@@ -6,6 +6,7 @@ it (status failed, with the reason) and goes on. Interrupted runs resume from th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import yaml
 
 from ..files import atomic_write, read_json
 from ..training.settings import config_from_dict, config_hash, config_to_dict
+from ..training.train import Result
 from .store import FINISHED, ResultsStore
 
 
@@ -44,6 +46,11 @@ def record_header(job: Job, values: dict, digest: str, run_dir: str) -> dict:
             "seed": values["seed"], "run_dir": run_dir}
 
 
+# What a record says about its run, not about the grid that asked for it: a reused record keeps
+# these and takes the rest (label, tags) from the job that reuses it
+RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(Result)) | {"wall_s", "reused_from"}
+
+
 def records_of(store: ResultsStore, resolved) -> list[dict]:
     wanted = {digest for _, _, digest in resolved}
     return [r for r in store.records() if r["config_hash"] in wanted]
@@ -65,7 +72,8 @@ def take_finished(store: ResultsStore, sources: list[ResultsStore], job: Job, va
         local = store.run_dir(digest)
         _copy_run(source.run_dir_of(found[0]), local)
         header = record_header(job, values, digest, str(local.relative_to(store.root)))
-        return {**found[0], **header, "reused_from": found[0].get("reused_from", str(source.root.resolve()))}
+        run = {k: v for k, v in found[0].items() if k in RUN_FIELDS}
+        return {**run, **header, "reused_from": run.get("reused_from", str(source.root.resolve()))}
     return None
 
 
