@@ -3,7 +3,7 @@ import pytest
 from tiedmask.experiments.bench import VARIANTS, bench_jobs, write_bench_report
 from tiedmask.training.settings import config_from_dict, config_hash
 from tiedmask.core.backbones import count_params
-from tiedmask.core.presets import build_model, resolve_model_config
+from tiedmask.core.presets import build_model, resolve_model
 from tiedmask.errors import ConfigError
 from tiedmask.experiments.report import markdown_table, summarize
 from tiedmask.experiments.runner import Job, run_jobs
@@ -16,7 +16,7 @@ TINY = {"model": {"name": "tied-resnet-xs", "width": 4, "depth": 1}, "data": {"n
 def test_bench_variants_share_parameters_and_differ_only_in_execution():
     jobs = bench_jobs("cifar10", seeds=[0], budgets=("epochs",))
     assert [j.variant for j in jobs] == list(VARIANTS)
-    models = {j.variant: resolve_model_config(j.config["model"]) for j in jobs}
+    models = {j.variant: resolve_model(j.config["model"])[0] for j in jobs}
     for m in models.values():
         assert (m.name, m.width, m.depth, m.masks.density) == ("tied-resnet-s", 16, 4, 0.5)
     counts = {v: count_params(build_model(m)) for v, m in models.items()}

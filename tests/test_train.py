@@ -144,11 +144,15 @@ def test_the_whitening_bias_trains_for_its_epochs_then_stays(digits, monkeypatch
     assert not torch.equal(h1, h2) and not torch.equal(h2, h3)  # while the rest trains on
 
 
-def test_whitening_bias_epochs_without_a_whitening_stem_is_refused(digits):
+def test_whitening_bias_epochs_without_a_whitening_stem_is_refused_with_the_config():
+    from tiedmask.core.presets import MODEL_PRESETS, create_model, resolve_model
     from tiedmask.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="whitening stem"):
-        train(load_config(overrides=QUICK + ["--epochs", "1", "--optim.whiten_bias_epochs", "2"]), dataset=digits)
+    for name in MODEL_PRESETS:  # what the config check reads agrees with the built model
+        _, backbone = resolve_model({"name": name})
+        assert backbone.has_whitening_stem == (create_model(name).whitening_bias() is not None), name
+    with pytest.raises(ConfigError, match="whitening stem"):  # before any data is read
+        load_config(overrides=QUICK + ["--epochs", "1", "--optim.whiten_bias_epochs", "2"])
 
 
 def test_scoring_every_other_epoch_trains_the_same_run(tmp_path, digits):

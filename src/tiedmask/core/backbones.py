@@ -68,6 +68,7 @@ class Backbone(nn.Module):
     """
 
     cells: tuple[str, ...] = ()
+    has_whitening_stem = False  # a stem whose filters are set from the data (`whitening_bias`)
     stages: nn.ModuleList
 
     def __init__(self, cfg: ModelConfig, shape: DataShape):
@@ -185,6 +186,7 @@ class TiedFastNet(Backbone):
     """
 
     cells = ("conv",)
+    has_whitening_stem = True
     # Small logits keep high-lr SGD stable early; measured on a 10k-image CIFAR-10 subset, 2
     # epochs: scale 1 16%, 1/2 46%, 1/4 59%, 1/8 56%, 1/16 44% test accuracy.
     logit_scale = 1 / 4

@@ -30,13 +30,14 @@ def register_model(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
     return fn
 
 
-_resolving: contextvars.ContextVar[bool] = contextvars.ContextVar("resolving", default=False)
+# Set by `resolve_model`: `build` then records its backbone class here instead of building
+_resolving: contextvars.ContextVar[list | None] = contextvars.ContextVar("resolving", default=None)
 
 
 def build(backbone: type[Backbone], shape: DataShape, settings: dict, **preset) -> Backbone:
     """`backbone` for `shape` from the preset's numbers with the caller's `settings` on top.
 
-    Under `resolve_model_config` it returns the checked config instead of building: a sweep
+    Under `resolve_model` it returns the checked config instead of building: a sweep
     resolves every grid point, and building (masks, initialisation) would cost 0.1-0.5 s each.
     """
     values = dict(preset)
@@ -44,8 +45,10 @@ def build(backbone: type[Backbone], shape: DataShape, settings: dict, **preset) 
         both_dicts = isinstance(value, dict) and isinstance(values.get(key), dict)
         values[key] = {**values[key], **value} if both_dicts else value
     cfg = from_dict(ModelConfig, values, "model.")
-    if _resolving.get():
+    resolving = _resolving.get()
+    if resolving is not None:
         backbone.check(cfg, None)  # the data's shape is not known yet: checked at build
+        resolving.append(backbone)
         return cfg
     return backbone(cfg, shape)
 
@@ -112,12 +115,15 @@ def build_model(cfg: ModelConfig, shape: DataShape = DataShape()) -> Backbone:
     return create_model(values.pop("name"), shape, **values)
 
 
-def resolve_model_config(values: dict) -> ModelConfig:
+def resolve_model(values: dict) -> tuple[ModelConfig, type[Backbone]]:
     """Every number of the model that `values` (a config's model section) asks for, as its
-    preset fills them in, checked as the backbone checks them, without building the model."""
+    preset fills them in, checked as the backbone checks them, and the backbone class that
+    would build it, without building the model."""
     values = dict(values)
-    token = _resolving.set(True)
+    backbones: list[type[Backbone]] = []
+    token = _resolving.set(backbones)
     try:
-        return create_model(values.pop("name", ModelConfig.name), **values)
+        cfg = create_model(values.pop("name", ModelConfig.name), **values)
     finally:
         _resolving.reset(token)
+    return cfg, backbones[0]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from ..core.presets import resolve_model_config
+from ..core.presets import resolve_model
 from ..core.spec import LEGACY_SOLVER_OPTIONS, MODEL_KEY_ALIASES, ModelConfig, model_values
 from ..errors import ConfigError
 from ..typed import from_dict, nested_fields
@@ -194,8 +194,11 @@ def config_from_dict(values: dict) -> TrainConfig:
     if isinstance(data, str):  # `data: digits`
         values["data"] = {"name": data}
     cfg = from_dict(TrainConfig, values)
-    cfg.model = resolve_model_config(model_values(model))
+    cfg.model, backbone = resolve_model(model_values(model))
     cfg.validate()
+    if cfg.optim.whiten_bias_epochs and not backbone.has_whitening_stem:
+        raise ConfigError(f"optim.whiten_bias_epochs needs a model with a whitening stem (tied-fast); "
+                          f"{cfg.model.name} has none: set it to 0")
     return cfg
 
 

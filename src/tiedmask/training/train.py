@@ -370,9 +370,6 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.shape)
     model.init_from_data(normalize(train_x[:5000], mean, std))
-    if cfg.optim.whiten_bias_epochs and model.whitening_bias() is None:
-        raise ConfigError(f"optim.whiten_bias_epochs needs a model with a whitening stem (tied-fast); "
-                          f"{cfg.model.name} has none: set it to 0")
     if cfg.finetune.init_from:
         pretrained, _, _ = RunDir(cfg.finetune.init_from).load_checkpoint()
         model = prepare_finetune(model, cfg, pretrained)
