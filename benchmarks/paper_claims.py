@@ -49,6 +49,8 @@ OTHER_PAIRS = [  # (a, b): a − b paired by seed, shown under a claim's table w
     ("tied-channel-multi", "tied-dense"),  # issue 13: channel masks, equal epochs
     ("tied-channel-multi-10ep", "tied-dense"),  # ... and about equal time
     ("tied-channel-multi-10ep", "tied-multi"),
+    ("tied-multi-width-56", "tied-multi-depth-8"),  # claim 4a: width against depth, about equal MACs
+    ("tied-multi-width-56-density-0.25", "tied-multi-depth-8"),  # ... and equal kept tied weights
 ]
 POOLED = {  # a pooled comparison -> the claims whose seeds it pairs (each within its own claim)
     "fast family, depths 4 and 8": (GRID_CLAIMS["paper-claims-fast"], GRID_CLAIMS["paper-claims-depth8"]),
