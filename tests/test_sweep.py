@@ -6,6 +6,7 @@ import yaml
 from tiedmask.experiments.advise import advise
 from tiedmask.cli import main
 from tiedmask.errors import ConfigError, TiedmaskError
+from tiedmask.experiments.runner import RUN_FIELDS
 from tiedmask.experiments.store import ResultsStore
 from tiedmask.experiments.sweep import grid_jobs, run_sweep
 
@@ -61,6 +62,8 @@ def test_a_grid_reuses_another_stores_finished_run_of_the_same_config(tmp_path, 
     first.write_text(yaml.safe_dump({"base": BASE, "grid": {"model.depth": [2]}}))  # tags its record depth: 2
     run_sweep(first, tmp_path / "a", log=lambda *a: None)
     (original,) = ResultsStore(tmp_path / "a").records()
+    original = {**original, "cka_offdiag_mean": 0.9}  # as the analyze step adds it
+    ResultsStore(tmp_path / "a").append(original)
     trained = []
     import tiedmask.experiments.runner as runner
     real = runner._run_one
@@ -81,6 +84,8 @@ def test_a_grid_reuses_another_stores_finished_run_of_the_same_config(tmp_path, 
     assert reused["config_hash"] == original["config_hash"] and reused["test_acc"] == original["test_acc"]
     assert reused["reused_from"] == str((tmp_path / "a").resolve())
     assert original["depth"] == 2 and "depth" not in reused  # the other grid's tags stay there
+    assert {k: reused[k] for k in original if k in RUN_FIELDS} == {
+        k: original[k] for k in original if k in RUN_FIELDS} and reused["cka_offdiag_mean"] == 0.9
     copied = ResultsStore(tmp_path / "b").run_dir_of(reused)
     source = ResultsStore(tmp_path / "a").run_dir_of(original)
     assert sorted(p.name for p in copied.iterdir() if p.name != ".claim") == sorted(

@@ -144,7 +144,7 @@ def test_the_whitening_bias_trains_for_its_epochs_then_stays(digits, monkeypatch
     assert not torch.equal(h1, h2) and not torch.equal(h2, h3)  # while the rest trains on
 
 
-def test_whitening_bias_epochs_without_a_whitening_stem_is_refused_with_the_config():
+def test_whitening_bias_epochs_without_a_whitening_stem_is_refused_with_the_config(digits):
     from tiedmask.core.presets import MODEL_PRESETS, create_model, resolve_model
     from tiedmask.errors import ConfigError
 
@@ -153,6 +153,10 @@ def test_whitening_bias_epochs_without_a_whitening_stem_is_refused_with_the_conf
         assert backbone.has_whitening_stem == (create_model(name).whitening_bias() is not None), name
     with pytest.raises(ConfigError, match="whitening stem"):  # before any data is read
         load_config(overrides=QUICK + ["--epochs", "1", "--optim.whiten_bias_epochs", "2"])
+    by_hand = load_config(overrides=QUICK + ["--epochs", "1"])
+    by_hand.optim.whiten_bias_epochs = 2  # past the config check: train refuses it itself
+    with pytest.raises(ConfigError, match="whitening stem"):
+        train(by_hand, dataset=digits)
 
 
 def test_scoring_every_other_epoch_trains_the_same_run(tmp_path, digits):

@@ -31,14 +31,16 @@ def register_model(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
 
 
 # Set by `resolve_model`: `build` then records its backbone class here instead of building
-_resolving: contextvars.ContextVar[list | None] = contextvars.ContextVar("resolving", default=None)
+_resolving: contextvars.ContextVar[list[type[Backbone]] | None] = contextvars.ContextVar(
+    "resolving", default=None)
 
 
 def build(backbone: type[Backbone], shape: DataShape, settings: dict, **preset) -> Backbone:
     """`backbone` for `shape` from the preset's numbers with the caller's `settings` on top.
 
-    Under `resolve_model` it returns the checked config instead of building: a sweep
-    resolves every grid point, and building (masks, initialisation) would cost 0.1-0.5 s each.
+    Under `resolve_model` it returns the checked config, and records `backbone`, instead of
+    building: a sweep resolves every grid point, and building (masks, initialisation) would cost
+    0.1-0.5 s each.
     """
     values = dict(preset)
     for key, value in model_values(settings).items():  # sections merge key by key
@@ -120,10 +122,14 @@ def resolve_model(values: dict) -> tuple[ModelConfig, type[Backbone]]:
     preset fills them in, checked as the backbone checks them, and the backbone class that
     would build it, without building the model."""
     values = dict(values)
+    name = values.pop("name", ModelConfig.name)
     backbones: list[type[Backbone]] = []
     token = _resolving.set(backbones)
     try:
-        cfg = create_model(values.pop("name", ModelConfig.name), **values)
+        cfg = create_model(name, **values)
     finally:
         _resolving.reset(token)
+    if not backbones:
+        raise ConfigError(f"model preset {name!r} builds its model without `build`; a registered "
+                          "preset must return build(...)")
     return cfg, backbones[0]

@@ -47,8 +47,11 @@ def record_header(job: Job, values: dict, digest: str, run_dir: str) -> dict:
 
 
 # What a record says about its run, not about the grid that asked for it: a reused record keeps
-# these and takes the rest (label, tags) from the job that reuses it
-RUN_FIELDS = frozenset(f.name for f in dataclasses.fields(Result)) | {"wall_s", "reused_from"}
+# these (the result, and the CKA that `sweep`'s analyze step adds) and takes the rest (label,
+# tags) from the job that reuses it. A tag named like one of them (a grid over `epochs`) is the
+# run's value anyway.
+RUN_FIELDS = (frozenset(f.name for f in dataclasses.fields(Result))
+              | {"wall_s", "reused_from", "cka_offdiag_mean", "cka_adjacent_mean"})
 
 
 def records_of(store: ResultsStore, resolved) -> list[dict]:

@@ -196,10 +196,15 @@ def config_from_dict(values: dict) -> TrainConfig:
     cfg = from_dict(TrainConfig, values)
     cfg.model, backbone = resolve_model(model_values(model))
     cfg.validate()
-    if cfg.optim.whiten_bias_epochs and not backbone.has_whitening_stem:
+    check_whitening_stem(cfg, backbone.has_whitening_stem)  # before any run of a sweep starts
+    return cfg
+
+
+def check_whitening_stem(cfg: TrainConfig, has_whitening_stem: bool) -> None:
+    """Refuse `optim.whiten_bias_epochs` for a model without a whitening stem."""
+    if cfg.optim.whiten_bias_epochs and not has_whitening_stem:
         raise ConfigError(f"optim.whiten_bias_epochs needs a model with a whitening stem (tied-fast); "
                           f"{cfg.model.name} has none: set it to 0")
-    return cfg
 
 
 # ---------------------------------------------------------------- `--key value` overrides

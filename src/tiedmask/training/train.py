@@ -37,7 +37,7 @@ from .finetune import prepare_finetune
 from .lookahead import Lookahead
 from .muon import MuonSGD
 from .rundir import RunDir, RunState, load_trained
-from .settings import TTAS, TrainConfig, config_hash
+from .settings import TTAS, TrainConfig, check_whitening_stem, config_hash
 
 
 @dataclass
@@ -370,6 +370,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.shape)
     model.init_from_data(normalize(train_x[:5000], mean, std))
+    check_whitening_stem(cfg, model.whitening_bias() is not None)  # a config built by hand
     if cfg.finetune.init_from:
         pretrained, _, _ = RunDir(cfg.finetune.init_from).load_checkpoint()
         model = prepare_finetune(model, cfg, pretrained)
