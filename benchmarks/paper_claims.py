@@ -174,8 +174,9 @@ def pooled_table(records: list[dict]) -> list[str]:
     lines = []
     for name, claims in POOLED.items():
         rows = [r for r in records if r["claim"] in claims]
-        in_every_claim = set.intersection(*({r["variant"] for r in rows if r["claim"] == c} for c in claims))
-        variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v in in_every_claim - {REFERENCE}]
+        in_each = [{r["variant"] for r in rows if r["claim"] == c} for c in claims]
+        compared = set.intersection(*in_each) - {REFERENCE}
+        variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v in compared]
         diffs = [(v, d) for v in variants if (d := paired(rows, v)) and d["n"] >= 2]
         if not diffs:
             continue

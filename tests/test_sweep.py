@@ -59,7 +59,8 @@ def test_sweep_with_cka_then_report_and_advise(tmp_path, capsys):
 
 def test_a_grid_reuses_another_stores_finished_run_of_the_same_config(tmp_path, monkeypatch):
     first = tmp_path / "first.yaml"
-    first.write_text(yaml.safe_dump({"base": BASE, "grid": {"model.depth": [2]}}))  # tags its record depth: 2
+    # a grid axis, so the record carries the tag depth: 2
+    first.write_text(yaml.safe_dump({"base": BASE, "grid": {"model.depth": [2]}}))
     run_sweep(first, tmp_path / "a", log=lambda *a: None)
     (original,) = ResultsStore(tmp_path / "a").records()
     original = {**original, "cka_offdiag_mean": 0.9}  # as the analyze step adds it
