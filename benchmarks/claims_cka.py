@@ -24,6 +24,7 @@ from pathlib import Path
 
 from paper_claims import mean_sd, write_into_docs  # this folder's sibling script
 from tiedmask.analysis.analyze import analyze_run
+from tiedmask.errors import run_script
 from tiedmask.experiments.store import ResultsStore, setting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def analyse_store(store_dir: Path, images: int, kept: dict[tuple, dict], redo: b
     """A row per finished run of the store: the kept row when it is of this run (same config,
     same image count) and not to be redone, else a new analysis where the checkpoint still is."""
     rows = []
-    store = ResultsStore(store_dir)
+    store = ResultsStore.existing(store_dir)
     for record in store.records():
         if record.get("status") != "ok":
             continue
@@ -96,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from scipy import stats as scipy_stats
 
+from tiedmask.errors import run_script
 from tiedmask.experiments.store import ResultsStore, setting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,7 +212,7 @@ def main() -> None:
         kept = {key(r): r for r in map(json.loads, RECORDS.read_text().splitlines()) if r}
     for store_dir in map(Path, args.stores):
         claim = GRID_CLAIMS.get(store_dir.name, store_dir.name)
-        store = ResultsStore(store_dir)
+        store = ResultsStore.existing(store_dir)
         for record in store.records():
             if record.get("status") == "ok":
                 row = claim_record(record, claim)
@@ -251,4 +252,4 @@ def write_into_docs(text: str, start: str = "<!-- paper-claims-table: written by
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from tiedmask.errors import TiedmaskError, run_script
 from tiedmask.experiments.store import ResultsStore, setting
 
 GRIDS = "benchmarks/grids"  # run from the repository root, as the grids' data paths expect
@@ -30,7 +31,7 @@ def chosen_rates(store: ResultsStore) -> dict[str, tuple[float, float]]:
         if record.get("status") != "ok":
             continue
         if record.get("eval_split") != "val":
-            raise SystemExit(f"error: run {record['config_hash']} was scored on the test set, not a "
+            raise TiedmaskError(f"run {record['config_hash']} was scored on the test set, not a "
                              "validation split; tune with transfer_lora_tune.yaml")
         label = record["variant"].split(",")[0]
         scores.setdefault(label, {}).setdefault(setting(record, "optim.lr"), []).append(record["test_acc"])
@@ -44,11 +45,11 @@ def main() -> None:
     parser.add_argument("--tune", default=f"{GRIDS}/transfer_lora_tune.yaml")
     parser.add_argument("--out", default=f"{GRIDS}/transfer_lora_test.yaml")
     args = parser.parse_args()
-    chosen = chosen_rates(ResultsStore(args.store))
+    chosen = chosen_rates(ResultsStore.existing(args.store))
     spec = yaml.safe_load(Path(args.tune).read_text())
     missing = [v["label"] for v in spec["variants"] if v["label"] not in chosen]
     if missing:
-        raise SystemExit(f"error: no finished tuning runs for {missing}; finish the tuning sweep first")
+        raise TiedmaskError(f"no finished tuning runs for {missing}; finish the tuning sweep first")
     spec["base"]["data"].pop("val_split", None)
     spec.pop("grid", None)
     spec["variants"] = [{**v, "optim.lr": chosen[v["label"]][0]} for v in spec["variants"]]
@@ -66,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

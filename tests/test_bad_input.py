@@ -2,6 +2,8 @@
 leaves what is already on disk as it was."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,18 @@ def test_there_are_at_least_a_hundred_cases():
     assert len(CASES) + len(RUN_CASES) >= 100
     assert {a[0] for a in CASES + RUN_CASES if a} >= {
         "train", "info", "eval", "analyze", "finetune", "sweep", "bench", "report", "advise", "demo", "models"}
+
+
+@pytest.mark.parametrize("script", ["paper_claims.py", "claims_cka.py", "transfer_select.py"])
+def test_benchmark_scripts_answer_a_wrong_store_with_one_error_line(tmp_path, script):
+    """The scripts that read stores (benchmarks/) fail like the CLI: one line, exit 2, and the
+    records they keep in benchmarks/results untouched."""
+    root = Path(__file__).resolve().parents[1]
+    kept = root / "benchmarks" / "results" / "paper_claims.jsonl"
+    before = kept.read_bytes() if kept.exists() else None
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / script), str(tmp_path / "absent")],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert "absent" in proc.stderr and "Traceback" not in proc.stderr
+    assert (kept.read_bytes() if kept.exists() else None) == before

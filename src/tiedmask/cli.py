@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import TiedmaskError
+from .errors import TiedmaskError, error_line
 
 OVERRIDES_HELP = """overrides: --KEY VALUE for any config key, dotted (--model.depth 6) or by its
 leaf name (--depth 6; a name shared with the model means the model's); --model NAME and
@@ -166,9 +166,7 @@ def cmd_report(args, overrides) -> int:
     from .experiments.report import write_sweep_report
     from .experiments.store import ResultsStore
 
-    records = ResultsStore(args.store).records()
-    if not records:
-        raise TiedmaskError(f"{args.store} holds no results.jsonl records; run bench or sweep into it")
+    records = ResultsStore.existing(args.store).records()
     write = write_bench_report if any("budget" in r for r in records) else write_sweep_report
     print(write(records, Path(args.store), Path(args.store).name))
     return 0
@@ -315,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args, extra)
     except TiedmaskError as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line, always
+        print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; a run with --out continues with `tiedmask train --resume DIR`",

@@ -1,4 +1,8 @@
-"""User-facing errors: the CLI prints them as one `error:` line, never a traceback."""
+"""User-facing errors: the CLI and the benchmark scripts print them as one `error:` line, exit
+code 2, never a traceback."""
+
+import sys
+from typing import Callable, NoReturn
 
 
 class TiedmaskError(Exception):
@@ -11,3 +15,19 @@ class ConfigError(TiedmaskError):
 
 class DataError(TiedmaskError):
     """A missing, incomplete or corrupt dataset."""
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a user sees for `exc`: its message with line breaks folded."""
+    return "error: " + " ".join(str(exc).split())
+
+
+def run_script(main: Callable[[], int | None]) -> NoReturn:
+    """Run a script's `main` (benchmarks/*.py) the way the CLI runs a command: a TiedmaskError
+    becomes one `error:` line and exit code 2."""
+    try:
+        code = main()
+    except TiedmaskError as exc:
+        print(error_line(exc), file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -64,6 +64,16 @@ class ResultsStore:
         self.root = Path(root)
         self.path = self.root / "results.jsonl"
 
+    @classmethod
+    def existing(cls, root: str | Path) -> "ResultsStore":
+        """A store to read, which must hold records already (report, the benchmark analyses):
+        a mistyped folder is named rather than read as an empty store."""
+        store = cls(root)
+        if not store.records(warn=lambda message: None):
+            raise TiedmaskError(f"{root} holds no results.jsonl records; give the folder that "
+                                "`tiedmask sweep --out` or `tiedmask bench --out` wrote")
+        return store
+
     def run_dir(self, config_hash: str) -> Path:
         """runs/<hash>; or, when there is none, the folder of a run that an older version
         started for the same config (named by that version's hash, which changes when
