@@ -36,11 +36,11 @@ def row_key(row: dict) -> tuple:
     return row["store"], row["variant"], row["seed"]
 
 
-def analyse_store(store_dir: Path, images: int, kept: dict[tuple, dict], redo: bool) -> list[dict]:
+def analyse_store(store: ResultsStore, images: int, kept: dict[tuple, dict], redo: bool) -> list[dict]:
     """A row per finished run of the store: the kept row when it is of this run (same config,
     same image count) and not to be redone, else a new analysis where the checkpoint still is."""
     rows = []
-    store = ResultsStore.existing(store_dir)
+    store_dir = store.root
     for record in store.records():
         if record.get("status") != "ok":
             continue
@@ -87,7 +87,8 @@ def main() -> None:
                         help="analyse again the runs already in the JSON whose checkpoints are here")
     args = parser.parse_args()
     kept = {row_key(r): r for r in json.loads(RESULTS.read_text())} if RESULTS.exists() else {}
-    rows = [row for store in args.stores for row in analyse_store(Path(store), args.images, kept, args.redo)]
+    stores = [ResultsStore.existing(path) for path in args.stores]  # all checked before the minutes of analysis
+    rows = [row for store in stores for row in analyse_store(store, args.images, kept, args.redo)]
     rows = sorted(rows + list(kept.values()), key=row_key)  # rows of stores not named here stay
     RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
     text = table(rows)

@@ -210,9 +210,10 @@ def main() -> None:
     kept = {}
     if RECORDS.exists():
         kept = {key(r): r for r in map(json.loads, RECORDS.read_text().splitlines()) if r}
-    for store_dir in map(Path, args.stores):
+    stores = [ResultsStore.existing(path) for path in args.stores]  # all checked before anything is written
+    for store in stores:
+        store_dir = store.root
         claim = GRID_CLAIMS.get(store_dir.name, store_dir.name)
-        store = ResultsStore.existing(store_dir)
         for record in store.records():
             if record.get("status") == "ok":
                 row = claim_record(record, claim)

@@ -32,7 +32,7 @@ def chosen_rates(store: ResultsStore) -> dict[str, tuple[float, float]]:
             continue
         if record.get("eval_split") != "val":
             raise TiedmaskError(f"run {record['config_hash']} was scored on the test set, not a "
-                             "validation split; tune with transfer_lora_tune.yaml")
+                               "validation split; tune with transfer_lora_tune.yaml")
         label = record["variant"].split(",")[0]
         scores.setdefault(label, {}).setdefault(setting(record, "optim.lr"), []).append(record["test_acc"])
     return {label: max(((lr, statistics.mean(a)) for lr, a in by_lr.items()), key=lambda t: t[1])

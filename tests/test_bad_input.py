@@ -85,6 +85,8 @@ def workdir(tmp_path_factory):
     (root / "notes" / "mine.txt").write_text("keep me")
     (root / "store").mkdir()
     (root / "store" / "results.jsonl").write_text("")
+    (root / "torn").mkdir()
+    (root / "torn" / "results.jsonl").write_text('{"config_hash": "ab\n[1, 2]\n')  # no readable record
     (root / "grid_list.yaml").write_text("- 1\n- 2\n")
     (root / "grid_bad.yaml").write_text("grid: {model.density: 0.5}\n")
     (root / "grid_key.yaml").write_text("gird: {}\n")
@@ -134,6 +136,7 @@ def _run_cases(root: Path):
     yield ["bench", "demo"]
     yield ["report", str(root / "absent")]
     yield ["report", store]  # empty
+    yield ["report", str(root / "torn")]  # damaged lines only
     yield ["advise", "--params", "nan"]
     yield ["advise", "--params", "-1"]
     yield ["advise", "--params", "0"]
@@ -188,16 +191,28 @@ def test_there_are_at_least_a_hundred_cases():
         "train", "info", "eval", "analyze", "finetune", "sweep", "bench", "report", "advise", "demo", "models"}
 
 
+def _tracked_outputs(root: Path) -> dict:
+    """The files the benchmark scripts write into the repository, and their bytes."""
+    paths = [*(root / "benchmarks" / "results").rglob("*"), *(root / "benchmarks" / "grids").glob("*"),
+             root / "docs" / "results.md", root / "src" / "tiedmask" / "resources" / "measured_results.jsonl"]
+    return {p: p.read_bytes() for p in paths if p.is_file()}
+
+
 @pytest.mark.parametrize("script", ["paper_claims.py", "claims_cka.py", "transfer_select.py"])
 def test_benchmark_scripts_answer_a_wrong_store_with_one_error_line(tmp_path, script):
     """The scripts that read stores (benchmarks/) fail like the CLI: one line, exit 2, and the
-    records they keep in benchmarks/results untouched."""
+    files they keep in the repository untouched, even when the stores named before the wrong
+    one are good (every store is checked before anything is written)."""
     root = Path(__file__).resolve().parents[1]
-    kept = root / "benchmarks" / "results" / "paper_claims.jsonl"
-    before = kept.read_bytes() if kept.exists() else None
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / script), str(tmp_path / "absent")],
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "results.jsonl").write_text(json.dumps({"config_hash": "0123", "status": "ok"}) + "\n")
+    before = _tracked_outputs(root)
+    stores = [str(tmp_path / "absent")] if script == "transfer_select.py" else [str(good), str(tmp_path / "absent")]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / script), *stores],
                           cwd=root, capture_output=True, text=True, timeout=120)
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith("warning:")]
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
-    assert "absent" in proc.stderr and "Traceback" not in proc.stderr
-    assert (kept.read_bytes() if kept.exists() else None) == before
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "absent" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _tracked_outputs(root) == before

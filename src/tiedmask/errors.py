@@ -24,10 +24,13 @@ def error_line(exc: BaseException) -> str:
 
 def run_script(main: Callable[[], int | None]) -> NoReturn:
     """Run a script's `main` (benchmarks/*.py) the way the CLI runs a command: a TiedmaskError
-    becomes one `error:` line and exit code 2."""
+    becomes one `error:` line and exit code 2, Ctrl-C one line and 130."""
     try:
         code = main()
     except TiedmaskError as exc:
         print(error_line(exc), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code or 0)

@@ -69,9 +69,13 @@ class ResultsStore:
         """A store to read, which must hold records already (report, the benchmark analyses):
         a mistyped folder is named rather than read as an empty store."""
         store = cls(root)
-        if not store.records(warn=lambda message: None):
-            raise TiedmaskError(f"{root} holds no results.jsonl records; give the folder that "
+        if not store.path.exists():
+            raise TiedmaskError(f"{root} holds no results.jsonl; give the folder that "
                                 "`tiedmask sweep --out` or `tiedmask bench --out` wrote")
+        damaged: list[str] = []
+        if not store.records(warn=damaged.append):
+            raise TiedmaskError(f"{store.path} holds no readable records ({len(damaged)} damaged "
+                                "lines); restore it from a copy, or run the sweep again into it")
         return store
 
     def run_dir(self, config_hash: str) -> Path:
