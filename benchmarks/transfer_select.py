@@ -22,6 +22,7 @@ from tiedmask.errors import TiedmaskError, run_script
 from tiedmask.experiments.store import ResultsStore, setting
 
 GRIDS = "benchmarks/grids"  # run from the repository root, as the grids' data paths expect
+TEST_STORE = "runs/transfer-test"  # paper_claims.py names the claim after this folder
 
 
 def chosen_rates(store: ResultsStore) -> dict[str, tuple[float, float]]:
@@ -60,7 +61,7 @@ def main() -> None:
         "# Claim 5 at real accuracy, step 3 of 3 (written by benchmarks/transfer_select.py from the\n"
         f"# tuning store {args.store}): each method at the learning rate chosen on the validation split,\n"
         "# 3 seeds, scored on the test set.\n" + header +
-        f"#   tiedmask sweep {args.out} --out runs/{Path(args.out).stem.replace('_', '-')}\n"
+        f"#   tiedmask sweep {args.out} --out {TEST_STORE}\n"
         + yaml.safe_dump(spec, sort_keys=False))
     print(header, end="")
     print(f"wrote {args.out}")
