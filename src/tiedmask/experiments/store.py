@@ -26,6 +26,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import ConfigError, TiedmaskError
 from ..files import read_json
@@ -73,7 +74,7 @@ class ResultsStore:
             raise TiedmaskError(f"{root} holds no results.jsonl; give the folder that "
                                 "`tiedmask sweep --out` or `tiedmask bench --out` wrote")
         damaged: list[str] = []
-        if not store.records(warn=damaged.append):
+        if not any(store._raw_records(warn=damaged.append)):  # stops at the first readable line
             raise TiedmaskError(f"{store.path} holds no readable records ({len(damaged)} damaged "
                                 "lines); restore it from a copy, or run the sweep again into it")
         return store
@@ -96,9 +97,15 @@ class ResultsStore:
     def records(self, warn=lambda message: print(message, file=sys.stderr)) -> list[dict]:
         """The latest record of every config, in the order first seen; bad lines are skipped
         with a warning naming them."""
-        if not self.path.exists():
-            return []
         latest: dict[str, dict] = {}
+        for record in map(rekey, self._raw_records(warn)):
+            latest[record["config_hash"]] = record
+        return list(latest.values())
+
+    def _raw_records(self, warn) -> Iterator[dict]:
+        """The file's records as written, line by line (not yet re-keyed)."""
+        if not self.path.exists():
+            return
         text = self.path.read_bytes().decode("utf-8", errors="replace")
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -110,9 +117,7 @@ class ResultsStore:
             except ValueError:
                 warn(f"warning: {self.path} line {number} is not a results record; skipped")
                 continue
-            record = rekey(record)
-            latest[record["config_hash"]] = record
-        return list(latest.values())
+            yield record
 
     def run_dir_of(self, record: dict) -> Path:
         return self.root / record.get("run_dir", f"runs/{record['config_hash']}")
