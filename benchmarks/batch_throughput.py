@@ -11,7 +11,6 @@ with hyperparameters scaled to the batch. Writes benchmarks/results/batch_throug
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -19,11 +18,12 @@ from pathlib import Path
 import torch
 
 from channel_masks import model_step, round_medians  # this folder's sibling script
+from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.training.train import hardware_name
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024])
     parser.add_argument("--width", type=int, default=56)
     parser.add_argument("--depth", type=int, default=2)
@@ -47,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

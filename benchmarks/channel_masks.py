@@ -16,7 +16,6 @@ Target (issue 13): channel multi-mask at density 0.5 and depth 4 <= 0.65x the de
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from tiedmask.core.flops import count_macs
 from tiedmask.core.layers import MaskedConv2d, masked_layers
 from tiedmask.core.presets import create_model
+from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.training.train import hardware_name
 
 VARIANTS = {"dense": {"scope": "dense"}, "unstructured multi": {"scope": "multi", "kind": "unstructured"},
@@ -109,7 +109,7 @@ def timed_in_turns(steps: dict, rounds: int, per_round: int = 3) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=40)
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--density", type=float, default=0.5)
@@ -151,4 +151,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -13,17 +13,17 @@ Writes runs/bench-cifar10-deq/{results.jsonl,report.md,*.png} and benchmarks/res
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.experiments.bench import run_bench
 from tiedmask.experiments.report import summarize
 from tiedmask.experiments.store import ResultsStore
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = ArgumentParser()
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--out", default="runs/bench-cifar10-deq")
     ap.add_argument("--threads", type=int, default=1)
@@ -41,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -19,7 +19,6 @@ docs/img/cifar10_fast_curve.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 
 from tiedmask.core.backbones import count_params  # noqa: E402
 from tiedmask.core.presets import build_model  # noqa: E402
+from tiedmask.errors import ArgumentParser, run_script  # noqa: E402
 from tiedmask.experiments.report import fmt  # noqa: E402
 from tiedmask.training.settings import load_config, recipe_path  # noqa: E402
 from tiedmask.training.train import hardware_name  # noqa: E402
@@ -93,7 +93,7 @@ def mean_std(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["tied"])
@@ -143,4 +143,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from tiedmask.analysis.analyze import analyze_run
+from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.experiments.report import summarize, write_sweep_report
 from tiedmask.experiments.sweep import run_sweep
 
@@ -27,6 +28,7 @@ MASK_RUNS = Path("runs/bench-cifar10-masks")
 
 
 def main() -> None:
+    ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; no options
     out = {}
     shipped = HERE.parent / "src/tiedmask/resources/measured_results.jsonl"
     lines = []
@@ -55,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

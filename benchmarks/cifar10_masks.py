@@ -22,6 +22,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from tiedmask.errors import ArgumentParser, run_script
+
 SETTINGS = {
     "shallow (w32, depth 2)": {"name": "tied-resnet-s", "width": 32, "depth": 2},
     "deep-narrow (w16, depth 8)": {"name": "tied-resnet-s", "width": 16, "depth": 8},
@@ -63,7 +65,7 @@ def table(records: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--out", default="runs/bench-cifar10-masks")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -101,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

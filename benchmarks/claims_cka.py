@@ -17,14 +17,13 @@ gone, keeps its rows; rows of stores not named on the command line stay too.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 
 from paper_claims import mean_sd, write_into_docs  # this folder's sibling script
 from tiedmask.analysis.analyze import analyze_run
-from tiedmask.errors import run_script
+from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.experiments.store import ResultsStore, setting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +78,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stores", nargs="+", help="results stores of the claim grids")
     parser.add_argument("--images", type=int, default=1000, help="test images to analyse")
     parser.add_argument("--docs", action="store_true", help="write the table into docs/results.md")

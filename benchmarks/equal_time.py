@@ -17,7 +17,6 @@ are built for CIFAR-shaped input (3x32x32, 10 classes), the shape of the grids h
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from channel_masks import round_medians  # this folder's sibling script
 from tiedmask.core.flops import count_macs
 from tiedmask.core.presets import build_model
 from tiedmask.core.spec import DataShape
+from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.experiments.sweep import grid_jobs
 from tiedmask.training.settings import config_from_dict, read_yaml
 from tiedmask.training.train import hardware_name, make_optimizer, place, use_channels_last
@@ -59,7 +59,7 @@ def variant_step(config: dict):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("grid", help="a sweep grid file (its variants, seed 0)")
     parser.add_argument("--reference", default="tied-multi", help="the variant whose time is matched")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: the grid's, else all cores)")
@@ -100,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -20,14 +20,13 @@ folder and the sweep skips the runs it holds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 
 from scipy import stats as scipy_stats
 
-from tiedmask.errors import run_script
+from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.experiments.store import ResultsStore, setting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +197,7 @@ def params(record: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stores", nargs="*", help="results stores written by the claim grids")
     parser.add_argument("--docs", action="store_true", help="write the table into docs/results.md")
     parser.add_argument("--ship", action="store_true",

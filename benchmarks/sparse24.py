@@ -12,7 +12,6 @@ benchmarks/results/sparse24.json.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from tiedmask.core.presets import create_model
 from tiedmask.core.sparse24 import gpu_problem, to_semi_structured
+from tiedmask.errors import ArgumentParser, run_script
 
 
 def images_per_s(model, x, repeats: int = 20) -> float:
@@ -35,6 +35,7 @@ def images_per_s(model, x, repeats: int = 20) -> float:
 
 
 def main() -> int:
+    ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; no options
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     problem = gpu_problem(device)
     if problem:
@@ -60,4 +61,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

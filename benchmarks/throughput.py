@@ -16,7 +16,6 @@ Writes benchmarks/results/throughput.json.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import time
@@ -29,6 +28,7 @@ from channel_masks import timed_in_turns  # this folder's sibling script
 from tiedmask.core.backbones import count_params
 from tiedmask.core.flops import count_macs
 from tiedmask.core.presets import MODEL_PRESETS, create_model
+from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.training.train import hardware_name
 
 BATCH = 128
@@ -96,7 +96,7 @@ def measure(name: str, layouts: tuple[str, ...], compile: bool) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile", nargs="*", default=[], metavar="MODEL",
                         help="also time these models under torch.compile (minutes to build each)")
     parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast (slow on most CPUs)")
@@ -137,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

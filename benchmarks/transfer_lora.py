@@ -16,10 +16,10 @@ Writes runs/transfer/results.jsonl + report.md and benchmarks/results/transfer_l
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.training.settings import config_from_dict
 from tiedmask.training.finetune import pretrained_defaults
 from tiedmask.training.rundir import RunDir
@@ -39,7 +39,7 @@ METHODS = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = ArgumentParser()
     ap.add_argument("--data-root", default="../shared/data")
     ap.add_argument("--out", default="runs/transfer")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -82,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

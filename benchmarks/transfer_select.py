@@ -12,13 +12,12 @@ The test set is never looked at to choose anything.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
 import yaml
 
-from tiedmask.errors import TiedmaskError, run_script
+from tiedmask.errors import ArgumentParser, TiedmaskError, run_script
 from tiedmask.experiments.store import ResultsStore, setting
 
 GRIDS = "benchmarks/grids"  # run from the repository root, as the grids' data paths expect
@@ -41,7 +40,7 @@ def chosen_rates(store: ResultsStore) -> dict[str, tuple[float, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store", help="the tuning sweep's results store")
     parser.add_argument("--tune", default=f"{GRIDS}/transfer_lora_tune.yaml")
     parser.add_argument("--out", default=f"{GRIDS}/transfer_lora_test.yaml")

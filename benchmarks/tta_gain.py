@@ -10,13 +10,13 @@ Writes benchmarks/results/tta_gain.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
 from paper_claims import mean_interval  # this folder's sibling script
+from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.experiments.store import ResultsStore
 from tiedmask.training.train import hardware_name, score_run
 
@@ -28,7 +28,7 @@ def scores(run_dir: Path, data_root: str) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stores", nargs="+")
     parser.add_argument("--data-root", default="", help="dataset folder, if it moved since training")
     parser.add_argument("--threads", type=int, default=1)
@@ -53,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import TiedmaskError, error_line
+from .errors import ArgumentParser, TiedmaskError, error_line
 
 OVERRIDES_HELP = """overrides: --KEY VALUE for any config key, dotted (--model.depth 6) or by its
 leaf name (--depth 6; a name shared with the model means the model's); --model NAME and
@@ -204,17 +204,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults shown beside every argument; epilogs kept as written."""
 
 
-class Parser(argparse.ArgumentParser):
-    """Usage mistakes as one `error:` line naming the fix, exit code 2 (not argparse's
-    usage block)."""
-
-    def error(self, message: str):
-        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
+    parser = ArgumentParser(
         prog="tiedmask", description="Weight-tied vision networks with per-application sparse masks.")
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser

@@ -1,6 +1,7 @@
 """User-facing errors: the CLI and the benchmark scripts print them as one `error:` line, exit
 code 2, never a traceback."""
 
+import argparse
 import sys
 from typing import Callable, NoReturn
 
@@ -34,3 +35,12 @@ def run_script(main: Callable[[], int | None]) -> NoReturn:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with usage mistakes as one `error:` line naming the fix, exit code 2 (not
+    argparse's usage block); subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
