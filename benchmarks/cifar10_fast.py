@@ -6,8 +6,7 @@ of 0.89M parameters) on this machine's CPU cores, beside untied networks trained
     python benchmarks/cifar10_fast.py --minutes 20 --seeds 0 --variants ...   # a shorter budget
 
 Each run is one `tiedmask train --recipe cifar10-fast` (29 minutes of training, or `--minutes`;
-the recipe's cap
-of 16 epochs lifted so that the clock decides for every variant; evaluation,
+the recipe's cap of 16 epochs lifted so that the clock decides for every variant; evaluation,
 with the recipe's TTA on the full 10k test set after every epoch, is excluded from the clock,
 as in airbench). Variants: `tied` (the recipe), `untied-equal-flops` (the same shape with every
 application its own weights: the dense FLOPs of the tied model, more parameters) and
@@ -16,12 +15,14 @@ found here by building the models). Runs go seed by seed, so a stopped benchmark
 sets; finished runs are kept and skipped, interrupted ones resume. Reports each variant's final
 test accuracy (mean ± std over seeds), the training time at which each target was first reached,
 and the accuracy-against-time curves. Writes benchmarks/results/cifar10_fast.json and
-docs/img/cifar10_fast_curve.png.
+docs/img/cifar10_fast_curve.png (cifar10_fast_20min.json and cifar10_fast_20min_curve.png with
+`--minutes 20`, whose runs are kept apart too).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "cifar10-fast")
     parser.add_argument("--minutes", type=float, help="training minutes a run (default: the recipe's time_budget_s)")
     args = parser.parse_args()
-    if args.minutes is not None and args.minutes <= 0:
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         parser.error(f"--minutes must be positive, got {args.minutes:g}")
     tag = budget_tag(args.minutes)
     run_dirs = {(v, s): run(v, s, args.runs, args.data_root, args.minutes) for s in args.seeds for v in args.variants}

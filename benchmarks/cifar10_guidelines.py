@@ -7,8 +7,9 @@
 
     python benchmarks/cifar10_guidelines.py
 
-Results: runs/sweep-*/report.md and plots, benchmarks/results/guidelines.json, and the shipped
-store src/tiedmask/resources/measured_results.jsonl that `tiedmask advise` reads by default.
+Results: runs/sweep-*/report.md and plots, benchmarks/results/guidelines.json, and the sweeps'
+finished runs added to the shipped store src/tiedmask/resources/measured_results.jsonl that
+`tiedmask advise` reads by default. If a run of either sweep failed, neither file is written.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import shutil
 from pathlib import Path
 
 from tiedmask.analysis.analyze import analyze_run
-from tiedmask.errors import ArgumentParser, run_script
+from tiedmask.errors import ArgumentParser, TiedmaskError, run_script
+from tiedmask.experiments.advise import ship
 from tiedmask.experiments.report import summarize, write_sweep_report
+from tiedmask.experiments.store import ResultsStore
 from tiedmask.experiments.sweep import run_sweep
 
 HERE = Path(__file__).parent
@@ -30,17 +33,21 @@ MASK_RUNS = Path("runs/bench-cifar10-masks")
 def main() -> None:
     ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; no options
     out = {}
-    shipped = HERE.parent / "src/tiedmask/resources/measured_results.jsonl"
-    lines = []
+    stores = []
     for name, grid in SWEEPS.items():
         store = Path(f"runs/sweep-{name}")
         records = run_sweep(grid, store)
         print(write_sweep_report(records, store, name))
+        failed = sorted({r["variant"] for r in records if r.get("status") != "ok"})
+        if failed:  # a partial table must not replace the measured one
+            raise TiedmaskError(f"runs of {grid.name} failed ({', '.join(failed)}); "
+                                f"see {store}/report.md, fix the cause and run this script again")
         out[name] = [{k: v for k, v in row.items() if k != "reasons"}
                      for row in summarize(records, ("variant",),
                                           ("test_acc", "cka_offdiag_mean", "macs_effective"))]
-        lines += (store / "results.jsonl").read_text().splitlines()
-    shipped.write_text("\n".join(lines) + "\n")
+        stores.append(ResultsStore(store))
+    for store in stores:
+        ship(store)
     cka = {}
     for scope in ("dense", "same", "multi"):
         run = MASK_RUNS / f"16w8d-{scope}-s0"

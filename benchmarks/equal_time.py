@@ -18,12 +18,11 @@ are built for CIFAR-shaped input (3x32x32, 10 classes), the shape of the grids h
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-import statistics
 
 from channel_masks import round_medians  # this folder's sibling script
 from tiedmask.core.flops import count_macs

@@ -27,6 +27,7 @@ from pathlib import Path
 from scipy import stats as scipy_stats
 
 from tiedmask.errors import ArgumentParser, run_script
+from tiedmask.experiments.advise import ship
 from tiedmask.experiments.store import ResultsStore, setting
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,6 @@ OTHER_PAIRS = [  # (a, b): a − b paired by seed, shown under a claim's table w
 POOLED = {  # a pooled comparison -> the claims whose seeds it pairs (each within its own claim)
     "fast family, depths 4 and 8": (GRID_CLAIMS["paper-claims-fast"], GRID_CLAIMS["paper-claims-depth8"]),
 }
-SHIPPED = ROOT / "src" / "tiedmask" / "resources" / "measured_results.jsonl"
 
 
 def claim_record(record: dict, claim: str) -> dict:
@@ -229,17 +229,6 @@ def main() -> None:
     print(f"{len(records)} records in {RECORDS.relative_to(ROOT)}")
     if args.docs:
         write_into_docs(table(records))
-
-
-def ship(store: ResultsStore) -> None:
-    """Append the store's finished runs that the shipped results lack (by config hash)."""
-    shipped = ResultsStore(SHIPPED.parent)
-    shipped.path = SHIPPED
-    have = {r["config_hash"] for r in shipped.records()}
-    for record in store.records():
-        if record.get("status") == "ok" and record["config_hash"] not in have:
-            shipped.append(record)
-    (SHIPPED.parent / ".lock").unlink(missing_ok=True)  # the append's lock file is not for the package
 
 
 def write_into_docs(text: str, start: str = "<!-- paper-claims-table: written by benchmarks/paper_claims.py --docs -->",

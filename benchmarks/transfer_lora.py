@@ -20,13 +20,12 @@ import json
 from pathlib import Path
 
 from tiedmask.errors import ArgumentParser, run_script
-from tiedmask.training.settings import config_from_dict
-from tiedmask.training.finetune import pretrained_defaults
-from tiedmask.training.rundir import RunDir
-from tiedmask.training.settings import merge
 from tiedmask.experiments.report import markdown_table, summarize
 from tiedmask.experiments.runner import Job, run_jobs
 from tiedmask.experiments.store import ResultsStore
+from tiedmask.training.finetune import pretrained_defaults
+from tiedmask.training.rundir import RunDir
+from tiedmask.training.settings import config_from_dict, merge
 from tiedmask.training.train import train
 
 METHODS = {

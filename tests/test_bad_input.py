@@ -220,8 +220,9 @@ def test_benchmark_scripts_answer_a_wrong_store_with_one_error_line(tmp_path, sc
 
 def test_every_benchmark_script_answers_an_unknown_option_with_one_error_line():
     """A mistyped option to any script in benchmarks/ is one `error:` line and exit code 2, as
-    in the CLI (not argparse's usage block), before the script measures or writes anything.
-    One interpreter runs them all, so torch is imported once."""
+    in the CLI (not argparse's usage block), and `--help` is a usage text and exit code 0, both
+    before the script measures or writes anything (a script without a parser used to start its
+    sweeps on `--help`). One interpreter runs them all, so torch is imported once."""
     root = Path(__file__).resolve().parents[1]
     scripts = sorted((root / "benchmarks").glob("*.py"))
     driver = (
@@ -229,25 +230,29 @@ def test_every_benchmark_script_answers_an_unknown_option_with_one_error_line():
         f"sys.path.insert(0, {str(root / 'benchmarks')!r})\n"
         "answers = {}\n"
         "for path in sys.argv[1:]:\n"
-        "    sys.argv = [path, '--no-such-option']\n"
-        "    err = io.StringIO()\n"
-        "    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):\n"
-        "        try:\n"
-        "            runpy.run_path(path, run_name='__main__')\n"
-        "            code = 0\n"
-        "        except SystemExit as exc:\n"
-        "            code = exc.code\n"
-        "    answers[path] = [code, err.getvalue()]\n"
+        "    for option in ('--no-such-option', '--help'):\n"
+        "        sys.argv = [path, option]\n"
+        "        err, out = io.StringIO(), io.StringIO()\n"
+        "        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):\n"
+        "            try:\n"
+        "                runpy.run_path(path, run_name='__main__')\n"
+        "                code = 'ran'\n"
+        "            except SystemExit as exc:\n"
+        "                code = exc.code\n"
+        "        answers[path + ' ' + option] = [code, err.getvalue(), out.getvalue()]\n"
         "print(json.dumps(answers))\n")
     before = _tracked_outputs(root)
     proc = subprocess.run([sys.executable, "-c", driver, *map(str, scripts)], cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     answers = json.loads(proc.stdout.splitlines()[-1])
-    assert len(answers) == len(scripts) >= 10
-    for path, (code, stderr) in answers.items():
+    assert len(answers) == 2 * len(scripts) >= 20
+    for call, (code, stderr, stdout) in answers.items():
+        if call.endswith("--help"):
+            assert code == 0 and stdout.startswith("usage:"), (call, stdout[:200], stderr)
+            continue
         lines = [x for x in stderr.splitlines() if x.strip()]
-        assert code == 2, (path, stderr)
+        assert code == 2, (call, stderr)
         # the unknown option, or first a missing positional argument: either way one line
-        assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], (path, stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], (call, stderr)
     assert _tracked_outputs(root) == before

@@ -103,6 +103,28 @@ def test_advise_reads_the_shipped_results_or_says_what_is_missing(tmp_path):
         advise(10**6, stores=[tmp_path / "empty"])
 
 
+def test_shipping_a_store_only_adds_its_finished_runs(tmp_path, monkeypatch):
+    """What `paper_claims.py --ship` and `cifar10_guidelines.py` add to the shipped results:
+    finished runs the file lacks, never a failed one, never a run twice, nothing taken out."""
+    from tiedmask.experiments import advise as advise_module
+
+    shipped = tmp_path / "package" / "measured_results.jsonl"
+    shipped.parent.mkdir()
+    kept = {"config_hash": "a1", "status": "ok", "test_acc": 0.5}
+    shipped.write_text(json.dumps(kept) + "\n")
+    monkeypatch.setattr(advise_module, "SHIPPED", shipped)
+    store = ResultsStore(tmp_path / "store")
+    for record in ({"config_hash": "a1", "status": "ok", "test_acc": 0.9},
+                   {"config_hash": "b2", "status": "ok", "test_acc": 0.6},
+                   {"config_hash": "c3", "status": "failed", "reason": "out of memory"}):
+        store.append(record)
+    assert advise_module.ship(store) == 1
+    assert advise_module.ship(store) == 0
+    lines = [json.loads(line) for line in shipped.read_text().splitlines()]
+    assert [(r["config_hash"], r["test_acc"]) for r in lines] == [("a1", 0.5), ("b2", 0.6)]
+    assert not (shipped.parent / ".lock").exists()
+
+
 def test_the_shipped_results_hold_every_run_of_the_claims_table():
     """`tiedmask advise` ranks from the shipped store; every run behind docs/results.md §0
     (benchmarks/results/paper_claims.jsonl) must be in it, so a script that rewrites the

@@ -18,6 +18,20 @@ SHIPPED = Path(__file__).resolve().parents[1] / "resources" / "measured_results.
 SETTINGS = ("execution", "width", "depth", "stages", "masks.density", "masks.kind", "masks.scope", "cell")
 
 
+def ship(store: ResultsStore) -> int:
+    """Add the store's finished runs that the shipped results lack (by config hash, re-keyed);
+    returns how many. The shipped file only grows and takes only finished runs, so a failed or
+    partial sweep cannot take runs out of what `advise` answers from."""
+    shipped = ResultsStore(SHIPPED.parent)
+    shipped.path = SHIPPED
+    have = {r["config_hash"] for r in shipped.records()}
+    added = [r for r in store.records() if r.get("status") == "ok" and r["config_hash"] not in have]
+    for record in added:
+        shipped.append(record)
+    (SHIPPED.parent / ".lock").unlink(missing_ok=True)  # the append's lock file is not for the package
+    return len(added)
+
+
 def _setting(record: dict) -> tuple:
     return tuple(setting(record, f"model.{k}") for k in SETTINGS)
 
