@@ -116,6 +116,7 @@ def main() -> None:
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         parser.error(f"--minutes must be positive, got {args.minutes:g}")
     tag = budget_tag(args.minutes)
+    file_tag = tag.replace("-", "_")
     run_dirs = {(v, s): run(v, s, args.runs, args.data_root, args.minutes) for s in args.seeds for v in args.variants}
     curves = {key: curve(d) for key, d in run_dirs.items()}
     results = {key: json.loads((d / "result.json").read_text()) for key, d in run_dirs.items()}
@@ -149,9 +150,9 @@ def main() -> None:
     ax.set_title("cifar10-fast recipe: tied multi-mask and untied")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "img" / f"cifar10_fast{tag.replace('-', '_')}_curve.png", dpi=120)
+    fig.savefig(ROOT / "docs" / "img" / f"cifar10_fast{file_tag}_curve.png", dpi=120)
 
-    out = ROOT / "benchmarks" / "results" / f"cifar10_fast{tag.replace('-', '_')}.json"
+    out = ROOT / "benchmarks" / "results" / f"cifar10_fast{file_tag}.json"
     out.write_text(json.dumps({"hardware": hardware_name(torch.device("cpu")), "torch": torch.__version__,
                                "seeds": args.seeds, "minutes": args.minutes or recipe_minutes(), "variants": summary,
                                "curves": {f"{v}/seed{s}": c for (v, s), c in curves.items()},

@@ -22,8 +22,7 @@ def ship(store: ResultsStore) -> int:
     """Add the store's finished runs that the shipped results lack (by config hash, re-keyed);
     returns how many. The shipped file only grows and takes only finished runs, so a failed or
     partial sweep cannot take runs out of what `advise` answers from."""
-    shipped = ResultsStore(SHIPPED.parent)
-    shipped.path = SHIPPED
+    shipped = ResultsStore(SHIPPED)
     have = {r["config_hash"] for r in shipped.records()}
     added = [r for r in store.records() if r.get("status") == "ok" and r["config_hash"] not in have]
     for record in added:
@@ -48,10 +47,7 @@ def _budget(record: dict) -> str:
 def load_records(paths: list[str | Path]) -> list[dict]:
     records = []
     for path in paths:
-        path = Path(path)
-        store = ResultsStore(path.parent if path.suffix == ".jsonl" else path)
-        if path.suffix == ".jsonl":
-            store.path = path
+        store = ResultsStore(path)
         if not store.path.exists():
             raise TiedmaskError(f"no results at {store.path}; point --store at a bench or sweep directory")
         records += store.records()

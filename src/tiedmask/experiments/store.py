@@ -62,8 +62,10 @@ def setting(record: dict, key: str):
 
 class ResultsStore:
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.path = self.root / "results.jsonl"
+        """`root`: a store folder (its results.jsonl), or a .jsonl file of records itself (the
+        shipped results)."""
+        root = Path(root)
+        self.root, self.path = (root.parent, root) if root.suffix == ".jsonl" else (root, root / "results.jsonl")
 
     @classmethod
     def existing(cls, root: str | Path) -> "ResultsStore":
