@@ -1,5 +1,7 @@
 import importlib
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +174,21 @@ def test_scoring_every_other_epoch_trains_the_same_run(tmp_path, digits):
     train(last, out=tmp_path / "c", dataset=digits)
     scored = [json.loads(x)["test_acc"] for x in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert scored[:2] == [None, None] and scored[2] == b.test_acc  # 0: only the last
+
+
+def test_hardware_name_tells_apart_cpus_of_one_model_name(monkeypatch):
+    """Records name the vector instructions in use, read against the kernel's CPU flags: two
+    machines both called "AMD EPYC" (one with AVX-512, one without) must not look alike."""
+    from tiedmask.training.train import hardware_name
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or "ATEN_CPU_CAPABILITY" in os.environ:
+        pytest.skip("needs Linux's /proc/cpuinfo and torch's own choice of kernels")
+    flags = next((x.split(":", 1)[1].split() for x in cpuinfo.read_text().splitlines()
+                  if x.startswith("flags")), [])
+    name = hardware_name(torch.device("cpu"))
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):  # what torch's AVX512 kernels need
+        assert "(AVX512)" in name
+    elif {"avx2", "fma"} <= set(flags):
+        assert "(AVX2)" in name
+    assert name.endswith(f"{torch.get_num_threads()} threads")

@@ -308,7 +308,9 @@ def chance_warning(test_acc: float, classes: int) -> str:
 
 
 def hardware_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name and the threads torch uses."""
+    """The GPU's name, or the CPU's model name, the vector instructions torch's kernels use
+    (two CPUs of one model name can differ: AVX-512 on one machine, AVX2 on the next) and the
+    threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -316,7 +318,7 @@ def hardware_name(device: torch.device) -> str:
         cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
 
 
 def peak_memory_mb(device: torch.device) -> float:
