@@ -3,7 +3,7 @@ weights, unstructured multi-masks and channel multi-masks (whole output filters,
 the kept filters alone), at equal density; and, to show where the time goes, each stage's tied
 convolution alone (forward + backward of one application), dense against its kept filters.
 
-    python benchmarks/channel_masks.py                 # ~2 min on 2 CPU cores; run it alone
+    python benchmarks/channel_masks.py                 # ~1-2 min on 2 CPU cores; run it alone
     python benchmarks/channel_masks.py --width 40 --depths 4 8 --density 0.5 --threads 2
 
 Batch 256 of 3x32x32, channels_last, fp32, Nesterov SGD; 2 warm-up steps, then the variants

@@ -4,7 +4,7 @@
 
 A tied Transformer (width 768, MLP ratio 4, 12 heads, depth 6, 2:4 multi-masks; ViT-B-sized
 matmuls on 8x8 = 64 tokens) in bf16, batch 256: images/s with the masked weights run dense
-(the training path) and with `tiedmask.sparse24.to_semi_structured`, plus the largest output
+(the training path) and with `tiedmask.core.sparse24.to_semi_structured`, plus the largest output
 difference. On a machine without such a GPU it says so and exits 0. Writes
 benchmarks/results/sparse24.json.
 """

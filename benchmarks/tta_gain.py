@@ -4,7 +4,7 @@ translations (6 views, weights 1/2, 1/4, 1/4); the gain is paired by run.
 
     python benchmarks/tta_gain.py runs/paper-claims-fast --data-root ../shared/data
 
-No training: ~1 min a run on 1 CPU thread for tied-fast width 40 (10,000 test images, 6 views).
+No training: a few minutes a run on 1 CPU thread for tied-fast width 40 (10,000 test images, 6 views).
 Writes benchmarks/results/tta_gain.json.
 """
 

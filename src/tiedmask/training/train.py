@@ -88,7 +88,8 @@ def autocast_context(device: torch.device, precision: str):
 
 def use_channels_last(cfg: TrainConfig, image_size: int) -> bool:
     # Measured on the 2-core Xeon (docs/results.md §6): 1.2-1.6x the NCHW training throughput
-    # at 32x32, but 0.85x on the 8x8 digits, where the layout conversions outweigh the convs.
+    # at 32x32. Smaller images stay NCHW, where the layout conversions weigh more against
+    # small convolutions (not measured in the tables).
     return cfg.channels_last == "true" or (cfg.channels_last == "auto" and image_size >= 32)
 
 
