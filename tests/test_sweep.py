@@ -191,3 +191,42 @@ def test_advise_never_averages_one_setting_across_budgets(tmp_path):
     text = advise(10**6, stores=[store.root])
     assert "90.00 ± 0.00% on digits (all training images, 8 epochs)" in text
     assert "50.00 ± 0.00% on digits (all training images, 2 epochs)" in text
+
+
+def test_plan_says_what_a_sweep_would_do_and_changes_nothing(tmp_path, capsys):
+    import fcntl
+    import os
+
+    from tiedmask.experiments.runner import resolve_jobs
+    from tiedmask.training.settings import read_yaml
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"base": BASE, "reuse": [str(tmp_path / "other")],
+                                    "variants": [{"label": f"d{d}", "model.depth": d} for d in range(1, 7)]}))
+    digest = {job.variant: d for job, _, d in resolve_jobs(grid_jobs(read_yaml(grid))[0])}
+    store, other = ResultsStore(tmp_path / "store"), ResultsStore(tmp_path / "other")
+    store.append({"config_hash": digest["d1"], "status": "ok"})
+    other.append({"config_hash": digest["d2"], "status": "diverged"})  # finished too
+    store.append({"config_hash": digest["d5"], "status": "failed", "reason": "killed (out of memory)"})
+    begun = store.run_dir(digest["d3"])
+    begun.mkdir(parents=True)
+    (begun / "config.json").write_text("{}")
+    (begun / "checkpoint.json").write_text(json.dumps({"epoch": 2}))
+    held = store.run_dir(digest["d6"])
+    held.mkdir(parents=True)
+    lock = os.open(held / ".claim", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a running sweep holds it
+    snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    paths = set(tmp_path.rglob("*"))
+    try:
+        assert main(["sweep", str(grid), "--out", str(store.root), "--plan"]) == 0
+    finally:
+        os.close(lock)
+    lines = capsys.readouterr().out.splitlines()
+    plan = {line.split()[0]: line.split(None, 4)[4] for line in lines[:-1]}
+    assert plan == {"d1": "finished", "d2": f"reuse {other.root}", "d3": "resume after epoch 2",
+                    "d4": "run", "d5": "run again (failed: killed (out of memory))",
+                    "d6": "running now (another process holds it)"}
+    assert lines[-1] == "6 runs: 2 finished or reusable, 4 to train"
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
+    assert set(tmp_path.rglob("*")) == paths  # no folder or claim file made for the other runs

@@ -174,8 +174,15 @@ def cmd_report(args, overrides) -> int:
 
 def cmd_sweep(args, overrides) -> int:
     from .experiments.report import write_sweep_report
-    from .experiments.sweep import run_sweep
+    from .experiments.sweep import plan_sweep, run_sweep
 
+    if args.plan:
+        rows = plan_sweep(args.grid, args.out)
+        for row in rows:
+            print(f"  {row['variant']:<28} seed {row['seed']:<3} {row['config_hash']}  {row['plan']}")
+        left = sum(not row["plan"].startswith(("finished", "reuse")) for row in rows)
+        print(f"{len(rows)} runs: {len(rows) - left} finished or reusable, {left} to train")
+        return 0
     records = run_sweep(args.grid, args.out)
     print(write_sweep_report(records, Path(args.out), Path(args.grid).stem))
     return exit_status(records)
@@ -273,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="a grid of runs (YAML) into a results store")
     p.add_argument("grid", help="grid YAML (format: `python -m pydoc tiedmask.experiments.sweep`)")
     p.add_argument("--out", required=True, help="results store directory")
+    p.add_argument("--plan", action="store_true",
+                   help="list what the sweep would do with each run (finished, reuse, resume, run); run nothing")
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("advise", help="best measured depth/width/density/scope for a budget")

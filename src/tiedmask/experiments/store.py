@@ -150,6 +150,24 @@ class ResultsStore:
             os.close(fd)  # closing the descriptor releases the lock
 
 
+    def held(self, config_hash: str) -> bool:
+        """Whether another process holds the run of `config_hash` now (reads only: takes and
+        drops a shared lock on an existing claim file, creating nothing; a sweep claiming the run
+        in that same instant would skip it as held)."""
+        claim = self.run_dir(config_hash) / ".claim"
+        try:
+            fd = os.open(claim, os.O_RDONLY)
+        except OSError:
+            return False  # never claimed, or the store is not ours to read
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -1,4 +1,5 @@
-"""`tiedmask sweep GRID.yaml --out DIR`: a grid of runs into a results store.
+"""`tiedmask sweep GRID.yaml --out DIR`: a grid of runs into a results store
+(`--plan`: what it would do with each run, touching nothing).
 
 A grid file:
 
@@ -32,10 +33,11 @@ import itertools
 from pathlib import Path
 
 from ..analysis.analyze import analyze_run
-from ..errors import ConfigError
+from ..errors import ConfigError, TiedmaskError
+from ..files import read_json
 from ..training.settings import config_from_dict, config_hash, read_yaml, resolve_key
-from .runner import Job, run_jobs
-from .store import ResultsStore
+from .runner import Job, resolve_jobs, run_jobs
+from .store import FINISHED, ResultsStore
 
 GRID_KEYS = {"base", "grid", "variants", "seeds", "workers", "threads", "launcher", "slurm", "analyze",
              "timeout_s", "reuse"}
@@ -93,11 +95,7 @@ def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
 def run_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
     jobs, options = grid_jobs(read_yaml(grid_file))
     store = ResultsStore(out)
-    reuse = [ResultsStore(folder) for folder in options.get("reuse", [])]
-    for source in reuse:
-        if not source.path.exists():
-            log(f"warning: reuse store {source.root} has no results.jsonl (a path relative to the "
-                "working directory, as --out is); nothing is taken from it")
+    reuse = reuse_stores(options, log)
     launcher = options.get("launcher", "local")
     if launcher == "local":
         records = run_jobs(jobs, store, options.get("workers", 1), options.get("threads", 0),
@@ -111,6 +109,53 @@ def run_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
     if options.get("analyze"):
         records = add_cka(records, store, log)
     return records
+
+
+def reuse_stores(options: dict, log=print) -> list[ResultsStore]:
+    """The grid's `reuse` stores, each missing one named (a mistyped path would silently
+    retrain what it holds)."""
+    reuse = [ResultsStore(folder) for folder in options.get("reuse", [])]
+    for source in reuse:
+        if not source.path.exists():
+            log(f"warning: reuse store {source.root} has no results.jsonl (a path relative to the "
+                "working directory, as --out is); nothing is taken from it")
+    return reuse
+
+
+def plan_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
+    """What `run_sweep` would do with each run of the grid, in its order, reading only:
+    {variant, seed, config_hash, plan}, where plan is "finished", "running now", "reuse <store>",
+    "resume after epoch <k>" or "run" (with the reason when an earlier attempt failed). For a grid continued
+    over several sessions: what is left, before the cores are committed to it. "running now"
+    marks a run another process holds."""
+    jobs, options = grid_jobs(read_yaml(grid_file))
+    store = ResultsStore(out)
+    latest = {r["config_hash"]: r for r in store.records()}
+    reusable = {}
+    for source in reversed(reuse_stores(options, log)):  # the first listed wins
+        if source.root.resolve() != store.root.resolve():
+            reusable.update({digest: str(source.root) for digest in source.finished()})
+    rows = []
+    for job, values, digest in resolve_jobs(jobs):
+        record = latest.get(digest, {})
+        run_dir = store.run_dir(digest)
+        if record.get("status") in FINISHED:
+            plan = "finished"
+        elif store.held(digest):
+            plan = "running now (another process holds it)"
+        elif digest in reusable:
+            plan = f"reuse {reusable[digest]}"
+        elif (run_dir / "config.json").exists() and (run_dir / "checkpoint.json").exists():
+            try:
+                plan = f"resume after epoch {read_json(run_dir / 'checkpoint.json')['epoch']}"
+            except (TiedmaskError, KeyError, TypeError):
+                plan = "resume (its checkpoint.json is unreadable: the run will fail; delete the folder to start over)"
+        else:
+            plan = "run"
+        if record.get("status") == "failed" and plan == "run":
+            plan = f"run again (failed: {record.get('reason', '')[:80]})"
+        rows.append({"variant": job.variant, "seed": values["seed"], "config_hash": digest, "plan": plan})
+    return rows
 
 
 def add_cka(records: list[dict], store: ResultsStore, log=print) -> list[dict]:
