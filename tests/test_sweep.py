@@ -208,6 +208,8 @@ def test_plan_says_what_a_sweep_would_do_and_changes_nothing(tmp_path, capsys):
     store.append({"config_hash": digest["d1"], "status": "ok"})
     other.append({"config_hash": digest["d2"], "status": "diverged"})  # finished too
     store.append({"config_hash": digest["d5"], "status": "failed", "reason": "killed (out of memory)"})
+    store.append({"config_hash": digest["d3"], "status": "failed", "reason": "timed out after 60s"})
+    other.append({"config_hash": digest["d6"], "status": "ok"})  # held here wins over reusable
     begun = store.run_dir(digest["d3"])
     begun.mkdir(parents=True)
     (begun / "config.json").write_text("{}")
@@ -224,9 +226,10 @@ def test_plan_says_what_a_sweep_would_do_and_changes_nothing(tmp_path, capsys):
         os.close(lock)
     lines = capsys.readouterr().out.splitlines()
     plan = {line.split()[0]: line.split(None, 4)[4] for line in lines[:-1]}
-    assert plan == {"d1": "finished", "d2": f"reuse {other.root}", "d3": "resume after epoch 2",
-                    "d4": "run", "d5": "run again (failed: killed (out of memory))",
+    assert plan == {"d1": "finished", "d2": f"reuse {other.root}",
+                    "d3": "resume after epoch 2 (last attempt failed: timed out after 60s)",
+                    "d4": "run", "d5": "run (last attempt failed: killed (out of memory))",
                     "d6": "running now (another process holds it)"}
-    assert lines[-1] == "6 runs: 2 finished or reusable, 4 to train"
+    assert lines[-1] == "6 runs: 2 finished or reusable, 1 running elsewhere, 3 to train"
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
     assert set(tmp_path.rglob("*")) == paths  # no folder or claim file made for the other runs

@@ -176,7 +176,7 @@ def test_scoring_every_other_epoch_trains_the_same_run(tmp_path, digits):
     assert scored[:2] == [None, None] and scored[2] == b.test_acc  # 0: only the last
 
 
-def test_hardware_name_tells_apart_cpus_of_one_model_name(monkeypatch):
+def test_hardware_name_tells_apart_cpus_of_one_model_name():
     """Records name the vector instructions in use, read against the kernel's CPU flags: two
     machines both called "AMD EPYC" (one with AVX-512, one without) must not look alike."""
     from tiedmask.training.train import hardware_name
@@ -187,6 +187,7 @@ def test_hardware_name_tells_apart_cpus_of_one_model_name(monkeypatch):
     flags = next((x.split(":", 1)[1].split() for x in cpuinfo.read_text().splitlines()
                   if x.startswith("flags")), [])
     name = hardware_name(torch.device("cpu"))
+    assert f"({torch.backends.cpu.get_cpu_capability()})" in name
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):  # what torch's AVX512 kernels need
         assert "(AVX512)" in name
     elif {"avx2", "fma"} <= set(flags):

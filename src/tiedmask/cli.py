@@ -180,8 +180,10 @@ def cmd_sweep(args, overrides) -> int:
         rows = plan_sweep(args.grid, args.out)
         for row in rows:
             print(f"  {row['variant']:<28} seed {row['seed']:<3} {row['config_hash']}  {row['plan']}")
-        left = sum(not row["plan"].startswith(("finished", "reuse")) for row in rows)
-        print(f"{len(rows)} runs: {len(rows) - left} finished or reusable, {left} to train")
+        done = sum(row["plan"].startswith(("finished", "reuse")) for row in rows)
+        held = sum(row["plan"].startswith("running") for row in rows)
+        print(f"{len(rows)} runs: {done} finished or reusable, {held} running elsewhere, "
+              f"{len(rows) - done - held} to train")
         return 0
     records = run_sweep(args.grid, args.out)
     print(write_sweep_report(records, Path(args.out), Path(args.grid).stem))

@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -140,9 +141,7 @@ class ResultsStore:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / ".claim", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _try_lock(fd, attempts=4):
                 yield False
                 return
             yield config_hash not in self.finished()
@@ -152,8 +151,8 @@ class ResultsStore:
 
     def held(self, config_hash: str) -> bool:
         """Whether another process holds the run of `config_hash` now (reads only: takes and
-        drops a shared lock on an existing claim file, creating nothing; a sweep claiming the run
-        in that same instant would skip it as held)."""
+        drops a shared lock on an existing claim file, creating nothing; `claim` retries, so a
+        sweep claiming the run in that instant still gets it)."""
         claim = self.run_dir(config_hash) / ".claim"
         try:
             fd = os.open(claim, os.O_RDONLY)
@@ -166,6 +165,19 @@ class ResultsStore:
             return True
         finally:
             os.close(fd)
+
+
+def _try_lock(fd: int, attempts: int) -> bool:
+    """An exclusive lock on `fd` within a few tries 50 ms apart: a claim held by a training run
+    stays held, a shared lock taken for a moment by `held` is let go."""
+    for attempt in range(attempts):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < attempts:
+                time.sleep(0.05)
+    return False
 
 
 @contextlib.contextmanager

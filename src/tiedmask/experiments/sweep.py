@@ -129,6 +129,11 @@ def plan_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
     over several sessions: what is left, before the cores are committed to it. "running now"
     marks a run another process holds."""
     jobs, options = grid_jobs(read_yaml(grid_file))
+    if options.get("launcher", "local") != "local":
+        log("note: the plan follows the local launcher; slurm resumes from checkpoint.json alone "
+            "and submits runs held elsewhere, to be skipped when they start")
+    if options.get("analyze"):
+        log("note: analyze is on: finished runs without CKA are analysed too (no training)")
     store = ResultsStore(out)
     latest = {r["config_hash"]: r for r in store.records()}
     reusable = {}
@@ -147,13 +152,13 @@ def plan_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
             plan = f"reuse {reusable[digest]}"
         elif (run_dir / "config.json").exists() and (run_dir / "checkpoint.json").exists():
             try:
-                plan = f"resume after epoch {read_json(run_dir / 'checkpoint.json')['epoch']}"
-            except (TiedmaskError, KeyError, TypeError):
-                plan = "resume (its checkpoint.json is unreadable: the run will fail; delete the folder to start over)"
+                plan = f"resume after epoch {read_json(run_dir / 'checkpoint.json').get('epoch', 0)}"
+            except (TiedmaskError, AttributeError):
+                plan = "resume (its checkpoint.json cannot be read: delete the folder to start over)"
         else:
             plan = "run"
-        if record.get("status") == "failed" and plan == "run":
-            plan = f"run again (failed: {record.get('reason', '')[:80]})"
+        if record.get("status") == "failed" and not plan.startswith("running"):
+            plan += f" (last attempt failed: {record.get('reason', '')[:80]})"
         rows.append({"variant": job.variant, "seed": values["seed"], "config_hash": digest, "plan": plan})
     return rows
 
