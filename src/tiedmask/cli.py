@@ -180,8 +180,8 @@ def cmd_sweep(args, overrides) -> int:
         rows = plan_sweep(args.grid, args.out)
         for row in rows:
             print(f"  {row['variant']:<28} seed {row['seed']:<3} {row['config_hash']}  {row['plan']}")
-        done = sum(row["plan"].startswith(("finished", "reuse")) for row in rows)
-        held = sum(row["plan"].startswith("running") for row in rows)
+        done = sum(row["state"] in ("finished", "reuse") for row in rows)
+        held = sum(row["state"] == "running" for row in rows)
         print(f"{len(rows)} runs: {done} finished or reusable, {held} running elsewhere, "
               f"{len(rows) - done - held} to train")
         return 0
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", help="grid YAML (format: `python -m pydoc tiedmask.experiments.sweep`)")
     p.add_argument("--out", required=True, help="results store directory")
     p.add_argument("--plan", action="store_true",
-                   help="list what the sweep would do with each run (finished, reuse, resume, run); run nothing")
+                   help="list what the sweep would do with each run (finished, running, reuse, resume, run); run nothing")
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("advise", help="best measured depth/width/density/scope for a budget")

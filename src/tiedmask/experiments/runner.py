@@ -131,6 +131,11 @@ def run_jobs(jobs: list[Job], store: ResultsStore, workers: int = 1, threads: in
     return records_of(store, resolved)
 
 
+def resumable(run_dir: Path) -> bool:
+    """Whether a local run resumes from `run_dir` rather than starting over."""
+    return (run_dir / "config.json").exists() and (run_dir / "checkpoint.json").exists()
+
+
 def _run_one(job: Job, values: dict, digest: str, store: ResultsStore, threads: int,
              timeout_s: float | None) -> dict:
     run_dir = store.run_dir(digest)
@@ -139,7 +144,7 @@ def _run_one(job: Job, values: dict, digest: str, store: ResultsStore, threads: 
     values = {**values, "threads": threads, "progress": False}
     config_file = run_dir / "requested.yaml"
     atomic_write(config_file, yaml.safe_dump(values).encode())
-    if (run_dir / "config.json").exists() and (run_dir / "checkpoint.json").exists():
+    if resumable(run_dir):
         args = ["train", "--resume", str(run_dir)]
     else:
         for stale in ("config.json", "metrics.jsonl"):  # a run that died before its first epoch

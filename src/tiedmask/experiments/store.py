@@ -148,7 +148,6 @@ class ResultsStore:
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
-
     def held(self, config_hash: str) -> bool:
         """Whether another process holds the run of `config_hash` now (reads only: takes and
         drops a shared lock on an existing claim file, creating nothing; `claim` retries, so a

@@ -36,7 +36,7 @@ from ..analysis.analyze import analyze_run
 from ..errors import ConfigError, TiedmaskError
 from ..files import read_json
 from ..training.settings import config_from_dict, config_hash, read_yaml, resolve_key
-from .runner import Job, resolve_jobs, run_jobs
+from .runner import Job, resolve_jobs, resumable, run_jobs
 from .store import FINISHED, ResultsStore
 
 GRID_KEYS = {"base", "grid", "variants", "seeds", "workers", "threads", "launcher", "slurm", "analyze",
@@ -124,10 +124,10 @@ def reuse_stores(options: dict, log=print) -> list[ResultsStore]:
 
 def plan_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
     """What `run_sweep` would do with each run of the grid, in its order, reading only:
-    {variant, seed, config_hash, plan}, where plan is "finished", "running now", "reuse <store>",
-    "resume after epoch <k>" or "run" (with the reason when an earlier attempt failed). For a grid continued
-    over several sessions: what is left, before the cores are committed to it. "running now"
-    marks a run another process holds."""
+    {variant, seed, config_hash, state, plan}; state is finished, running (another process
+    holds it), reuse, resume or run, and plan says it in words (the store reused, the epoch
+    resumed after, why an earlier attempt failed). For a grid continued over several sessions:
+    what is left, before the cores are committed to it."""
     jobs, options = grid_jobs(read_yaml(grid_file))
     if options.get("launcher", "local") != "local":
         log("note: the plan follows the local launcher; slurm resumes from checkpoint.json alone "
@@ -145,21 +145,23 @@ def plan_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
         record = latest.get(digest, {})
         run_dir = store.run_dir(digest)
         if record.get("status") in FINISHED:
-            plan = "finished"
-        elif store.held(digest):
-            plan = "running now (another process holds it)"
+            state, plan = "finished", "finished"
+        elif run_dir.exists() and store.held(digest):  # a folder-less run is nobody's yet
+            state, plan = "running", "running now (another process holds it)"
         elif digest in reusable:
-            plan = f"reuse {reusable[digest]}"
-        elif (run_dir / "config.json").exists() and (run_dir / "checkpoint.json").exists():
+            state, plan = "reuse", f"reuse {reusable[digest]}"
+        elif resumable(run_dir):
             try:
-                plan = f"resume after epoch {read_json(run_dir / 'checkpoint.json').get('epoch', 0)}"
+                epoch = read_json(run_dir / "checkpoint.json").get("epoch", 0)
+                state, plan = "resume", f"resume after epoch {epoch}"
             except (TiedmaskError, AttributeError):
-                plan = "resume (its checkpoint.json cannot be read: delete the folder to start over)"
+                state, plan = "resume", "resume (its checkpoint.json cannot be read: delete the folder to start over)"
         else:
-            plan = "run"
-        if record.get("status") == "failed" and not plan.startswith("running"):
+            state, plan = "run", "run"
+        if record.get("status") == "failed" and state != "running":
             plan += f" (last attempt failed: {record.get('reason', '')[:80]})"
-        rows.append({"variant": job.variant, "seed": values["seed"], "config_hash": digest, "plan": plan})
+        rows.append({"variant": job.variant, "seed": values["seed"], "config_hash": digest,
+                     "state": state, "plan": plan})
     return rows
 
 
