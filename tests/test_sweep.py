@@ -182,15 +182,23 @@ def test_analyze_command_writes_heatmaps_and_summary(tmp_path, capsys):
     assert len(cka) == 3 and all(abs(cka[i][i] - 1) < 1e-6 for i in range(3))
 
 
-def test_advise_never_averages_one_setting_across_budgets(tmp_path):
+def test_advise_never_averages_one_setting_across_budgets_or_training_regimes(tmp_path):
     store = ResultsStore(tmp_path / "store")
     model = {"name": "tied-resnet-xs", "width": 8, "depth": 2}
     for epochs, acc, digest in ((2, 0.50, "a"), (8, 0.90, "b")):
         store.append({"config_hash": digest, "status": "ok", "params": 1000, "macs_effective": 10,
                       "test_acc": acc, "config": {"model": model, "data": {"name": "digits"}, "epochs": epochs}})
+    store.append({"config_hash": "c", "status": "ok", "params": 1000, "macs_effective": 10, "test_acc": 0.70,
+                  "config": {"model": model, "data": {"name": "digits", "augment": "crop_altflip"},
+                             "epochs": 8, "optim": {"lookahead_every": 5, "muon_lr": 0.0}}})
+    store.append({"config_hash": "d", "status": "ok", "params": 1000, "macs_effective": 10, "test_acc": 0.99,
+                  "config": {"model": model, "data": {"name": "digits"}, "epochs": 8,
+                             "finetune": {"method": "lora"}}})  # an adapter's run, not advise's
     text = advise(10**6, stores=[store.root])
+    assert "3 measured runs fit" in text and "99.00" not in text
     assert "90.00 ± 0.00% on digits (all training images, 8 epochs)" in text
     assert "50.00 ± 0.00% on digits (all training images, 2 epochs)" in text
+    assert "70.00 ± 0.00% on digits (all training images, 8 epochs, data.augment crop_altflip, optim.lookahead_every 5)" in text
 
 
 def test_plan_says_what_a_sweep_would_do_and_changes_nothing(tmp_path, capsys):

@@ -16,6 +16,12 @@ from .store import ResultsStore, setting
 
 SHIPPED = Path(__file__).resolve().parents[1] / "resources" / "measured_results.jsonl"
 SETTINGS = ("execution", "width", "depth", "stages", "masks.density", "masks.kind", "masks.scope", "cell")
+# Training changes that issue 13's recipe tricks try, with their plain values (off, or some
+# dataset's default augmentation), a class subset and a validation split (whose runs score
+# held-out training images, not the test set): a run with one is kept apart from its plain twin.
+TRAINING_EXTRAS = {"data.augment": (None, "auto", "crop_flip", "crop"), "data.classes": (None, []),
+                   "data.val_split": (None, 0), "optim.lookahead_every": (None, 0),
+                   "optim.muon_lr": (None, 0.0), "optim.whiten_bias_epochs": (None, 0)}
 
 
 def ship(store: ResultsStore) -> int:
@@ -36,12 +42,15 @@ def _setting(record: dict) -> tuple:
 
 
 def _budget(record: dict) -> str:
-    """The training budget of a run, so that runs of one setting at different budgets (a
-    2-epoch subset against full data) are never averaged together."""
+    """The training budget and regime of a run, so that runs of one setting at different budgets
+    (a 2-epoch subset against full data) or trained differently (lookahead, Muon, alternating
+    flips) are never averaged together."""
     images = setting(record, "data.train_subset") or "all"
     seconds = setting(record, "time_budget_s")
     length = f"{seconds:.0f} s" if seconds else f"{setting(record, 'epochs')} epochs"
-    return f"{images} training images, {length}"
+    extras = [f"{key} {setting(record, key)}" for key, plain in TRAINING_EXTRAS.items()
+              if setting(record, key) not in plain]
+    return ", ".join([f"{images} training images", length, *extras])
 
 
 def load_records(paths: list[str | Path]) -> list[dict]:
@@ -59,7 +68,10 @@ def advise(params: int, flops: float | None = None, stores: list[str | Path] | N
         if value is not None and not (math.isfinite(value) and value > 0):
             raise TiedmaskError(f"{name} must be a positive number, got {value}; e.g. --params 50000")
     stores = stores or [SHIPPED]
-    records = [r for r in load_records(stores) if r.get("status") == "ok" and "params" in r]
+    # Fine-tuning runs measure an adapter on a pretrained model, not an architecture trained
+    # from scratch: they are not advise's to rank.
+    records = [r for r in load_records(stores) if r.get("status") == "ok" and "params" in r
+               and setting(r, "finetune.method") in (None, "full")]
     if not records:
         raise TiedmaskError("the results hold no finished runs; run `tiedmask sweep` first")
     fits = [r for r in records if r["params"] <= params
