@@ -12,7 +12,9 @@ as in airbench). Variants: `tied` (the recipe), `untied-equal-flops` (the same s
 application its own weights: the dense FLOPs of the tied model, more parameters) and
 `untied-equal-params` (untied, at the width whose parameter count is nearest the tied model's,
 found here by building the models). Runs go seed by seed, so a stopped benchmark leaves paired
-sets; finished runs are kept and skipped, interrupted ones resume. Reports each variant's final
+sets; finished runs are kept and skipped, interrupted ones resume, and each finished run's
+record and curve is copied to benchmarks/results/cifar10_fast_runs/ (commit it) so that a later
+session on another machine skips it too. Reports each variant's final
 test accuracy (mean ± std over seeds), the training time at which each target was first reached,
 and the accuracy-against-time curves. Writes benchmarks/results/cifar10_fast.json and
 docs/img/cifar10_fast_curve.png (cifar10_fast_20min.json and cifar10_fast_20min_curve.png with
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,7 +42,6 @@ from tiedmask.core.presets import build_model  # noqa: E402
 from tiedmask.errors import ArgumentParser, run_script  # noqa: E402
 from tiedmask.experiments.report import fmt  # noqa: E402
 from tiedmask.training.settings import load_config, recipe_path  # noqa: E402
-from tiedmask.training.train import hardware_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (0.80, 0.85, 0.90, 0.92, 0.93, 0.94)
@@ -49,6 +51,10 @@ UNTIED = ["--model.execution", "untied", "--model.masks.scope", "dense"]
 # about half the time, so it would stop at 16 epochs well before 29 minutes; lifting the epoch cap
 # lets the clock decide for every variant (equal time; the schedule anneals with the clock).
 EQUAL_TIME = ["--epochs", "100"]
+# Each finished run's record and curve, committed: a later session (often a fresh machine) adds
+# seeds without training the finished ones again.
+KEPT = ROOT / "benchmarks" / "results" / "cifar10_fast_runs"
+KEPT_FILES = ("config.json", "metrics.jsonl", "result.json")
 
 
 def params_of(overrides: list[str]) -> int:
@@ -68,9 +74,15 @@ def variant_overrides(variant: str) -> list[str]:
 
 
 def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | None) -> Path:
+    """The folder of a finished run: trained here (or resumed), or its record kept in git from
+    an earlier session's machine, so that seeds can be added one session at a time."""
     budget = [] if minutes is None else ["--time_budget_s", str(60 * minutes)]
-    run_dir = runs / (variant + budget_tag(minutes)) / f"seed{seed}"
+    name = Path(variant + budget_tag(minutes)) / f"seed{seed}"
+    run_dir, kept = runs / name, KEPT / name
+    if not (run_dir / "result.json").exists() and (kept / "result.json").exists():
+        return kept
     if (run_dir / "result.json").exists():
+        keep(run_dir, kept)
         return run_dir
     if (run_dir / "checkpoint.json").exists():
         cmd = ["--resume", str(run_dir)]
@@ -78,7 +90,15 @@ def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | No
         cmd = ["--recipe", "cifar10-fast", "--data.root", data_root, "--seed", str(seed),
                "--progress", "false", "--out", str(run_dir), *EQUAL_TIME, *budget, *variant_overrides(variant)]
     subprocess.run([sys.executable, "-m", "tiedmask.cli", "train", *cmd], check=True)
+    keep(run_dir, kept)
     return run_dir
+
+
+def keep(run_dir: Path, kept: Path) -> None:
+    """Copy what the report reads of a finished run (not its checkpoint) to where git keeps it."""
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in KEPT_FILES:
+        shutil.copyfile(run_dir / name, kept / name)
 
 
 def recipe_minutes() -> float:
@@ -120,7 +140,8 @@ def main() -> None:
     run_dirs = {(v, s): run(v, s, args.runs, args.data_root, args.minutes) for s in args.seeds for v in args.variants}
     curves = {key: curve(d) for key, d in run_dirs.items()}
     results = {key: json.loads((d / "result.json").read_text()) for key, d in run_dirs.items()}
-    print(f"cifar10-fast{tag} on {hardware_name(torch.device('cpu'))}\n")
+    machines = "; ".join(sorted({r.get("hardware", "not recorded") for r in results.values()}))
+    print(f"cifar10-fast{tag} on {machines}\n")
     summary = {}
     for variant in args.variants:
         keys = [(variant, s) for s in args.seeds]
@@ -153,7 +174,7 @@ def main() -> None:
     fig.savefig(ROOT / "docs" / "img" / f"cifar10_fast{file_tag}_curve.png", dpi=120)
 
     out = ROOT / "benchmarks" / "results" / f"cifar10_fast{file_tag}.json"
-    out.write_text(json.dumps({"hardware": hardware_name(torch.device("cpu")), "torch": torch.__version__,
+    out.write_text(json.dumps({"hardware": machines, "torch": torch.__version__,
                                "seeds": args.seeds, "minutes": args.minutes or recipe_minutes(), "variants": summary,
                                "curves": {f"{v}/seed{s}": c for (v, s), c in curves.items()},
                                "results": {f"{v}/seed{s}": r for (v, s), r in results.items()}},
