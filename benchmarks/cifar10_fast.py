@@ -1,5 +1,5 @@
 """Time to accuracy on CIFAR-10 with the `cifar10-fast` recipe (a multi-mask weight-tied model
-of 0.89M parameters) on this machine's CPU cores, beside untied networks trained the same way.
+of 0.89M parameters) on CPU cores, beside untied networks trained the same way.
 
     python benchmarks/cifar10_fast.py --data-root ../shared/data     # ~33 min a run; run alone
     python benchmarks/cifar10_fast.py --variants tied untied-equal-params untied-equal-flops
@@ -39,9 +39,9 @@ import torch  # noqa: E402
 
 from tiedmask.core.backbones import count_params  # noqa: E402
 from tiedmask.core.presets import build_model  # noqa: E402
-from tiedmask.errors import ArgumentParser, run_script  # noqa: E402
+from tiedmask.errors import ArgumentParser, TiedmaskError, run_script  # noqa: E402
 from tiedmask.experiments.report import fmt  # noqa: E402
-from tiedmask.training.settings import load_config, recipe_path  # noqa: E402
+from tiedmask.training.settings import config_hash, load_config, recipe_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (0.80, 0.85, 0.90, 0.92, 0.93, 0.94)
@@ -76,10 +76,15 @@ def variant_overrides(variant: str) -> list[str]:
 def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | None) -> Path:
     """The folder of a finished run: trained here (or resumed), or its record kept in git from
     an earlier session's machine, so that seeds can be added one session at a time."""
-    budget = [] if minutes is None else ["--time_budget_s", str(60 * minutes)]
+    settings = ["--seed", str(seed), *EQUAL_TIME, *variant_overrides(variant)]
+    settings += [] if minutes is None else ["--time_budget_s", str(60 * minutes)]
     name = Path(variant + budget_tag(minutes)) / f"seed{seed}"
     run_dir, kept = runs / name, KEPT / name
     if not (run_dir / "result.json").exists() and (kept / "result.json").exists():
+        trained = json.loads((kept / "result.json").read_text())["config_hash"]
+        if trained != config_hash(load_config(recipe_path("cifar10-fast"), settings)):
+            raise TiedmaskError(f"the kept run {kept.relative_to(ROOT)} was trained with another recipe "
+                                "than today's; delete that folder to train it again")
         return kept
     if (run_dir / "result.json").exists():
         keep(run_dir, kept)
@@ -87,8 +92,8 @@ def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | No
     if (run_dir / "checkpoint.json").exists():
         cmd = ["--resume", str(run_dir)]
     else:
-        cmd = ["--recipe", "cifar10-fast", "--data.root", data_root, "--seed", str(seed),
-               "--progress", "false", "--out", str(run_dir), *EQUAL_TIME, *budget, *variant_overrides(variant)]
+        cmd = ["--recipe", "cifar10-fast", "--data.root", data_root, "--progress", "false",
+               "--out", str(run_dir), *settings]
     subprocess.run([sys.executable, "-m", "tiedmask.cli", "train", *cmd], check=True)
     keep(run_dir, kept)
     return run_dir
@@ -165,7 +170,7 @@ def main() -> None:
                 color=colors[variant], ls="-" if seed == args.seeds[0] else "--",
                 label=f"{variant} ({summary[variant]['params'] / 1e6:.2f}M), seed {seed}")
     ax.axhline(93, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("training time (min, 2 CPU cores)")
+    ax.set_xlabel(f"training time (min; {machines})", fontsize=8)
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
     ax.set_ylim(bottom=75)
     ax.set_title("cifar10-fast recipe: tied multi-mask and untied")

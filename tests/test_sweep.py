@@ -194,8 +194,11 @@ def test_advise_never_averages_one_setting_across_budgets_or_training_regimes(tm
     store.append({"config_hash": "d", "status": "ok", "params": 1000, "macs_effective": 10, "test_acc": 0.99,
                   "config": {"model": model, "data": {"name": "digits"}, "epochs": 8,
                              "finetune": {"method": "lora"}}})  # an adapter's run, not advise's
+    store.append({"config_hash": "e", "status": "ok", "params": 1000, "macs_effective": 10, "test_acc": 0.98,
+                  "config": {"model": model, "data": {"name": "digits"}, "epochs": 8,
+                             "finetune": {"method": "full", "init_from": "runs/base"}}})  # nor a full fine-tune
     text = advise(10**6, stores=[store.root])
-    assert "3 measured runs fit" in text and "99.00" not in text
+    assert "3 measured runs fit" in text and "99.00" not in text and "98.00" not in text
     assert "90.00 ± 0.00% on digits (all training images, 8 epochs)" in text
     assert "50.00 ± 0.00% on digits (all training images, 2 epochs)" in text
     assert "70.00 ± 0.00% on digits (all training images, 8 epochs, data.augment crop_altflip, optim.lookahead_every 5)" in text

@@ -16,12 +16,14 @@ from .store import ResultsStore, setting
 
 SHIPPED = Path(__file__).resolve().parents[1] / "resources" / "measured_results.jsonl"
 SETTINGS = ("execution", "width", "depth", "stages", "masks.density", "masks.kind", "masks.scope", "cell")
-# Training changes that issue 13's recipe tricks try, with their plain values (off, or some
-# dataset's default augmentation), a class subset and a validation split (whose runs score
-# held-out training images, not the test set): a run with one is kept apart from its plain twin.
-TRAINING_EXTRAS = {"data.augment": (None, "auto", "crop_flip", "crop"), "data.classes": (None, []),
-                   "data.val_split": (None, 0), "optim.lookahead_every": (None, 0),
-                   "optim.muon_lr": (None, 0.0), "optim.whiten_bias_epochs": (None, 0)}
+# How a run was trained and scored beyond its model and budget, with the plain values (unset or
+# the defaults): recipe tricks (issue 13), augmentation other than the dataset's default, test-
+# time augmentation, a class subset, a validation split (scoring held-out training images, not
+# the test set). A run that differs in one is kept apart from its plain twin.
+TRAINING_EXTRAS = {"data.augment": (None, "auto"), "data.classes": (None, []), "data.val_split": (None, 0),
+                   "eval_tta": (None, "none"), "optim.lookahead_every": (None, 0),
+                   "optim.lookahead_decay": (None, 0.8), "optim.muon_lr": (None, 0.0),
+                   "optim.whiten_bias_epochs": (None, 0)}
 
 
 def ship(store: ResultsStore) -> int:
@@ -68,10 +70,10 @@ def advise(params: int, flops: float | None = None, stores: list[str | Path] | N
         if value is not None and not (math.isfinite(value) and value > 0):
             raise TiedmaskError(f"{name} must be a positive number, got {value}; e.g. --params 50000")
     stores = stores or [SHIPPED]
-    # Fine-tuning runs measure an adapter on a pretrained model, not an architecture trained
-    # from scratch: they are not advise's to rank.
+    # Fine-tuning runs (an adapter, or all weights from a pretrained start) measure a transfer,
+    # not an architecture trained from scratch: they are not advise's to rank.
     records = [r for r in load_records(stores) if r.get("status") == "ok" and "params" in r
-               and setting(r, "finetune.method") in (None, "full")]
+               and setting(r, "finetune.method") in (None, "full") and not setting(r, "finetune.init_from")]
     if not records:
         raise TiedmaskError("the results hold no finished runs; run `tiedmask sweep` first")
     fits = [r for r in records if r["params"] <= params
