@@ -80,15 +80,15 @@ def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | No
     settings += [] if minutes is None else ["--time_budget_s", str(60 * minutes)]
     name = Path(variant + budget_tag(minutes)) / f"seed{seed}"
     run_dir, kept = runs / name, KEPT / name
-    if not (run_dir / "result.json").exists() and (kept / "result.json").exists():
+    if (run_dir / "result.json").exists():
+        keep(run_dir, kept)
+        return run_dir
+    if (kept / "result.json").exists():
         trained = json.loads((kept / "result.json").read_text())["config_hash"]
         if trained != config_hash(load_config(recipe_path("cifar10-fast"), settings)):
             raise TiedmaskError(f"the kept run {kept.relative_to(ROOT)} was trained with another recipe "
                                 "than today's; delete that folder to train it again")
         return kept
-    if (run_dir / "result.json").exists():
-        keep(run_dir, kept)
-        return run_dir
     if (run_dir / "checkpoint.json").exists():
         cmd = ["--resume", str(run_dir)]
     else:

@@ -12,18 +12,18 @@ import statistics
 from pathlib import Path
 
 from ..errors import TiedmaskError
+from ..training.settings import TrainConfig, config_to_dict
 from .store import ResultsStore, setting
 
 SHIPPED = Path(__file__).resolve().parents[1] / "resources" / "measured_results.jsonl"
 SETTINGS = ("execution", "width", "depth", "stages", "masks.density", "masks.kind", "masks.scope", "cell")
-# How a run was trained and scored beyond its model and budget, with the plain values (unset or
-# the defaults): recipe tricks (issue 13), augmentation other than the dataset's default, test-
-# time augmentation, a class subset, a validation split (scoring held-out training images, not
-# the test set). A run that differs in one is kept apart from its plain twin.
-TRAINING_EXTRAS = {"data.augment": (None, "auto"), "data.classes": (None, []), "data.val_split": (None, 0),
-                   "eval_tta": (None, "none"), "optim.lookahead_every": (None, 0),
-                   "optim.lookahead_decay": (None, 0.8), "optim.muon_lr": (None, 0.0),
-                   "optim.whiten_bias_epochs": (None, 0)}
+# How a run was trained and scored beyond its model and budget: recipe tricks (issue 13),
+# augmentation other than the dataset's default, test-time augmentation, a class subset, a
+# validation split (scoring held-out training images, not the test set). A run whose value
+# differs from TrainConfig's default is kept apart from its plain twin.
+TRAINING_EXTRAS = ("data.augment", "data.classes", "data.val_split", "eval_tta", "optim.lookahead_every",
+                   "optim.lookahead_decay", "optim.muon_lr", "optim.whiten_bias_epochs")
+_DEFAULTS = {"config": config_to_dict(TrainConfig())}
 
 
 def ship(store: ResultsStore) -> int:
@@ -50,8 +50,8 @@ def _budget(record: dict) -> str:
     images = setting(record, "data.train_subset") or "all"
     seconds = setting(record, "time_budget_s")
     length = f"{seconds:.0f} s" if seconds else f"{setting(record, 'epochs')} epochs"
-    extras = [f"{key} {setting(record, key)}" for key, plain in TRAINING_EXTRAS.items()
-              if setting(record, key) not in plain]
+    extras = [f"{key} {setting(record, key)}" for key in TRAINING_EXTRAS
+              if setting(record, key) not in (None, setting(_DEFAULTS, key))]
     return ", ".join([f"{images} training images", length, *extras])
 
 
