@@ -15,8 +15,9 @@ found here by building the models). Runs go seed by seed, so a stopped benchmark
 sets; finished runs are kept and skipped, interrupted ones resume, and each finished run's
 record and curve is copied to benchmarks/results/cifar10_fast_runs/ (commit it) so that a later
 session on another machine skips it too. Reports each variant's final
-test accuracy (mean ± std over seeds), the training time at which each target was first reached,
-and the accuracy-against-time curves. Writes benchmarks/results/cifar10_fast.json and
+test accuracy (mean ± std over seeds), the tied model's difference from each untied one (paired
+by seed, with a 95% t-interval from 2 seeds on), the training time at which each target was
+first reached, and the accuracy-against-time curves. Writes benchmarks/results/cifar10_fast.json and
 docs/img/cifar10_fast_curve.png (cifar10_fast_20min.json and cifar10_fast_20min_curve.png with
 `--minutes 20`, whose runs are kept apart too).
 """
@@ -42,6 +43,7 @@ from tiedmask.core.presets import build_model  # noqa: E402
 from tiedmask.errors import ArgumentParser, TiedmaskError, run_script  # noqa: E402
 from tiedmask.experiments.report import fmt  # noqa: E402
 from tiedmask.training.settings import config_hash, load_config, recipe_path  # noqa: E402
+from paper_claims import mean_interval  # noqa: E402  (this folder's sibling script)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (0.80, 0.85, 0.90, 0.92, 0.93, 0.94)
@@ -130,6 +132,12 @@ def mean_std(values: list[float]) -> str:
     return fmt((statistics.mean(values), statistics.stdev(values)))
 
 
+def tied_minus(variant: str, summary: dict) -> dict:
+    """The tied model's final test accuracy minus a variant's, paired by seed (points)."""
+    per_seed = [t - v for t, v in zip(summary["tied"]["final_test_acc"], summary[variant]["final_test_acc"])]
+    return {**mean_interval(per_seed), "per_seed": per_seed}
+
+
 def main() -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="")
@@ -162,6 +170,12 @@ def main() -> None:
             r = results[k]
             print(f"  seed {k[1]}: {100 * r['test_acc']:.2f}% after {r['epochs']} epochs, "
                   f"{r['train_time_s'] / 60:.1f} min training, {r['img_per_s']:.0f} img/s")
+    untied = [v for v in args.variants if v != "tied"] if "tied" in args.variants else []
+    for variant in untied:
+        summary[variant]["tied_minus_variant_pp"] = diff = tied_minus(variant, summary)
+        low_high = "" if diff["n"] < 2 else f", 95% CI [{diff['low']:+.2f}, {diff['high']:+.2f}]"
+        print(f"tied - {variant}: {diff['mean']:+.2f} pp{low_high} "
+              f"(per seed {', '.join(f'{d:+.2f}' for d in diff['per_seed'])})")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     colors = dict(zip(VARIANTS, ("C0", "C1", "C2")))
