@@ -135,7 +135,9 @@ def mean_std(values: list[float]) -> str:
 def tied_minus(variant: str, summary: dict) -> dict:
     """The tied model's final test accuracy minus a variant's, paired by seed (points)."""
     per_seed = [t - v for t, v in zip(summary["tied"]["final_test_acc"], summary[variant]["final_test_acc"])]
-    return {**mean_interval(per_seed), "per_seed": per_seed}
+    interval = {k: None if isinstance(v, float) and math.isnan(v) else v  # JSON has no NaN
+                for k, v in mean_interval(per_seed).items()}
+    return {**interval, "per_seed": per_seed}
 
 
 def main() -> None:
@@ -183,7 +185,8 @@ def main() -> None:
         ax.plot([t / 60 for t, _ in points], [100 * a for _, a in points], marker="o", ms=3,
                 color=colors[variant], ls="-" if seed == args.seeds[0] else "--",
                 label=f"{variant} ({summary[variant]['params'] / 1e6:.2f}M), seed {seed}")
-    ax.axhline(93, color="grey", lw=0.8, ls=":")
+    for target in (92, 93):  # the issue's targets: 92% in 20 minutes, 93% in 30
+        ax.axhline(target, color="grey", lw=0.8, ls=":")
     ax.set_xlabel(f"training time (min; {machines})", fontsize=8)
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
     ax.set_ylim(bottom=75)
