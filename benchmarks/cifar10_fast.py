@@ -75,22 +75,26 @@ def variant_overrides(variant: str) -> list[str]:
     return UNTIED + ["--model.width", str(width)]
 
 
-def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | None) -> Path:
-    """The folder of a finished run: trained here (or resumed), or its record kept in git from
-    an earlier session's machine, so that seeds can be added one session at a time."""
+def settings_of(variant: str, seed: int, minutes: float | None, changes: list[str]) -> list[str]:
+    """The `tiedmask train` overrides of one run on top of the recipe."""
     settings = ["--seed", str(seed), *EQUAL_TIME, *variant_overrides(variant)]
     settings += [] if minutes is None else ["--time_budget_s", str(60 * minutes)]
-    name = Path(variant + budget_tag(minutes)) / f"seed{seed}"
+    return settings + recipe_changes(changes)
+
+
+def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | None,
+        changes: list[str]) -> None:
+    """Train a run here (or resume it) unless it has finished here or its record is kept in git
+    from an earlier session's machine, so that seeds can be added one session at a time."""
+    settings = settings_of(variant, seed, minutes, changes)
+    name = Path(variant + run_tag(minutes, changes)) / f"seed{seed}"
     run_dir, kept = runs / name, KEPT / name
     if (run_dir / "result.json").exists():
+        check_recipe(run_dir, settings)
         keep(run_dir, kept)
-        return run_dir
+        return
     if (kept / "result.json").exists():
-        trained = json.loads((kept / "result.json").read_text())["config_hash"]
-        if trained != config_hash(load_config(recipe_path("cifar10-fast"), settings)):
-            raise TiedmaskError(f"the kept run {kept.relative_to(ROOT)} was trained with another recipe "
-                                "than today's; delete that folder to train it again")
-        return kept
+        return
     if (run_dir / "checkpoint.json").exists():
         cmd = ["--resume", str(run_dir)]
     else:
@@ -98,7 +102,26 @@ def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | No
                "--out", str(run_dir), *settings]
     subprocess.run([sys.executable, "-m", "tiedmask.cli", "train", *cmd], check=True)
     keep(run_dir, kept)
-    return run_dir
+
+
+def kept_runs(minutes: float | None, changes: list[str]) -> dict[tuple[str, int], Path]:
+    """Every finished run of this budget and recipe change kept in git, checked to have been
+    trained with today's recipe: the report covers them all, whatever this call trained."""
+    found = {}
+    for variant in VARIANTS:
+        for result in sorted((KEPT / (variant + run_tag(minutes, changes))).glob("seed*/result.json")):
+            seed = int(result.parent.name.removeprefix("seed"))
+            check_recipe(result.parent, settings_of(variant, seed, minutes, changes))
+            found[variant, seed] = result.parent
+    return found
+
+
+def check_recipe(run_dir: Path, settings: list[str]) -> None:
+    """Refuse a finished run trained with another recipe than today's (the recipe has changed)."""
+    trained = json.loads((run_dir / "result.json").read_text())["config_hash"]
+    if trained != config_hash(load_config(recipe_path("cifar10-fast"), settings)):
+        raise TiedmaskError(f"the finished run {run_dir} was trained with another recipe than today's; "
+                            "move that folder away to train it again")
 
 
 def keep(run_dir: Path, kept: Path) -> None:
@@ -112,9 +135,17 @@ def recipe_minutes() -> float:
     return load_config(recipe_path("cifar10-fast")).time_budget_s / 60
 
 
-def budget_tag(minutes: float | None) -> str:
-    """Runs, results and plot of a budget other than the recipe's are kept apart by this suffix."""
-    return "" if minutes is None else f"-{minutes:g}min"
+def recipe_changes(changes: list[str]) -> list[str]:
+    """`--set optim.muon_lr=0` as `tiedmask train` overrides: the recipe with a change, for every variant."""
+    return [part for change in changes for part in ("--" + change.partition("=")[0], change.partition("=")[2])]
+
+
+def run_tag(minutes: float | None, changes: list[str]) -> str:
+    """Runs, results and plot of a budget other than the recipe's, or of a changed recipe, are kept
+    apart by this suffix (`-20min`, `-20min-muon_lr0`)."""
+    budget = "" if minutes is None else f"-{minutes:g}min"
+    return budget + "".join("-{}{}".format(key.rpartition(".")[2], value)
+                            for key, _, value in (change.partition("=") for change in changes))
 
 
 def curve(run_dir: Path) -> list[tuple[float, float]]:
@@ -132,38 +163,54 @@ def mean_std(values: list[float]) -> str:
     return fmt((statistics.mean(values), statistics.stdev(values)))
 
 
-def tied_minus(variant: str, summary: dict) -> dict:
-    """The tied model's final test accuracy minus a variant's, paired by seed (points)."""
-    per_seed = [t - v for t, v in zip(summary["tied"]["final_test_acc"], summary[variant]["final_test_acc"])]
+def tied_minus(variant: str, summary: dict) -> dict | None:
+    """The tied model's final test accuracy minus a variant's, paired by seed (points), over the
+    seeds both have (None if none)."""
+    tied, other = (dict(zip(summary[v]["seeds"], summary[v]["final_test_acc"])) for v in ("tied", variant))
+    seeds = sorted(tied.keys() & other.keys())
+    if not seeds:
+        return None
+    per_seed = [tied[s] - other[s] for s in seeds]
     interval = {k: None if isinstance(v, float) and math.isnan(v) else v  # JSON has no NaN
                 for k, v in mean_interval(per_seed).items()}
-    return {**interval, "per_seed": per_seed}
+    return {**interval, "seeds": seeds, "per_seed": per_seed}
+
+
+def recipe_change(text: str) -> str:
+    key, equals, value = text.partition("=")
+    if not (equals and key and value):
+        raise TiedmaskError(f"--set takes KEY=VALUE (as optim.muon_lr=0), got {text!r}")
+    return text
 
 
 def main() -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default="")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["tied"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds to train (the report covers every kept one)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["tied"], help="variants to train")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "cifar10-fast")
     parser.add_argument("--minutes", type=float, help="training minutes a run (default: the recipe's time_budget_s)")
+    parser.add_argument("--set", dest="changes", type=recipe_change, action="append", default=[], metavar="KEY=VALUE",
+                        help="change the recipe for every variant (as optim.muon_lr=0); such runs are kept apart")
     args = parser.parse_args()
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         parser.error(f"--minutes must be positive, got {args.minutes:g}")
-    tag = budget_tag(args.minutes)
-    file_tag = tag.replace("-", "_")
-    run_dirs = {(v, s): run(v, s, args.runs, args.data_root, args.minutes) for s in args.seeds for v in args.variants}
+    tag = run_tag(args.minutes, args.changes)
+    for seed in args.seeds:
+        for variant in args.variants:
+            run(variant, seed, args.runs, args.data_root, args.minutes, args.changes)
+    run_dirs = kept_runs(args.minutes, args.changes)
     curves = {key: curve(d) for key, d in run_dirs.items()}
     results = {key: json.loads((d / "result.json").read_text()) for key, d in run_dirs.items()}
     machines = "; ".join(sorted({r.get("hardware", "not recorded") for r in results.values()}))
     print(f"cifar10-fast{tag} on {machines}\n")
     summary = {}
-    for variant in args.variants:
-        keys = [(variant, s) for s in args.seeds]
+    for variant in dict.fromkeys(v for v, _ in run_dirs):
+        keys = [k for k in run_dirs if k[0] == variant]
         finals = [100 * results[k]["test_acc"] for k in keys]
         reached = {str(t): [first_time_at(curves[k], t) for k in keys] for t in TARGETS}
-        summary[variant] = {"params": results[keys[0]]["params"], "final_test_acc": finals,
-                            "time_to_target_s": reached, "overrides": variant_overrides(variant)}
+        summary[variant] = {"params": results[keys[0]]["params"], "seeds": [s for _, s in keys], "final_test_acc": finals,
+                            "time_to_target_s": reached, "overrides": variant_overrides(variant) + recipe_changes(args.changes)}
         print(f"{variant}: {results[keys[0]]['params']:,} params; final test accuracy {mean_std(finals)} %")
         for target, times in reached.items():
             shown = ", ".join("not reached" if t is None else f"{t / 60:.1f} min" for t in times)
@@ -172,32 +219,36 @@ def main() -> None:
             r = results[k]
             print(f"  seed {k[1]}: {100 * r['test_acc']:.2f}% after {r['epochs']} epochs, "
                   f"{r['train_time_s'] / 60:.1f} min training, {r['img_per_s']:.0f} img/s")
-    untied = [v for v in args.variants if v != "tied"] if "tied" in args.variants else []
-    for variant in untied:
+    for variant in (v for v in summary if v != "tied" and "tied" in summary):
         summary[variant]["tied_minus_variant_pp"] = diff = tied_minus(variant, summary)
+        if diff is None:
+            continue
         low_high = "" if diff["n"] < 2 else f", 95% CI [{diff['low']:+.2f}, {diff['high']:+.2f}]"
-        print(f"tied - {variant}: {diff['mean']:+.2f} pp{low_high} "
-              f"(per seed {', '.join(f'{d:+.2f}' for d in diff['per_seed'])})")
+        print(f"tied - {variant}: {diff['mean']:+.2f} pp{low_high} (per seed "
+              f"{', '.join(f'{s}: {d:+.2f}' for s, d in zip(diff['seeds'], diff['per_seed']))})")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     colors = dict(zip(VARIANTS, ("C0", "C1", "C2")))
+    styles = dict(zip(sorted({s for _, s in run_dirs}), ("-", "--", ":", "-.")))
     for (variant, seed), points in curves.items():
         ax.plot([t / 60 for t, _ in points], [100 * a for _, a in points], marker="o", ms=3,
-                color=colors[variant], ls="-" if seed == args.seeds[0] else "--",
+                color=colors[variant], ls=styles.get(seed, "-"),
                 label=f"{variant} ({summary[variant]['params'] / 1e6:.2f}M), seed {seed}")
     for target in (92, 93):  # the issue's targets: 92% in 20 minutes, 93% in 30
         ax.axhline(target, color="grey", lw=0.8, ls=":")
     ax.set_xlabel(f"training time (min; {machines})", fontsize=8)
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
     ax.set_ylim(bottom=75)
-    ax.set_title("cifar10-fast recipe: tied multi-mask and untied")
+    ax.set_title(f"cifar10-fast recipe{' with ' + ', '.join(args.changes) if args.changes else ''}: "
+                 "tied multi-mask and untied", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    file_tag = tag.replace("-", "_")
     fig.savefig(ROOT / "docs" / "img" / f"cifar10_fast{file_tag}_curve.png", dpi=120)
 
     out = ROOT / "benchmarks" / "results" / f"cifar10_fast{file_tag}.json"
-    out.write_text(json.dumps({"hardware": machines, "torch": torch.__version__,
-                               "seeds": args.seeds, "minutes": args.minutes or recipe_minutes(), "variants": summary,
+    out.write_text(json.dumps({"hardware": machines, "torch": torch.__version__, "recipe_changes": args.changes,
+                               "minutes": args.minutes or recipe_minutes(), "variants": summary,
                                "curves": {f"{v}/seed{s}": c for (v, s), c in curves.items()},
                                "results": {f"{v}/seed{s}": r for (v, s), r in results.items()}},
                               indent=1) + "\n")
