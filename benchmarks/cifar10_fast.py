@@ -4,26 +4,33 @@ of 0.89M parameters) on CPU cores, beside untied networks trained the same way.
     python benchmarks/cifar10_fast.py --data-root ../shared/data     # ~33 min a run; run alone
     python benchmarks/cifar10_fast.py --variants tied untied-equal-params untied-equal-flops
     python benchmarks/cifar10_fast.py --minutes 20 --seeds 0 --variants ...   # a shorter budget
+    python benchmarks/cifar10_fast.py --minutes 20 --set optim.muon_lr=0      # the recipe, changed
 
 Each run is one `tiedmask train --recipe cifar10-fast` (29 minutes of training, or `--minutes`;
 the recipe's cap of 16 epochs lifted so that the clock decides for every variant; evaluation,
 with the recipe's TTA on the full 10k test set after every epoch, is excluded from the clock,
-as in airbench). Variants: `tied` (the recipe), `untied-equal-flops` (the same shape with every
-application its own weights: the dense FLOPs of the tied model, more parameters) and
-`untied-equal-params` (untied, at the width whose parameter count is nearest the tied model's,
-found here by building the models). Runs go seed by seed, so a stopped benchmark leaves paired
-sets; finished runs are kept and skipped, interrupted ones resume, and each finished run's
-record and curve is copied to benchmarks/results/cifar10_fast_runs/ (commit it) so that a later
-session on another machine skips it too. Reports each variant's final
-test accuracy (mean ± std over seeds), the tied model's difference from each untied one (paired
-by seed, with a 95% t-interval from 2 seeds on), the training time at which each target was
-first reached, and the accuracy-against-time curves. Writes benchmarks/results/cifar10_fast.json and
-docs/img/cifar10_fast_curve.png (cifar10_fast_20min.json and cifar10_fast_20min_curve.png with
-`--minutes 20`, whose runs are kept apart too).
+as in airbench), with `--set KEY=VALUE` changes for every variant. Variants: `tied` (the
+recipe), `untied-equal-flops` (the same shape with every application its own weights: the dense
+FLOPs of the tied model, more parameters) and `untied-equal-params` (untied, at the width whose
+parameter count is nearest the tied model's, found here by building the models). Runs go seed
+by seed, so a stopped benchmark leaves paired sets; finished runs are kept and skipped,
+interrupted ones resume, and each finished run's record and curve is copied to
+benchmarks/results/cifar10_fast_runs/ (commit it) so that a later session on another machine
+skips it too; a kept run trained with another recipe than today's (its config hash) is refused.
+
+`--seeds` and `--variants` say what to train; the report covers every kept run of the budget
+and recipe change: each variant's final test accuracy (mean ± std over seeds), the tied model's
+difference from each untied one (paired by the seeds both have, with a 95% t-interval from 2
+pairs on), the training time at which each target was first reached, and the
+accuracy-against-time curves. Writes benchmarks/results/cifar10_fast.json and
+docs/img/cifar10_fast_curve.png; a budget or a change is kept apart by a suffix, in the runs'
+folders too (`--minutes 20 --set optim.muon_lr=0`: cifar10_fast_20min_muon_lr0.json,
+cifar10_fast_20min_muon_lr0_curve.png, tied-20min-muon_lr0/seed0).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -179,7 +186,7 @@ def tied_minus(variant: str, summary: dict) -> dict | None:
 def recipe_change(text: str) -> str:
     key, equals, value = text.partition("=")
     if not (equals and key and value):
-        raise TiedmaskError(f"--set takes KEY=VALUE (as optim.muon_lr=0), got {text!r}")
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE (as optim.muon_lr=0), got {text!r}")
     return text
 
 
@@ -195,6 +202,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         parser.error(f"--minutes must be positive, got {args.minutes:g}")
+    load_config(recipe_path("cifar10-fast"), recipe_changes(args.changes))  # a wrong key or value: one error line
     tag = run_tag(args.minutes, args.changes)
     for seed in args.seeds:
         for variant in args.variants:
