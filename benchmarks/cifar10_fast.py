@@ -5,6 +5,7 @@ of 0.89M parameters) on CPU cores, beside untied networks trained the same way.
     python benchmarks/cifar10_fast.py --variants tied untied-equal-params untied-equal-flops
     python benchmarks/cifar10_fast.py --minutes 20 --seeds 0 --variants ...   # a shorter budget
     python benchmarks/cifar10_fast.py --minutes 20 --set optim.muon_lr=0      # the recipe, changed
+    python benchmarks/cifar10_fast.py --minutes 20 --versus optim.muon_lr=0   # and what a change gained
 
 Each run is one `tiedmask train --recipe cifar10-fast` (29 minutes of training, or `--minutes`;
 the recipe's cap of 16 epochs lifted so that the clock decides for every variant; evaluation,
@@ -22,7 +23,8 @@ skips it too; a kept run trained with another recipe than today's (its config ha
 and recipe change: each variant's final test accuracy (mean ± std over seeds), the tied model's
 difference from each untied one (paired by the seeds both have, with a 95% t-interval from 2
 pairs on), the training time at which each target was first reached, and the
-accuracy-against-time curves. Writes benchmarks/results/cifar10_fast.json and
+accuracy-against-time curves; with `--versus KEY=VALUE`, each variant minus its own kept runs
+of the recipe with that change instead, paired by seed. Writes benchmarks/results/cifar10_fast.json and
 docs/img/cifar10_fast_curve.png; a budget or a change is kept apart by a suffix, in the runs'
 folders too (`--minutes 20 --set optim.muon_lr=0`: cifar10_fast_20min_muon_lr0.json,
 cifar10_fast_20min_muon_lr0_curve.png, tied-20min-muon_lr0/seed0).
@@ -31,8 +33,10 @@ cifar10_fast_20min_muon_lr0_curve.png, tied-20min-muon_lr0/seed0).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -49,7 +53,7 @@ from tiedmask.core.backbones import count_params  # noqa: E402
 from tiedmask.core.presets import build_model  # noqa: E402
 from tiedmask.errors import ArgumentParser, TiedmaskError, run_script  # noqa: E402
 from tiedmask.experiments.report import fmt  # noqa: E402
-from tiedmask.training.settings import config_hash, load_config, recipe_path  # noqa: E402
+from tiedmask.training.settings import RUNTIME_ONLY, config_hash, load_config, recipe_path, resolve_key  # noqa: E402
 from paper_claims import mean_interval  # noqa: E402  (this folder's sibling script)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,31 +70,37 @@ KEPT = ROOT / "benchmarks" / "results" / "cifar10_fast_runs"
 KEPT_FILES = ("config.json", "metrics.jsonl", "result.json")
 
 
+# Keys this script sets per run or per variant: a `--set` of one would quietly undo the comparison.
+OWN_KEYS = {"seed", "epochs", "time_budget_s", "model.execution", "model.masks.scope", "model.width", *RUNTIME_ONLY}
+
+
 def params_of(overrides: list[str]) -> int:
     return count_params(build_model(load_config(recipe_path("cifar10-fast"), overrides).model))
 
 
-def variant_overrides(variant: str) -> list[str]:
-    """The `tiedmask train` overrides of a variant on top of the recipe."""
+@functools.cache
+def variant_overrides(variant: str, changes: tuple[str, ...]) -> list[str]:
+    """The `tiedmask train` overrides of a variant on top of the (changed) recipe."""
     if variant == "tied":
         return []
     if variant == "untied-equal-flops":
         return UNTIED
-    tied = params_of([])
-    widths = range(8, load_config(recipe_path("cifar10-fast")).model.width + 1)
-    width = min(widths, key=lambda w: abs(params_of(UNTIED + ["--model.width", str(w)]) - tied))
+    changed = recipe_changes(changes)
+    tied = params_of(changed)
+    widths = range(8, load_config(recipe_path("cifar10-fast"), changed).model.width + 1)
+    width = min(widths, key=lambda w: abs(params_of(changed + UNTIED + ["--model.width", str(w)]) - tied))
     return UNTIED + ["--model.width", str(width)]
 
 
-def settings_of(variant: str, seed: int, minutes: float | None, changes: list[str]) -> list[str]:
+def settings_of(variant: str, seed: int, minutes: float | None, changes: tuple[str, ...]) -> list[str]:
     """The `tiedmask train` overrides of one run on top of the recipe."""
-    settings = ["--seed", str(seed), *EQUAL_TIME, *variant_overrides(variant)]
+    settings = ["--seed", str(seed), *EQUAL_TIME, *variant_overrides(variant, changes)]
     settings += [] if minutes is None else ["--time_budget_s", str(60 * minutes)]
     return settings + recipe_changes(changes)
 
 
 def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | None,
-        changes: list[str]) -> None:
+        changes: tuple[str, ...]) -> None:
     """Train a run here (or resume it) unless it has finished here or its record is kept in git
     from an earlier session's machine, so that seeds can be added one session at a time."""
     settings = settings_of(variant, seed, minutes, changes)
@@ -100,26 +110,30 @@ def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | No
         check_recipe(run_dir, settings)
         keep(run_dir, kept)
         return
-    if (kept / "result.json").exists():
+    if (kept / "result.json").exists():  # checked against today's recipe by kept_runs, before training
         return
     if (run_dir / "checkpoint.json").exists():
         cmd = ["--resume", str(run_dir)]
     else:
         cmd = ["--recipe", "cifar10-fast", "--data.root", data_root, "--progress", "false",
                "--out", str(run_dir), *settings]
-    subprocess.run([sys.executable, "-m", "tiedmask.cli", "train", *cmd], check=True)
+    code = subprocess.run([sys.executable, "-m", "tiedmask.cli", "train", *cmd]).returncode
+    if code:
+        raise TiedmaskError(f"tiedmask train stopped with exit code {code} on {name} (its message is above); "
+                            "fix that and run this again: finished runs are kept and this one resumes")
     keep(run_dir, kept)
 
 
-def kept_runs(minutes: float | None, changes: list[str]) -> dict[tuple[str, int], Path]:
+def kept_runs(minutes: float | None, changes: tuple[str, ...]) -> dict[tuple[str, int], Path]:
     """Every finished run of this budget and recipe change kept in git, checked to have been
     trained with today's recipe: the report covers them all, whatever this call trained."""
     found = {}
     for variant in VARIANTS:
-        for result in sorted((KEPT / (variant + run_tag(minutes, changes))).glob("seed*/result.json")):
-            seed = int(result.parent.name.removeprefix("seed"))
-            check_recipe(result.parent, settings_of(variant, seed, minutes, changes))
-            found[variant, seed] = result.parent
+        folder = KEPT / (variant + run_tag(minutes, changes))
+        seeds = [int(f.name[4:]) for f in folder.glob("seed*") if re.fullmatch(r"seed\d+", f.name) and (f / "result.json").exists()]
+        for seed in sorted(seeds):
+            found[variant, seed] = run_dir = folder / f"seed{seed}"
+            check_recipe(run_dir, settings_of(variant, seed, minutes, changes))
     return found
 
 
@@ -128,7 +142,7 @@ def check_recipe(run_dir: Path, settings: list[str]) -> None:
     trained = json.loads((run_dir / "result.json").read_text())["config_hash"]
     if trained != config_hash(load_config(recipe_path("cifar10-fast"), settings)):
         raise TiedmaskError(f"the finished run {run_dir} was trained with another recipe than today's; "
-                            "move that folder away to train it again")
+                            "move that folder out of its parent folder to train it again")
 
 
 def keep(run_dir: Path, kept: Path) -> None:
@@ -142,12 +156,12 @@ def recipe_minutes() -> float:
     return load_config(recipe_path("cifar10-fast")).time_budget_s / 60
 
 
-def recipe_changes(changes: list[str]) -> list[str]:
+def recipe_changes(changes: tuple[str, ...]) -> list[str]:
     """`--set optim.muon_lr=0` as `tiedmask train` overrides: the recipe with a change, for every variant."""
     return [part for change in changes for part in ("--" + change.partition("=")[0], change.partition("=")[2])]
 
 
-def run_tag(minutes: float | None, changes: list[str]) -> str:
+def run_tag(minutes: float | None, changes: tuple[str, ...]) -> str:
     """Runs, results and plot of a budget other than the recipe's, or of a changed recipe, are kept
     apart by this suffix (`-20min`, `-20min-muon_lr0`)."""
     budget = "" if minutes is None else f"-{minutes:g}min"
@@ -170,24 +184,50 @@ def mean_std(values: list[float]) -> str:
     return fmt((statistics.mean(values), statistics.stdev(values)))
 
 
-def tied_minus(variant: str, summary: dict) -> dict | None:
-    """The tied model's final test accuracy minus a variant's, paired by seed (points), over the
-    seeds both have (None if none)."""
-    tied, other = (dict(zip(summary[v]["seeds"], summary[v]["final_test_acc"])) for v in ("tied", variant))
-    seeds = sorted(tied.keys() & other.keys())
+def finals_by_seed(summary: dict, variant: str) -> dict[int, float]:
+    return dict(zip(summary[variant]["seeds"], summary[variant]["final_test_acc"]))
+
+
+def paired_minus(first: dict[int, float], second: dict[int, float]) -> dict | None:
+    """Final test accuracy (points) of one set of runs minus another's, paired by the seeds both
+    have, with its 95% t-interval (None if they share no seed)."""
+    seeds = sorted(first.keys() & second.keys())
     if not seeds:
         return None
-    per_seed = [tied[s] - other[s] for s in seeds]
+    per_seed = [first[s] - second[s] for s in seeds]
     interval = {k: None if isinstance(v, float) and math.isnan(v) else v  # JSON has no NaN
                 for k, v in mean_interval(per_seed).items()}
     return {**interval, "seeds": seeds, "per_seed": per_seed}
 
 
+def print_difference(label: str, diff: dict | None) -> None:
+    if diff is None:
+        print(f"{label}: no seed in common")
+        return
+    low_high = "" if diff["n"] < 2 else f", 95% CI [{diff['low']:+.2f}, {diff['high']:+.2f}]"
+    print(f"{label}: {diff['mean']:+.2f} pp{low_high} (per seed "
+          f"{', '.join(f'{s}: {d:+.2f}' for s, d in zip(diff['seeds'], diff['per_seed']))})")
+
+
 def recipe_change(text: str) -> str:
+    """One `--set KEY=VALUE`; its value names folders and files, so it is a plain word or number."""
     key, equals, value = text.partition("=")
-    if not (equals and key and value):
-        raise argparse.ArgumentTypeError(f"takes KEY=VALUE (as optim.muon_lr=0), got {text!r}")
+    if not (equals and re.fullmatch(r"[A-Za-z0-9_.]+", key) and re.fullmatch(r"[A-Za-z0-9_.+-]+", value)):
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE with a plain word or number as the value "
+                                         f"(as optim.muon_lr=0), got {text!r}")
     return text
+
+
+def checked_changes(changes: list[str]) -> tuple[str, ...]:
+    """The `--set` changes in one order (the same runs whatever order they are given in), each key
+    known, once, and not one this script sets itself."""
+    keys = [resolve_key(change.partition("=")[0]) for change in changes]  # an unknown key: ConfigError
+    if len(set(keys)) < len(keys):
+        raise TiedmaskError(f"--set names a key twice ({', '.join(keys)}); give each key once")
+    if own := sorted(set(keys) & OWN_KEYS):
+        raise TiedmaskError(f"--set {own[0]}: this benchmark sets it itself, per run or per variant; "
+                            "use --seeds, --minutes or --data-root, or train such a run by hand")
+    return tuple(sorted(changes))
 
 
 def main() -> None:
@@ -199,15 +239,23 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, help="training minutes a run (default: the recipe's time_budget_s)")
     parser.add_argument("--set", dest="changes", type=recipe_change, action="append", default=[], metavar="KEY=VALUE",
                         help="change the recipe for every variant (as optim.muon_lr=0); such runs are kept apart")
+    parser.add_argument("--versus", type=recipe_change, action="append", default=[], metavar="KEY=VALUE",
+                        help="also pair each variant by seed with its kept runs of the recipe with these changes "
+                             "instead (as optim.muon_lr=0: what the change of the recipe gained)")
     args = parser.parse_args()
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         parser.error(f"--minutes must be positive, got {args.minutes:g}")
-    load_config(recipe_path("cifar10-fast"), recipe_changes(args.changes))  # a wrong key or value: one error line
-    tag = run_tag(args.minutes, args.changes)
+    changes = checked_changes(args.changes)
+    versus = kept_runs(args.minutes, checked_changes(args.versus)) if args.versus else {}
+    tag = run_tag(args.minutes, changes)
+    for seed in args.seeds:  # every asked-for config loads (a wrong value: one error line) before hours of training
+        for variant in args.variants:
+            load_config(recipe_path("cifar10-fast"), settings_of(variant, seed, args.minutes, changes))
+    kept_runs(args.minutes, changes)  # and no kept run of another recipe waits to stop the report
     for seed in args.seeds:
         for variant in args.variants:
-            run(variant, seed, args.runs, args.data_root, args.minutes, args.changes)
-    run_dirs = kept_runs(args.minutes, args.changes)
+            run(variant, seed, args.runs, args.data_root, args.minutes, changes)
+    run_dirs = kept_runs(args.minutes, changes)
     curves = {key: curve(d) for key, d in run_dirs.items()}
     results = {key: json.loads((d / "result.json").read_text()) for key, d in run_dirs.items()}
     machines = "; ".join(sorted({r.get("hardware", "not recorded") for r in results.values()}))
@@ -218,7 +266,7 @@ def main() -> None:
         finals = [100 * results[k]["test_acc"] for k in keys]
         reached = {str(t): [first_time_at(curves[k], t) for k in keys] for t in TARGETS}
         summary[variant] = {"params": results[keys[0]]["params"], "seeds": [s for _, s in keys], "final_test_acc": finals,
-                            "time_to_target_s": reached, "overrides": variant_overrides(variant) + recipe_changes(args.changes)}
+                            "time_to_target_s": reached, "overrides": variant_overrides(variant, changes) + recipe_changes(changes)}
         print(f"{variant}: {results[keys[0]]['params']:,} params; final test accuracy {mean_std(finals)} %")
         for target, times in reached.items():
             shown = ", ".join("not reached" if t is None else f"{t / 60:.1f} min" for t in times)
@@ -228,26 +276,27 @@ def main() -> None:
             print(f"  seed {k[1]}: {100 * r['test_acc']:.2f}% after {r['epochs']} epochs, "
                   f"{r['train_time_s'] / 60:.1f} min training, {r['img_per_s']:.0f} img/s")
     for variant in (v for v in summary if v != "tied" and "tied" in summary):
-        summary[variant]["tied_minus_variant_pp"] = diff = tied_minus(variant, summary)
-        if diff is None:
-            continue
-        low_high = "" if diff["n"] < 2 else f", 95% CI [{diff['low']:+.2f}, {diff['high']:+.2f}]"
-        print(f"tied - {variant}: {diff['mean']:+.2f} pp{low_high} (per seed "
-              f"{', '.join(f'{s}: {d:+.2f}' for s, d in zip(diff['seeds'], diff['per_seed']))})")
+        summary[variant]["tied_minus_variant_pp"] = diff = paired_minus(finals_by_seed(summary, "tied"),
+                                                                        finals_by_seed(summary, variant))
+        print_difference(f"tied - {variant}", diff)
+    for variant in summary if versus else ():
+        theirs = {s: 100 * json.loads((d / "result.json").read_text())["test_acc"] for (v, s), d in versus.items() if v == variant}
+        summary[variant]["minus_versus_pp"] = diff = paired_minus(finals_by_seed(summary, variant), theirs)
+        print_difference(f"{variant} - {variant} with {', '.join(args.versus)}", diff)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     colors = dict(zip(VARIANTS, ("C0", "C1", "C2")))
-    styles = dict(zip(sorted({s for _, s in run_dirs}), ("-", "--", ":", "-.")))
+    styles = {seed: ("-", "--", ":", "-.")[i % 4] for i, seed in enumerate(sorted({s for _, s in run_dirs}))}
     for (variant, seed), points in curves.items():
         ax.plot([t / 60 for t, _ in points], [100 * a for _, a in points], marker="o", ms=3,
-                color=colors[variant], ls=styles.get(seed, "-"),
+                color=colors[variant], ls=styles[seed],
                 label=f"{variant} ({summary[variant]['params'] / 1e6:.2f}M), seed {seed}")
     for target in (92, 93):  # the issue's targets: 92% in 20 minutes, 93% in 30
         ax.axhline(target, color="grey", lw=0.8, ls=":")
     ax.set_xlabel(f"training time (min; {machines})", fontsize=8)
     ax.set_ylabel("CIFAR-10 test accuracy (%)")
     ax.set_ylim(bottom=75)
-    ax.set_title(f"cifar10-fast recipe{' with ' + ', '.join(args.changes) if args.changes else ''}: "
+    ax.set_title(f"cifar10-fast recipe{' with ' + ', '.join(changes) if changes else ''}: "
                  "tied multi-mask and untied", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -255,7 +304,7 @@ def main() -> None:
     fig.savefig(ROOT / "docs" / "img" / f"cifar10_fast{file_tag}_curve.png", dpi=120)
 
     out = ROOT / "benchmarks" / "results" / f"cifar10_fast{file_tag}.json"
-    out.write_text(json.dumps({"hardware": machines, "torch": torch.__version__, "recipe_changes": args.changes,
+    out.write_text(json.dumps({"hardware": machines, "torch": torch.__version__, "recipe_changes": changes, "versus": args.versus,
                                "minutes": args.minutes or recipe_minutes(), "variants": summary,
                                "curves": {f"{v}/seed{s}": c for (v, s), c in curves.items()},
                                "results": {f"{v}/seed{s}": r for (v, s), r in results.items()}},

@@ -218,6 +218,25 @@ def test_benchmark_scripts_answer_a_wrong_store_with_one_error_line(tmp_path, sc
     assert _tracked_outputs(root) == before
 
 
+@pytest.mark.parametrize("change, named", [("=", "KEY=VALUE"), ("optim.muon_lr=../x", "KEY=VALUE"),
+                                           ("optim.no_such_key=1", "no_such_key"), ("seed=3", "seed"),
+                                           ("optim.muon_lr=abc", "muon_lr")])
+def test_fast_benchmark_refuses_a_bad_recipe_change_before_training(tmp_path, change, named):
+    """`cifar10_fast.py --set` names folders and changes the recipe for every variant: a
+    malformed one, an unknown key, a key the benchmark sets itself or a value of the wrong type
+    is one `error:` line and exit code 2 before anything trains or is written."""
+    root = Path(__file__).resolve().parents[1]
+    before = _tracked_outputs(root)
+    # a missing data folder and empty runs folder: were the change let through, training would stop at once
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "cifar10_fast.py"), "--minutes", "7",
+                           "--data-root", str(tmp_path / "no-data"), "--runs", str(tmp_path / "runs"),
+                           "--set", change], cwd=root, capture_output=True, text=True, timeout=120)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], proc.stderr
+    assert _tracked_outputs(root) == before
+
+
 def test_every_benchmark_script_answers_an_unknown_option_with_one_error_line():
     """A mistyped option to any script in benchmarks/ is one `error:` line and exit code 2, as
     in the CLI (not argparse's usage block), and `--help` is a usage text and exit code 0, both
