@@ -54,7 +54,7 @@ from tiedmask.core.presets import build_model  # noqa: E402
 from tiedmask.errors import ArgumentParser, TiedmaskError, run_script  # noqa: E402
 from tiedmask.experiments.report import fmt  # noqa: E402
 from tiedmask.training.settings import RUNTIME_ONLY, config_hash, load_config, recipe_path, resolve_key  # noqa: E402
-from paper_claims import mean_interval  # noqa: E402  (this folder's sibling script)
+from paper_claims import interval, mean_interval  # noqa: E402  (this folder's sibling script)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (0.80, 0.85, 0.90, 0.92, 0.93, 0.94)
@@ -158,7 +158,7 @@ def recipe_minutes() -> float:
 
 def recipe_changes(changes: tuple[str, ...]) -> list[str]:
     """`--set optim.muon_lr=0` as `tiedmask train` overrides: the recipe with a change, for every variant."""
-    return [part for change in changes for part in ("--" + change.partition("=")[0], change.partition("=")[2])]
+    return [part for key, _, value in (change.partition("=") for change in changes) for part in ("--" + key, value)]
 
 
 def run_tag(minutes: float | None, changes: tuple[str, ...]) -> str:
@@ -204,9 +204,8 @@ def print_difference(label: str, diff: dict | None) -> None:
     if diff is None:
         print(f"{label}: no seed in common")
         return
-    low_high = "" if diff["n"] < 2 else f", 95% CI [{diff['low']:+.2f}, {diff['high']:+.2f}]"
-    print(f"{label}: {diff['mean']:+.2f} pp{low_high} (per seed "
-          f"{', '.join(f'{s}: {d:+.2f}' for s, d in zip(diff['seeds'], diff['per_seed']))})")
+    print(f"{label}: {interval(diff)} pp{'' if diff['n'] < 2 else ' (95% CI)'}, per seed "
+          f"{', '.join(f'{s}: {d:+.2f}' for s, d in zip(diff['seeds'], diff['per_seed']))}")
 
 
 def recipe_change(text: str) -> str:
