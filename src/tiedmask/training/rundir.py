@@ -45,6 +45,7 @@ class RunState:
     last_test_acc: float = 0.0
     last_train_loss: float = float("nan")
     solver: dict = dataclasses.field(default_factory=dict)
+    precision: str = ""  # what the run's `precision` resolved to (bf16 | fp32); "" before 0.3
 
 
 class RunDir:
@@ -201,9 +202,11 @@ def load_trained(run_dir: str | Path, data_root: str = "", device: str | torch.d
     if not (run.path / "checkpoint.json").exists():
         raise TiedmaskError(f"{run.path} has no checkpoint yet; train it first "
                             f"(`tiedmask train --resume {run.path}`)")
-    model_state, _, _ = run.load_checkpoint()
+    model_state, _, state = run.load_checkpoint()
     with run._fitting("was config.json edited?"):
         model.load_state_dict(model_state)
+    if state.precision:  # compute as training did, whatever `auto` means on this machine
+        cfg.precision = state.precision
     return model.to(device), cfg, data
 
 

@@ -36,6 +36,7 @@ from .distributed import Dist, setup as setup_distributed, teardown as teardown_
 from .finetune import prepare_finetune
 from .lookahead import Lookahead
 from .muon import MuonSGD
+from .precision import autocast_context, cpu_isa, legacy_auto, resolve_precision
 from .rundir import RunDir, RunState, load_trained
 from .settings import TTAS, TrainConfig, check_whitening_stem, config_hash
 
@@ -59,6 +60,7 @@ class Result:
     trainable_params: int = 0
     peak_mem_mb: float = 0.0
     hardware: str = ""  # the CPU or GPU the run trained on (timings compare only within one)
+    precision: str = ""  # what `precision` resolved to on that machine: bf16 | fp32 ("" before 0.3)
     warning: str = ""  # e.g. a run that ended at chance accuracy
     eval_split: str = "test"  # "val": test_acc is measured on images held out of training (data.val_split)
     solver: dict = dataclasses.field(default_factory=dict)  # DEQ: mean iterations, residuals
@@ -75,15 +77,6 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
-
-
-def autocast_context(device: torch.device, precision: str):
-    # bf16 autocast measured 0.6x the fp32 speed on this project's 2-core Xeon (AVX512-BF16,
-    # torch 2.13, widths 32-64), so `auto` keeps the CPU in fp32.
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def use_channels_last(cfg: TrainConfig, image_size: int) -> bool:
@@ -159,6 +152,8 @@ def score_run(run_dir, data_root: str = "", tta: str | None = None) -> tuple[flo
     if tta is not None:
         cfg = dataclasses.replace(cfg, eval_tta=tta)
     device = resolve_device(cfg)
+    if cfg.precision == "auto":  # a run from before runs recorded their precision
+        cfg = dataclasses.replace(cfg, precision=legacy_auto(device))
     mean, std = data.stats.tensors(device)
     channels_last = use_channels_last(cfg, data.shape.size)
     acc, loss = evaluate(place(model, device, channels_last), data.test_x, data.test_y, mean, std, cfg,
@@ -319,7 +314,7 @@ def hardware_name(device: torch.device) -> str:
         cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor() or platform.machine()
-    return f"{cpu} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
+    return f"{cpu} ({cpu_isa()}), {torch.get_num_threads()} threads"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -397,6 +392,12 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
             run.keep_metrics_until(state.epoch)  # rows of epochs no checkpoint holds
             run.write_config(cfg)
             run.write_stats(data.stats)
+    if not state.precision:
+        older_run = state.epoch > 0 and cfg.precision == "auto"  # resumed, from before it was recorded
+        chosen = legacy_auto(device) if older_run else resolve_precision(cfg.precision, device)
+        # Rank 0's choice on every process: the timed check could tip differently on each.
+        state.precision = "bf16" if ctx.from_main(float(chosen == "bf16")) else "fp32"
+    compute_cfg = dataclasses.replace(cfg, precision=state.precision)  # what the loops compute in
     runner = wrap_for_training(model, cfg, ctx, device)
     lookahead = Lookahead(model, cfg.optim.lookahead_every, cfg.optim.lookahead_decay) \
         if cfg.optim.lookahead_every else None
@@ -405,13 +406,13 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     m = cfg.model
     log(f"model {m.name} ({m.execution}, masks {m.masks.scope} at density {m.masks.density}): "
         f"{params:,} params ({trainable:,} trained), {macs['effective'] / 1e6:.1f}M effective MACs/img, "
-        f"on {device}" + (f" x {ctx.world} processes" if ctx.enabled else ""))
+        f"on {device} in {state.precision}" + (f" x {ctx.world} processes" if ctx.enabled else ""))
     status, reason = "ok", ""
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         time_left = cfg.time_budget_s - state.train_time_s if cfg.time_budget_s else math.inf
         if time_left <= 0:
             break
-        ep = train_epoch(model, optimizer, (train_x, train_y, data.augment), mean, std, cfg, device,
+        ep = train_epoch(model, optimizer, (train_x, train_y, data.augment), mean, std, compute_cfg, device,
                          epoch, state.step, (total_steps, warmup, state.train_time_s), time_left,
                          ctx=ctx, runner=runner, channels_last=channels_last, lookahead=lookahead)
         state.step = ep.step
@@ -426,7 +427,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
                 or bool(cfg.time_budget_s) and state.train_time_s >= cfg.time_budget_s)
         test_acc = test_loss = None  # not scored this epoch (eval_every)
         if last or (cfg.eval_every and epoch % cfg.eval_every == 0):
-            test_acc, test_loss = evaluate(model, data.test_x, data.test_y, mean, std, cfg, device, ctx,
+            test_acc, test_loss = evaluate(model, data.test_x, data.test_y, mean, std, compute_cfg, device, ctx,
                                            channels_last)
             eval_fwd, _ = model.pop_solver_stats()
             ep.solver.update({f"eval_{k}": v for k, v in summarize_solver(eval_fwd, []).items()})
@@ -454,7 +455,8 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
         img_per_s=state.images / state.train_time_s if state.train_time_s else 0.0,
         s_per_epoch=state.train_time_s / state.epoch if state.epoch else 0.0,
         epochs=state.epoch, seed=cfg.seed, config_hash=state.config_hash,
-        peak_mem_mb=peak_memory_mb(device), hardware=hardware_name(device), solver=state.solver,
+        peak_mem_mb=peak_memory_mb(device), hardware=hardware_name(device), precision=state.precision,
+        solver=state.solver,
         # A diverged run keeps the score of its last scored epoch (0 if none was: eval_every);
         # its status says what happened, so it gets no "learned nothing" warning.
         warning=(chance_warning(state.last_test_acc, data.shape.classes)

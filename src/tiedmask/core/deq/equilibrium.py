@@ -30,6 +30,9 @@ class _ImplicitGrad(autograd.Function):
     @staticmethod
     def forward(ctx, z, func, z_star, settings, record):
         ctx.func, ctx.settings, ctx.record = func, settings, record
+        # Backward runs outside the caller's autocast: re-enter it, or a bf16 z* meets fp32 weights.
+        kind = z.device.type
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         ctx.save_for_backward(z_star)
         return z.view_as(z)
 
@@ -37,7 +40,8 @@ class _ImplicitGrad(autograd.Function):
     def backward(ctx, grad):
         (z_star,) = ctx.saved_tensors
         h = z_star.detach().requires_grad_()
-        with torch.enable_grad():
+        kind, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
             fh = ctx.func(h)
 
         def adjoint(y):

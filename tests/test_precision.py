@@ -1,0 +1,98 @@
+"""`precision: auto` by what the machine has, recorded with every run, and kept by eval/resume."""
+
+import json
+
+import pytest
+import torch
+
+from tiedmask.cli import main
+from tiedmask.training import precision
+from tiedmask.training.precision import autocast_context, resolve_precision
+
+CPU = torch.device("cpu")
+QUIET = ["--data", "digits", "--progress", "false", "--model", "tied-resnet-xs", "--width", "8",
+         "--depth", "2", "--test_subset", "97"]
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend this CPU has AMX tiles or not, and that bf16 measures `speedup` times fp32."""
+    def pretend(amx: bool, speedup: float = 2.0):
+        monkeypatch.setattr(precision, "has_amx", lambda: amx)
+        monkeypatch.setattr(precision, "bf16_speedup", lambda: speedup)
+    return pretend
+
+
+def test_auto_is_fp32_without_amx_and_bf16_on_cuda(machine):
+    machine(amx=False)
+    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("bf16", CPU) == "bf16" and resolve_precision("fp32", CPU) == "fp32"
+
+
+def test_auto_on_amx_follows_the_timed_check_unless_it_is_turned_off(machine, monkeypatch):
+    machine(amx=True, speedup=2.4)
+    assert resolve_precision("auto", CPU) == "bf16"
+    machine(amx=True, speedup=0.9)  # tiles present but slow (a hypervisor, an old oneDNN)
+    assert resolve_precision("auto", CPU) == "fp32"
+    monkeypatch.setenv(precision.CHECK_VARIABLE, "0")
+    assert resolve_precision("auto", CPU) == "bf16"
+
+
+def test_bf16_autocast_computes_in_bf16_and_fp32_does_not(machine):
+    machine(amx=False)
+    layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    with autocast_context(CPU, "bf16"):
+        assert layer(x).dtype == torch.bfloat16
+    with autocast_context(CPU, "auto"):
+        assert layer(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("chosen", ["bf16", "fp32"])
+def test_a_run_records_its_precision_and_eval_computes_in_it(tmp_path, capsys, machine, chosen):
+    machine(amx=chosen == "bf16")  # auto resolves to `chosen` while training...
+    run = tmp_path / "run"
+    assert main(["train", *QUIET, "--epochs", "1", "--out", str(run)]) == 0
+    result = json.loads((run / "result.json").read_text())
+    assert result["precision"] == chosen
+    assert json.loads((run / "checkpoint.json").read_text())["precision"] == chosen
+    machine(amx=chosen != "bf16")  # ...and the other way on the machine that scores it
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert f"test loss {metrics[-1]['test_loss']:.4f}" in capsys.readouterr().out
+
+
+def test_a_run_from_before_precision_was_recorded_keeps_fp32_on_a_cpu(tmp_path, capsys, machine):
+    machine(amx=False)
+    run = tmp_path / "run"
+    assert main(["train", *QUIET, "--epochs", "2", "--out", str(run)]) == 0
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    checkpoint = json.loads((run / "checkpoint.json").read_text())
+    del checkpoint["precision"]  # as 0.2 wrote it
+    (run / "checkpoint.json").write_text(json.dumps(checkpoint))
+    machine(amx=True)  # today's auto would pick bf16 here; the old run trained in fp32
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    assert f"test loss {metrics[-1]['test_loss']:.4f}" in capsys.readouterr().out
+
+
+def test_implicit_deq_gradients_run_under_bf16_autocast():
+    """The adjoint solve re-runs the cell in backward, outside the caller's autocast: it must
+    re-enter it (bf16 z* against fp32 weights raised before)."""
+    from tiedmask.core.presets import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tied-resnet-xs", width=8, in_channels=1, execution="equilibrium",
+                         mask_scope="same").train()
+    x = torch.randn(4, 1, 8, 8)
+    grads = {}
+    for dtype in ("fp32", "bf16"):
+        model.zero_grad()
+        with autocast_context(CPU, dtype):
+            loss = model(x).float().logsumexp(1).mean()
+        loss.backward()
+        grads[dtype] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    # the bf16 gradient points where the fp32 one does (bf16 keeps ~3 significant digits)
+    cosine = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
+    assert cosine > 0.95
