@@ -10,11 +10,12 @@ from .core.spec import DataShape, DeqConfig, MaskConfig, ModelConfig, TieConfig
 from .core.tie import tie
 from .core.tie_io import load_tied, save_tied
 from .core.tied_block import tie_summary
+from .core.untie import untie
 from .errors import ConfigError, DataError, TiedmaskError
 from .training.settings import TrainConfig, load_config
 from .training.train import Result, train
 
 __all__ = ["ConfigError", "DataError", "DataShape", "DeqConfig", "MaskConfig", "ModelConfig", "Result",
            "TieConfig", "TiedmaskError", "TrainConfig", "create_model", "load_config", "load_tied",
-           "register_model", "save_tied", "tie", "tie_summary", "train"]
+           "register_model", "save_tied", "tie", "tie_summary", "train", "untie"]
 __version__ = "0.2.0"

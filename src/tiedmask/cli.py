@@ -16,7 +16,7 @@ Sections: model (name cell execution width depth stages norm checkpointing head_
 patch_size heads mlp_ratio weight_norm args), model.masks (kind scope density seed nm_m),
 model.deq (solver grad train_iter eval_iter backward_iter tol stop_mode solver_options
 phantom_steps phantom_tau jac_reg), model.tie (blocks init per_application relax relax_rank
-relax_density relax_init), data (name root download augment train_subset test_subset channels
+relax_density relax_init group strategy), data (name root download augment train_subset test_subset channels
 image_size val_split classes), optim (name lr weight_decay momentum warmup_epochs
 label_smoothing grad_clip lookahead_every lookahead_decay muon_lr whiten_bias_epochs),
 finetune (init_from method rank alpha n_masks density targets train_head rescale), and epochs time_budget_s batch_size

@@ -57,6 +57,7 @@ class MaskConfig:
 TIE_INITS = ("mean", "first", "fresh")
 PER_APPLICATION_PARTS = ("norms", "biases", "adapters")
 RELAXATIONS = ("none", "lora", "multimask-lora")
+LOOP_STRATEGIES = ("cycle", "sequence")  # Relaxed Recursive Transformers' names (Bae et al., 2025)
 RELAX_INITS = ("zero", "svd")
 
 
@@ -76,6 +77,10 @@ class TieConfig:
     # zero: B = 0, the relaxed model starts as the tied one | svd: lora starts at the best rank-r
     # approximation of what tying lost (for pre-trained blocks; of random blocks it is noise)
     relax_init: str = "zero"
+    # group K > 1 loops K distinct shared blocks over the positions: cycle 0 1 2 0 1 2 (block
+    # p mod K at position p), sequence 0 0 1 1 2 2 (block p // (n / K)); K must divide n
+    group: int = 1
+    strategy: str = "cycle"
 
     def validate(self) -> None:
         for key, value, choices in (("init", self.init, TIE_INITS), ("relax", self.relax, RELAXATIONS),
@@ -85,6 +90,10 @@ class TieConfig:
         unknown = sorted(set(self.per_application) - set(PER_APPLICATION_PARTS))
         if unknown:
             raise ConfigError(f"tie.per_application has {unknown}; choose from {list(PER_APPLICATION_PARTS)}")
+        if self.strategy not in LOOP_STRATEGIES:
+            raise ConfigError(f"tie.strategy {self.strategy!r} is not one of {list(LOOP_STRATEGIES)}")
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
+            raise ConfigError(f"tie.group must be a whole number >= 1, got {self.group!r}")
         if self.relax_rank < 1:
             raise ConfigError(f"tie.relax_rank must be >= 1, got {self.relax_rank}")
         if not 0 < self.relax_density <= 1:

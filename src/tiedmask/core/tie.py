@@ -39,14 +39,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import itertools
 import re
+import warnings
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TiedmaskError
 from ..typed import from_dict
 from .masks import make_mask, num_masks
 from .spec import MaskConfig, TieConfig
@@ -59,21 +61,23 @@ ADAPTER_MARK = "lora_"  # peft's adapter modules (lora_A, lora_B, lora_embedding
 
 
 def tie(model: nn.Module, blocks: str = "", scope: str = "multi", density: float = 0.5,
-        kind: str = "unstructured", seed: int = 0, nm_m: int = 4, **options) -> nn.Module:
+        kind: str = "unstructured", seed: int = 0, nm_m: int = 4, strict: bool = False,
+        **options) -> nn.Module:
     """Replace the repeated `blocks` of `model` by one shared, masked block (in place; returns
     `model`). `options` are `TieConfig`'s: init (first | mean | fresh), per_application (norms,
     biases, adapters), relax (none | lora | multimask-lora), relax_rank, relax_density,
-    relax_init (zero | svd).
-    `blocks` empty: the longest run of identical blocks in the model."""
+    relax_init (zero | svd), group (K shared blocks looped) and strategy (cycle | sequence).
+    `blocks` empty: the longest run of identical blocks in the model. A weight it cannot mask
+    is named in a warning; `strict=True` refuses instead (nothing changed)."""
     masks = from_dict(MaskConfig, {"kind": kind, "scope": scope, "density": density, "seed": seed,
                                    "nm_m": nm_m}, "tie.")
     masks.validate()
     cfg = from_dict(TieConfig, {"blocks": blocks, **options}, "tie.")
     cfg.validate()
-    return tie_with(model, masks, cfg)
+    return tie_with(model, masks, cfg, strict=strict)
 
 
-def tie_with(model: nn.Module, masks: MaskConfig, cfg: TieConfig) -> nn.Module:
+def tie_with(model: nn.Module, masks: MaskConfig, cfg: TieConfig, strict: bool = False) -> nn.Module:
     path, span = _parse_blocks(cfg.blocks) if cfg.blocks else _longest_run(model)
     container = _container(model, path)
     originals = list(container)
@@ -82,18 +86,49 @@ def tie_with(model: nn.Module, masks: MaskConfig, cfg: TieConfig) -> nn.Module:
     if not chosen:
         raise ConfigError(f"{path}[{start}:{stop}] selects no block; {path} has {len(originals)}")
     _check_identical(chosen, path, start)
-    state = ApplicationIndex()
-    shared = copy.deepcopy(chosen[0])
+    positions = loop_positions(len(chosen), cfg.group, cfg.strategy, f"{path}[{start}:{stop}]")
+    check_cache_mapping(chosen[0], path)
+    _check_relaxation_rank(chosen[0], cfg, path)
+    unmasked = unmaskable_weights(chosen[0])
+    if unmasked and strict:
+        raise ConfigError(f"tie(strict=True): {path} has weights tie cannot mask: {', '.join(unmasked)}; "
+                          "tie without strict to keep them shared and dense")
+    if unmasked and masks.scope != "dense":
+        warnings.warn(f"tie: {path}: these weights stay shared and dense (no mask, no relaxation): "
+                      f"{', '.join(unmasked)}", stacklevel=3)
+    members = [[p for p, (b, _) in enumerate(positions) if b == k] for k in range(cfg.group)]
+    shared, states = [], []
+    for k, own in enumerate(members):
+        blocks = [chosen[p] for p in own]
+        state = ApplicationIndex()
+        block = copy.deepcopy(blocks[0])
+        _share_values(block, blocks, cfg.init)
+        _make_per_application(block, blocks, state, cfg)
+        name = path if cfg.group == 1 else f"{path}.{k}"  # one block keeps its masks of before groups
+        _mask_weights(block, blocks, state, masks, cfg, name)
+        shared.append(block)
+        states.append(state)
+    positional = [_positional_values(shared[b], chosen[p]) for p, (b, _) in enumerate(positions)]
     settings = {"blocks": f"{path}[{start}:{stop}]", "masks": dataclasses.asdict(masks),
                 "tie": dataclasses.asdict(cfg),
                 "parameters_before": sum(p.numel() for b in chosen for p in b.parameters())}
-    _share_values(shared, chosen, cfg.init)
-    _make_per_application(shared, chosen, state, cfg)
-    _mask_weights(shared, chosen, state, masks, cfg, path)
-    tied = TiedBlocks(shared, len(chosen), state, originals[:start], originals[stop:], settings)
+    tied = TiedBlocks(shared, states, positions, positional, originals[:start], originals[stop:], settings)
+    tied.container_type = type(container)  # what `untie` rebuilds
     parent_path, _, attr = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, tied)
+    _refuse_library_saving(model)
     return model
+
+
+def loop_positions(count: int, group: int, strategy: str, where: str) -> list[tuple[int, int]]:
+    """(shared block, its application index) for each of `count` tied positions."""
+    if count % group:
+        raise ConfigError(f"tie.group {group} does not divide the {count} blocks of {where}; choose a "
+                          f"divisor of {count} ({', '.join(str(d) for d in range(1, count + 1) if count % d == 0)})")
+    loops = count // group
+    if strategy == "cycle":
+        return [(p % group, p // group) for p in range(count)]
+    return [(p // loops, p % loops) for p in range(count)]
 
 
 def _parse_blocks(spec: str) -> tuple[str, slice]:
@@ -188,10 +223,109 @@ def _longest_run(model: nn.Module) -> tuple[str, slice]:
     return _parse_blocks(runs[0][0])
 
 
+def is_norm_like(module: nn.Module) -> bool:
+    """A leaf that only scales and shifts (its parameters all vectors: LayerNorm, RMSNorm of any
+    library, a layer scale) or keeps running statistics (BatchNorm): kept per application."""
+    if isinstance(module, NORM_TYPES):
+        return True
+    if any(True for _ in module.children()) or _maskable_names(module):
+        return False
+    params = list(module.parameters(recurse=False))
+    if params:
+        return all(p.dim() <= 1 for p in params)
+    return any(n.startswith("running_") for n, _ in module.named_buffers(recurse=False))
+
+
+def _maskable_names(module: nn.Module) -> list[str]:
+    """The parameters of `module` (its own) that `tie` masks and relaxes."""
+    if isinstance(module, WEIGHTED_TYPES) or _is_transformers_conv1d(module):
+        return ["weight"]
+    if isinstance(module, nn.MultiheadAttention):  # packed or separate projections; out_proj is a Linear
+        return [n for n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                if getattr(module, n, None) is not None]
+    return []
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    # GPT-2's Conv1D is a Linear with its weight stored transposed (in, out): masked the same way.
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+
+
+def unmaskable_weights(block: nn.Module) -> list[str]:
+    """Matrices of `block` that `tie` leaves shared and dense: parameters of two or more
+    dimensions outside the module kinds it masks (an RNN's, an embedding's, a custom layer's)."""
+    out = []
+    for name, module in block.named_modules():
+        if ADAPTER_MARK in name:
+            continue
+        masked = set(_maskable_names(module))
+        out += [".".join(filter(None, (name, n))) + f" ({type(module).__name__})"
+                for n, p in module.named_parameters(recurse=False) if p.dim() >= 2 and n not in masked]
+    return out
+
+
+def _positional_values(shared: nn.Module, original: nn.Module) -> dict:
+    """{(module path, attribute): value} of the block at one position: the indices it keeps for
+    its KV-cache slot (or logging), set on the shared block while that position runs."""
+    inside_copies = {n for n, m in shared.named_modules() if isinstance(m, PerApplicationModule)}
+    out = {}
+    for path, module in original.named_modules():
+        if any(path == c or path.startswith(c + ".") for c in inside_copies):
+            continue  # a per-position copy keeps its own
+        for attr in POSITION_ATTRIBUTES:
+            if attr in vars(module) and isinstance(vars(module)[attr], (int, type(None))):
+                out[(path, attr)] = vars(module)[attr]
+    return out
+
+
+CACHE_ARGUMENTS = ("past_key_value", "past_key_values", "layer_past", "cache", "past")
+
+
+def check_cache_mapping(block: nn.Module, path: str) -> None:
+    """Refuse a block that takes a KV cache but keeps no layer index to pick its slot: its
+    applications would all write one slot (each attending to the others' keys)."""
+    try:
+        names = set(inspect.signature(block.forward).parameters)
+    except (TypeError, ValueError):
+        return
+    takes = sorted(names & set(CACHE_ARGUMENTS))
+    indexed = any(attr in vars(m) for m in block.modules() for attr in POSITION_ATTRIBUTES)
+    if takes and not indexed:
+        raise ConfigError(f"{path}: its blocks take a cache ({', '.join(takes)}) but keep no layer index "
+                          f"({', '.join(POSITION_ATTRIBUTES)}), so tie cannot give each application its own "
+                          "cache slot; tie a model whose layers carry their index")
+
+
+def _check_relaxation_rank(block: nn.Module, cfg: TieConfig, path: str) -> None:
+    """A relaxation rank above a weight's smaller side adds parameters and no expressiveness."""
+    if cfg.relax == "none":
+        return
+    for name, module in block.named_modules():
+        for attr in _maskable_names(module):
+            weight = getattr(module, attr)
+            largest = min(weight.shape[0], weight[0].numel())
+            if cfg.relax_rank > largest:
+                raise ConfigError(f"tie.relax_rank {cfg.relax_rank} exceeds the rank a {tuple(weight.shape)} "
+                                  f"weight can have ({path}.{name}.{attr}: at most {largest}); choose <= {largest}")
+
+
+def _refuse_library_saving(model: nn.Module) -> None:
+    """Hugging Face's save_pretrained would write the tied layout under names from_pretrained
+    does not know, which then loads an untied model with those layers left random."""
+    if hasattr(type(model), "save_pretrained") and hasattr(type(model), "from_pretrained"):
+        model.save_pretrained = _save_pretrained_refused
+
+
+def _save_pretrained_refused(*args, **kwargs):
+    raise TiedmaskError("a tied model cannot be saved with save_pretrained (from_pretrained would build the "
+                        "untied model and leave its tied layers random): save it with tiedmask.save_tied(model, "
+                        "path) and load it with load_tied, or call tiedmask.untie(model) first for a plain model")
+
+
 def _per_application_names(shared: nn.Module, cfg: TieConfig) -> tuple[set[str], set[str]]:
     """(module paths kept whole per application, parameter names kept per application)."""
     modules = {n for n, m in shared.named_modules()
-               if n and "norms" in cfg.per_application and isinstance(m, NORM_TYPES)}
+               if n and "norms" in cfg.per_application and is_norm_like(m)}
     inside = lambda name: any(name == m or name.startswith(m + ".") for m in modules)  # noqa: E731
     params = set()
     for name, _ in shared.named_parameters():
@@ -248,31 +382,39 @@ def _mask_weights(shared: nn.Module, blocks: list[nn.Module], state: Application
                   cfg: TieConfig, path: str) -> None:
     count = len(blocks)
     n_masks = num_masks(masks.scope, count)
-    for name, module in list(shared.named_modules()):
-        if not isinstance(module, WEIGHTED_TYPES) or ADAPTER_MARK in name:
+    copies = [n for n, m in shared.named_modules() if isinstance(m, PerApplicationModule)]
+    for (name, module), attr in ((nm, a) for nm in list(shared.named_modules()) for a in _maskable_names(nm[1])):
+        if ADAPTER_MARK in name or any(name == c or name.startswith(c + ".") for c in copies):
             continue
-        weight = module.weight
-        full_name = ".".join(filter(None, (path, name, "weight")))
-        stack = None
-        if n_masks:
-            stack = torch.stack([make_mask(masks.kind, tuple(weight.shape), masks.density, masks.seed,
-                                           full_name, i, nm_m=masks.nm_m).flatten() for i in range(n_masks)])
-            stack = stack.to(weight.device)
-        rows, cols = weight.shape[0], weight[0].numel()
-        relaxation = None
-        if cfg.relax == "lora":
-            relaxation = LoRARelaxation(count, rows, cols, cfg.relax_rank)
-        elif cfg.relax == "multimask-lora":
-            relaxation = MultiMaskLoRARelaxation(count, rows, cols, cfg.relax_rank, "unstructured",
-                                                 cfg.relax_density, masks.seed, full_name)
-        if relaxation is not None:
-            relaxation.to(device=weight.device, dtype=weight.dtype)
-        parametrization = SharedWeight(state, masks.scope, stack, relaxation)
-        parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
-        if isinstance(relaxation, LoRARelaxation) and cfg.relax_init == "svd":
-            with torch.no_grad():
-                residuals = [(_get(b, f"{name}.weight") - parametrization.masked(weight, i)).reshape(rows, cols)
-                             for i, b in enumerate(blocks)]
-            relaxation.fit(residuals)
+        _mask_one(module, attr, name, blocks, state, masks, cfg, path, n_masks, count)
+
+
+def _mask_one(module: nn.Module, attr: str, name: str, blocks: list[nn.Module], state: ApplicationIndex,
+              masks: MaskConfig, cfg: TieConfig, path: str, n_masks: int, count: int) -> None:
+    """Parametrize `module.attr`: application i's mask over the shared value, plus its relaxation."""
+    weight = getattr(module, attr)
+    full_name = ".".join(filter(None, (path, name, attr)))
+    stack = None
+    if n_masks:
+        stack = torch.stack([make_mask(masks.kind, tuple(weight.shape), masks.density, masks.seed,
+                                       full_name, i, nm_m=masks.nm_m).flatten() for i in range(n_masks)])
+        stack = stack.to(weight.device)
+    rows, cols = weight.shape[0], weight[0].numel()
+    relaxation = None
+    if cfg.relax == "lora":
+        relaxation = LoRARelaxation(count, rows, cols, cfg.relax_rank)
+    elif cfg.relax == "multimask-lora":
+        relaxation = MultiMaskLoRARelaxation(count, rows, cols, cfg.relax_rank, "unstructured",
+                                             cfg.relax_density, masks.seed, full_name)
+    if relaxation is not None:
+        relaxation.to(device=weight.device, dtype=weight.dtype)
+    parametrization = SharedWeight(state, masks.scope, stack, relaxation)
+    parametrize.register_parametrization(module, attr, parametrization, unsafe=True)
+    if isinstance(relaxation, LoRARelaxation) and cfg.relax_init == "svd":
+        with torch.no_grad():
+            original = ".".join(filter(None, (name, attr)))
+            residuals = [(_get(b, original) - parametrization.masked(weight, i)).reshape(rows, cols)
+                         for i, b in enumerate(blocks)]
+        relaxation.fit(residuals)
 
 

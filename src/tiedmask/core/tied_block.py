@@ -63,7 +63,9 @@ class SharedWeight(nn.Module):
         return shared if self.masks is None or which is None else shared * self.masks[which].view_as(shared)
 
     def forward(self, shared: torch.Tensor) -> torch.Tensor:
-        i = self.state.current()
+        if self.state.index is None:  # read outside any position (peft wrapping the layer, a
+            return shared             # shape or dtype probe): the stored shared tensor itself
+        i = self.state.index
         weight = self.masked(shared, i)
         if self.relaxation is not None:
             weight = weight + self.relaxation.delta(i).view_as(weight).to(weight.dtype)
@@ -108,7 +110,7 @@ class PerApplicationModule(nn.Module):
         except AttributeError:
             if name.startswith("_"):  # copy/pickle protocols look these up: never lend them
                 raise
-            return getattr(self.copies[0], name)
+            return getattr(self.copies[self.state.index or 0], name)  # the running position's
 
 
 class LoRARelaxation(nn.Module):
@@ -151,42 +153,125 @@ class MultiMaskLoRARelaxation(nn.Module):
 
 
 class Application(nn.Module):
-    """Position i of a tied run: calls the shared block with application i's masks and parts.
+    """Position p of a tied run: calls its shared block as application `index` of that block,
+    with block p's positional attributes (the `layer_idx` that picks a KV-cache slot) in place.
 
-    It owns nothing (the shared block is not registered here, so it is stored once), and lends
-    the shared block's attributes, so code that reads ``layers[i].attention`` still works.
+    It owns nothing (the shared block is registered once, in `TiedBlocks`). Reading through it
+    sees position p: ``layers[2].self_attn.q_proj.weight`` is position 2's masked, relaxed weight.
     """
 
-    def __init__(self, owner: "TiedBlocks", index: int):
+    def __init__(self, owner: "TiedBlocks", block: int, index: int, positional: dict):
         super().__init__()
         object.__setattr__(self, "owner", owner)
-        self.index = index
+        self.block, self.index = block, index
+        object.__setattr__(self, "positional", positional)  # {(module path, attribute): value}
+
+    def shared_block(self) -> nn.Module:
+        return self.owner.loop_blocks()[self.block]
+
+    @contextlib.contextmanager
+    def entered(self):
+        """While inside: the shared block reads this position's weights, norms and indices."""
+        block = self.shared_block()
+        saved = []
+        for (path, attr), value in self.positional.items():
+            module = block.get_submodule(path)
+            saved.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, value)
+        checkpointing = _checkpointing_in(block, self)
+        try:
+            with self.owner.states[self.block].applying(self.index), checkpointing:
+                yield block
+        finally:
+            for module, attr, value in reversed(saved):
+                setattr(module, attr, value)
 
     def forward(self, *args, **kwargs):
-        with self.owner.state.applying(self.index):
-            return self.owner.shared(*args, **kwargs)
+        with self.entered() as block:
+            return block(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_") or name == "owner":  # copy/pickle protocols: never lend them
+            if name.startswith("_") or name in ("owner", "positional"):  # copy/pickle protocols
                 raise
-            return getattr(self.owner.shared, name)
+            return AtPosition(self, self.shared_block()).__getattr__(name)
+
+
+class AtPosition:
+    """A shared (sub)module as one position sees it: attributes are read, and calls made, with
+    that position entered. Lent by `Application` so that code reading ``layers[i].attn.weight``
+    or ``layers[i].attn.layer_idx`` outside a forward pass gets position i's value."""
+
+    def __init__(self, application: Application, module: nn.Module):
+        object.__setattr__(self, "_application", application)
+        object.__setattr__(self, "_module", module)
+
+    def __getattr__(self, name: str):
+        with self._application.entered():
+            value = getattr(self._module, name)
+        return AtPosition(self._application, value) if isinstance(value, nn.Module) else value
+
+    def __call__(self, *args, **kwargs):
+        with self._application.entered():
+            return self._module(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"AtPosition({self._application.index}, {self._module!r})"
+
+
+@contextlib.contextmanager
+def _checkpointing_in(block: nn.Module, application: Application):
+    """Gradient checkpointing that runs inside the block (Hugging Face's layers call
+    `_gradient_checkpointing_func(forward, ...)` and replay `forward` in the backward pass,
+    after the application has been left): the replay re-enters the application."""
+    func = block.__dict__.get("_gradient_checkpointing_func")
+    if func is None or hasattr(func, "tiedmask_original"):
+        yield
+        return
+
+    def replayed(forward, *args, **kwargs):
+        def run(*inner, **inner_kwargs):
+            if application.owner.states[application.block].index == application.index:
+                return forward(*inner, **inner_kwargs)  # the first pass: already entered
+            with application.entered():
+                return forward(*inner, **inner_kwargs)
+        return func(run, *args, **kwargs)
+
+    replayed.tiedmask_original = func
+    block._gradient_checkpointing_func = replayed
+    try:
+        yield
+    finally:
+        block._gradient_checkpointing_func = func
 
 
 class TiedBlocks(nn.Module):
-    """What replaces the run of blocks: untouched blocks `before`, the shared block applied
-    once per tied position, untouched blocks `after`. Iterate it like the ModuleList it
-    replaces, or call it like the Sequential."""
+    """What replaces the run of blocks: untouched blocks `before`, the tied positions, untouched
+    blocks `after`. The tied positions loop `group` shared blocks: with one, `shared` is that
+    block; with several, `shared` is their ModuleList and `strategy` orders them (cycle: 0 1 2
+    0 1 2; sequence: 0 0 1 1 2 2). Iterate it like the ModuleList it replaces, or call it like
+    the Sequential."""
 
-    def __init__(self, shared: nn.Module, count: int, state: ApplicationIndex, before: list[nn.Module],
-                 after: list[nn.Module], settings: dict):
+    def __init__(self, shared: list[nn.Module], states: list[ApplicationIndex], positions: list[tuple[int, int]],
+                 positional: list[dict], before: list[nn.Module], after: list[nn.Module], settings: dict):
         super().__init__()
-        self.shared = shared
+        self.shared = shared[0] if len(shared) == 1 else nn.ModuleList(shared)
         self.before, self.after = nn.ModuleList(before), nn.ModuleList(after)
-        self.state, self.settings = state, settings
-        self.applications = [Application(self, i) for i in range(count)]  # a list: not registered
+        self.states, self.settings = states, settings
+        # a list: not registered, so each shared block is stored once
+        self.applications = [Application(self, b, i, pos) for (b, i), pos in zip(positions, positional)]
+        for block, state in zip(shared, states):  # the shared block called alone has no position
+            block._tiedmask_state = state  # an attribute, not a closure: deepcopy keeps it paired
+            block.register_forward_pre_hook(_require_position)
+
+    @property
+    def state(self) -> ApplicationIndex:  # one shared block: its index (as before groups)
+        return self.states[0]
+
+    def loop_blocks(self) -> list[nn.Module]:
+        return [self.shared] if len(self.states) == 1 else list(self.shared)
 
     def _items(self) -> list[nn.Module]:
         return [*self.before, *self.applications, *self.after]
@@ -207,6 +292,10 @@ class TiedBlocks(nn.Module):
         return x
 
 
+def _require_position(block: nn.Module, args) -> None:
+    block._tiedmask_state.current()  # raises outside an application
+
+
 def tied_containers(model: nn.Module) -> list[tuple[str, TiedBlocks]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TiedBlocks)]
 
@@ -223,9 +312,12 @@ def tie_summary(model: nn.Module) -> dict:
         shared_ids = {id(p) for p in parts["shared"]}
         unmasked = [n for n, p in tied.shared.named_parameters()
                     if p.dim() >= 2 and id(p) in shared_ids and n.endswith("weight") and ".parametrizations." not in n]
-        runs.append({"blocks": name, "applications": len(tied.applications), **count, "parameters_before": before,
+        loop = {"group": len(tied.states), "strategy": tied.settings["tie"].get("strategy", "cycle"),
+                "loop": [a.block for a in tied.applications]} if len(tied.states) > 1 else {}
+        runs.append({"blocks": name, "applications": len(tied.applications), **loop, **count, "parameters_before": before,
                      "masks": tied.settings["masks"]["scope"], "density": tied.settings["masks"]["density"],
-                     "masked_weights": sum(shared_weight(m) is not None for m in tied.shared.modules()),
+                     "masked_weights": sum(isinstance(step, SharedWeight) for m in tied.shared.modules()
+                                           for chain in getattr(m, "parametrizations", {}).values() for step in chain),
                      "unmasked_weights": unmasked})
     return {"parameters": total, "parameters_before": total + saved, "runs": runs}
 

@@ -19,6 +19,7 @@ keys of older versions (`--mask_scope`, `model.deq_solver`, ...) still work: see
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -342,14 +343,31 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 RUNTIME_ONLY = ("threads", "progress", "compile", "data.root", "data.download", "eval_every")
 
 
+# Keys added after results were stored, with the value every earlier run had: left out of the
+# hash while they keep it, so that a store's earlier results still match their configs.
+ADDED_LATER = {"model.tie.group": 1, "model.tie.strategy": "cycle"}
+
+
 def without_runtime_keys(values: dict, prefix: str = "") -> dict:
     return {k: (without_runtime_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and prefix + k in SECTIONS else v)
             for k, v in values.items() if prefix + k not in RUNTIME_ONLY}
+
+
+def _without_unchanged_additions(values: dict) -> dict:
+    values = copy.deepcopy(values)
+    for key, default in ADDED_LATER.items():
+        *path, last = key.split(".")
+        section = values
+        for part in path:
+            section = section.get(part, {}) if isinstance(section, dict) else {}
+        if isinstance(section, dict) and last in section and section[last] == default:
+            del section[last]
+    return values
 
 
 def config_hash(cfg: TrainConfig | dict) -> str:
     """A short stable hash of the resolved config (keys results stores and run directories)."""
     if isinstance(cfg, dict):
         cfg = config_from_dict(cfg)
-    values = without_runtime_keys(config_to_dict(cfg))
+    values = _without_unchanged_additions(without_runtime_keys(config_to_dict(cfg)))
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
