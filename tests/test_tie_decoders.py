@@ -305,3 +305,24 @@ def test_bad_loop_and_relaxation_settings_are_one_error_and_change_nothing(optio
         tie(model, blocks="model.layers", **options)
     assert type(model.model.layers) is nn.ModuleList
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_torch_checkpoint_around_positions_gives_the_same_gradients():
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*[nn.Sequential(nn.Linear(6, 6), nn.LayerNorm(6), nn.GELU()) for _ in range(4)])
+    tied = tie(nn.Sequential(blocks), blocks="0", density=0.5, relax="lora", relax_rank=2)
+    x = torch.randn(3, 6)
+    grads = []
+    for wrap in (lambda f, h: f(h), lambda f, h: checkpoint(f, h, use_reentrant=False),
+                 lambda f, h: checkpoint(f, h, use_reentrant=True)):
+        tied.zero_grad()
+        h = x.clone().requires_grad_()
+        for position in tied[0]:
+            h = wrap(position, h)
+        h.square().sum().backward()
+        grads.append([p.grad.clone() for p in tied.parameters()])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b)

@@ -21,10 +21,19 @@ Transformers, arXiv 2410.20672): ``lora`` gives each position its own pair (``re
 starts it at a truncated SVD of what tying pre-trained blocks lost); ``multimask-lora`` shares
 one pair across positions under a distinct mask per position (CapaBoost, arXiv 2407.01320).
 
-Limits: only the `weight` of nn.Linear and Conv modules is masked (`tie_summary` lists other
-weights left shared and dense, e.g. nn.MultiheadAttention's in_proj_weight); per-position
-norms are torch's norm classes. Positional indices (`layer_idx`) are not compared: the shared
-block runs with block 0's, so tie encoders, not decoders with KV caches.
+Layer kinds: the weights of nn.Linear, every nn.ConvNd, transformers' Conv1D (GPT-2) and
+nn.MultiheadAttention's packed projections are masked and relaxed; any other matrix of the
+block (an RNN's, an embedding's) stays shared and dense and is named in a warning (`strict=True`
+refuses). Norms of any class are kept per position, found by behaviour (a leaf whose parameters
+are all vectors, or that keeps running statistics), not by a class list.
+
+Decoders: every position keeps the positional indices of the block it replaced (`layer_idx`
+and kin), set on the shared block while that position runs, so each application reads and
+writes its own KV-cache slot and a tied decoder generates exactly like its untied twin. A block
+that takes a cache but keeps no such index is refused. `group=K` loops K distinct blocks
+(`strategy` cycle: 0 1 2 0 1 2, or sequence: 0 0 1 1 2 2; Relaxed Recursive Transformers).
+Hugging Face's `save_pretrained` is refused on a tied model (from_pretrained would load an
+untied one with random layers); `tiedmask.core.untie.untie` gives the plain model back.
 
 Saving and loading: `tiedmask.core.tie_io`.
 

@@ -7,7 +7,7 @@
 Why by instruction set: without AMX, bf16 matrix work on a CPU runs on AVX512-BF16 dot products
 or is emulated, and measured slower than fp32 (0.6x on a 2-core Xeon without AMX, torch 2.13);
 with AMX tiles (Intel Sapphire Rapids and later) the recipe's training step ran 2.4x faster
-(docs/results.md §8). The check times one convolution's forward and backward both ways (about a
+(docs/results.md §9). The check times one convolution's forward and backward both ways (about a
 second, once per process) so that a machine whose AMX is slow for another reason (a hypervisor
 that hides the tiles' state, an old oneDNN) keeps fp32. `TIEDMASK_PRECISION_CHECK=0` skips it
 and lets the instruction set decide alone.
