@@ -272,8 +272,13 @@ def main() -> None:
             print(f"  time to {float(target):.0%}: {shown}")
         for k in keys:
             r = results[k]
+            # a run from before precisions were recorded trained on a CPU in fp32
             print(f"  seed {k[1]}: {100 * r['test_acc']:.2f}% after {r['epochs']} epochs, "
-                  f"{r['train_time_s'] / 60:.1f} min training, {r['img_per_s']:.0f} img/s")
+                  f"{r['train_time_s'] / 60:.1f} min training, {r['img_per_s']:.0f} img/s, "
+                  f"{r.get('precision') or 'fp32'} on {r.get('hardware', 'a machine not recorded')}")
+    precisions = {(r.get("precision") or "fp32", r.get("hardware")) for r in results.values()}
+    if len(precisions) > 1:
+        print("note: these runs differ in precision or machine; compare times only within one")
     for variant in (v for v in summary if v != "tied" and "tied" in summary):
         summary[variant]["tied_minus_variant_pp"] = diff = paired_minus(finals_by_seed(summary, "tied"),
                                                                         finals_by_seed(summary, variant))

@@ -1,16 +1,18 @@
 """Training and inference images/s of every registered model on this machine, with dense and
-effective FLOPs and model FLOP utilisation (MFU) against a fp32 matmul peak measured in the same
-run; multi-mask (unstructured and channel) against dense, and the layouts against each other.
+effective FLOPs and model FLOP utilisation (MFU) against the fp32 and bf16 matmul peaks measured
+in the same run (each row against the peak of its own precision); multi-mask (unstructured and
+channel) against dense, and the layouts against each other.
 
     python benchmarks/throughput.py            # ~6 min on 2 CPU cores; run it alone
-    python benchmarks/throughput.py --bf16     # adds bf16 rows (+13 min on CPUs without native bf16)
+    python benchmarks/throughput.py --bf16 on  # bf16 rows on a CPU without AMX too (+13 min; slow there)
     python benchmarks/throughput.py --compile tied-fast  # adds torch.compile rows (slow to build)
 
 Batch 128 of 3x32x32 inputs, AdamW steps. The variants of one model are timed in alternating
 rounds (3 rounds of 2 steps each, after 2 warm-up steps), so that drift in the machine's speed
 falls on all of them alike; medians are reported. Training FLOPs are taken as 3x the forward
-(effective, masked) FLOPs. Layouts: `fast` is what `tiedmask train` does by default (fp32,
-channels_last); `naive` is fp32 NCHW eager; `bf16` is bf16 autocast + channels_last.
+(effective, masked) FLOPs. Layouts: `fast` is fp32 channels_last (what `tiedmask train` does on
+a CPU without AMX); `naive` is fp32 NCHW eager; `bf16` is bf16 autocast + channels_last (what it
+does on a CPU with AMX).
 Writes benchmarks/results/throughput.json.
 """
 
@@ -29,13 +31,14 @@ from tiedmask.core.backbones import count_params
 from tiedmask.core.flops import count_macs
 from tiedmask.core.presets import MODEL_PRESETS, create_model
 from tiedmask.errors import ArgumentParser, run_script
+from tiedmask.training.precision import has_amx
 from tiedmask.training.train import hardware_name
 
 BATCH = 128
 
 
-def matmul_peak_gflops(n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(5):
@@ -99,20 +102,32 @@ def main() -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile", nargs="*", default=[], metavar="MODEL",
                         help="also time these models under torch.compile (minutes to build each)")
-    parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast (slow on most CPUs)")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="time bf16 autocast rows: auto = where the CPU has AMX tiles (elsewhere "
+                             "bf16 is emulated and slow, and the rows are skipped, saying so)")
     args = parser.parse_args()
-    layouts = ("naive", "bf16") if args.bf16 else ("naive",)
-    peak = matmul_peak_gflops()
+    with_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and has_amx())
+    layouts = ("naive", "bf16") if with_bf16 else ("naive",)
+    peaks = {"fp32": matmul_peak_gflops(), "bf16": matmul_peak_gflops(dtype=torch.bfloat16)}
     rows = [r for name in sorted(MODEL_PRESETS) for r in measure(name, layouts, name in args.compile)]
-    peak = max(peak, matmul_peak_gflops())  # measured before and after: the better of the two
-    print(f"{hardware_name(torch.device('cpu'))}: fp32 matmul peak (2048^2) {peak:.0f} GFLOP/s\n")
+    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        # measured before and after the models: the better of the two
+        peaks[dtype] = max(peaks[dtype], matmul_peak_gflops(dtype=torch_dtype))
+    for r in rows:
+        r["mfu_effective"] = r["train_gflops_s"] / peaks["bf16" if r["layout"] == "bf16" else "fp32"]
+    print(f"{hardware_name(torch.device('cpu'))}: matmul peaks (2048^2) fp32 {peaks['fp32']:.0f}, "
+          f"bf16 {peaks['bf16']:.0f} GFLOP/s; MFU against the peak of each row's precision")
+    if not with_bf16:
+        print("no bf16 rows: this CPU has no AMX tiles, where bf16 autocast is emulated and slower than "
+              "fp32 (`--bf16 on` times them anyway)")
+    print()
     print("| model | masks | layout | params | MFLOPs/img (dense) | MFLOPs/img (eff.) | train img/s | infer img/s "
           "| train GFLOP/s (eff.) | MFU (eff.) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['scope']} | {r['layout']} | {r['params']:,} | {r['mflops_dense']:.1f} "
               f"| {r['mflops_effective']:.1f} | {r['train_img_s']:.0f} | {r['infer_img_s']:.0f} "
-              f"| {r['train_gflops_s']:.1f} | {100 * r['train_gflops_s'] / peak:.1f}% |")
+              f"| {r['train_gflops_s']:.1f} | {100 * r['mfu_effective']:.1f}% |")
 
     def img_s(name, scope, layout):
         found = [r["train_img_s"] for r in rows if (r["model"], r["scope"], r["layout"]) == (name, scope, layout)]
@@ -131,7 +146,8 @@ def main() -> None:
               f"| {ratio(multi, img_s(name, 'multi', 'naive'))} | {ratio(img_s(name, 'multi', 'bf16'), multi)} "
               f"| {ratio(img_s(name, 'multi', 'fast+compile'), multi)} |")
     out = Path(__file__).parent / "results" / "throughput.json"
-    out.write_text(json.dumps({"hardware": hardware_name(torch.device("cpu")), "matmul_peak_gflops": peak,
+    out.write_text(json.dumps({"hardware": hardware_name(torch.device("cpu")), "matmul_peak_gflops": peaks["fp32"],
+                               "matmul_peak_gflops_bf16": peaks["bf16"],
                                "threads": torch.get_num_threads(), "batch": BATCH,
                                "rows": rows}, indent=1) + "\n")
 
