@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save
 
 from ..errors import TiedmaskError
 from ..files import atomic_write, atomic_write_json, read_json
+from .run_schema import check_checkpoint
 
 
 def _split_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -57,8 +58,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, state: dic
 def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict]:
     """(model state_dict, optimizer state_dict or None, JSON state) of a run directory."""
     run_dir = Path(run_dir)
-    meta = read_json(run_dir / "checkpoint.json")
-    path = run_dir / meta.get("tensor_file", "")
+    meta = check_checkpoint(read_json(run_dir / "checkpoint.json"), run_dir)
+    path = run_dir / meta["tensor_file"]  # a plain file name of this epoch (checked)
     try:
         tensors = load_file(path)
     except Exception as exc:

@@ -25,6 +25,7 @@ from ..errors import ConfigError, TiedmaskError
 from ..files import atomic_write, atomic_write_json, read_json
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataStats, RunData, prepare_data
+from .run_schema import check_data_stats, check_metrics, check_result
 from .finetune import attach_adapters
 from .settings import RUNTIME_ONLY, TrainConfig, config_from_dict, config_hash, config_to_dict
 
@@ -114,7 +115,7 @@ class RunDir:
     def read_stats(self) -> DataStats | None:
         """The saved data statistics; None for runs from before they were saved."""
         path = self.path / "data.json"
-        return DataStats.from_dict(read_json(path)) if path.exists() else None
+        return DataStats.from_dict(check_data_stats(read_json(path), self.path)) if path.exists() else None
 
     # ------------------------------------------------------------ progress
 
@@ -123,10 +124,16 @@ class RunDir:
             f.write(json.dumps(row) + "\n")
 
     def metrics(self) -> list[dict]:
+        """One row per finished epoch (a last line torn by a kill while appending is left out)."""
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return []
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        try:  # undecodable bytes become U+FFFD: their line is then named as damaged (or torn)
+            text = path.read_bytes().decode("utf-8", errors="replace")
+        except OSError as exc:
+            raise TiedmaskError(f"cannot read {path} ({exc.strerror}); delete it to keep the run without its "
+                                "curve") from None
+        return check_metrics(text, self.path)[0]
 
     def keep_metrics_until(self, epoch: int) -> None:
         """Drop metrics of epochs after the checkpoint (written by an interrupted run)."""
@@ -157,17 +164,8 @@ class RunDir:
         return state
 
     def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict | None, RunState]:
-        model_state, optimizer_state, meta = load_checkpoint(self.path)
-        values = {}
-        for f in dataclasses.fields(RunState):
-            kind = {"str": str, "int": int, "float": (int, float), "dict": dict}[f.type]
-            if f.name in meta:
-                if not isinstance(meta[f.name], kind) or isinstance(meta[f.name], bool):
-                    raise TiedmaskError(f"{self.path}/checkpoint.json is damaged ({f.name} is "
-                                        f"{meta[f.name]!r}); the run must restart")
-                values[f.name] = meta[f.name]
-        if "config_hash" not in values:
-            raise TiedmaskError(f"{self.path}/checkpoint.json is damaged (no config_hash); the run must restart")
+        model_state, optimizer_state, meta = load_checkpoint(self.path)  # checked by run_schema
+        values = {f.name: meta[f.name] for f in dataclasses.fields(RunState) if f.name in meta}
         return model_state, optimizer_state, RunState(**values)
 
     @contextlib.contextmanager
@@ -183,7 +181,7 @@ class RunDir:
         atomic_write_json(self.path / "result.json", result)
 
     def read_result(self) -> dict:
-        return read_json(self.path / "result.json")
+        return check_result(read_json(self.path / "result.json"), self.path)
 
 
 def load_trained(run_dir: str | Path, data_root: str = "", device: str | torch.device = "cpu",

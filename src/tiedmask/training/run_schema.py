@@ -1,0 +1,186 @@
+"""What each file of a run directory must hold, checked in one place before anything uses it.
+
+A damaged or hand-edited file is one `TiedmaskError` naming the file, the field and the fix,
+never a traceback from deep inside a loader, and never a value quietly used (a negative step, a
+tensor file outside the run folder, a NaN accuracy).
+
+    check_checkpoint(meta, path)     checkpoint.json
+    check_metrics(text, path)        metrics.jsonl (rows; a torn last line is reported apart)
+    check_data_stats(values, path)   data.json
+    check_result(values, path)       result.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+from ..errors import TiedmaskError
+
+RESTART = "the run must restart (delete the folder, or train it anew with another --out)"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _count(value) -> bool:
+    return _is_int(value) and 0 <= value < 2**53
+
+
+def _seconds(value) -> bool:
+    return _is_number(value) and value >= 0
+
+
+def _share(value) -> bool:
+    return _is_number(value) and 0 <= value <= 1
+
+
+def _loss(value) -> bool:  # NaN before any epoch trained (json writes it as NaN)
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (math.isnan(value) or (math.isfinite(value) and value >= 0)))
+
+
+def _solver(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_number(v) for k, v in value.items())
+
+
+CHECKPOINT_FIELDS = {  # field: (check, what it must be)
+    "config_hash": (lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{6,64}", v) is not None,
+                    "a hexadecimal hash"),
+    "epoch": (_count, "a whole number >= 0"),
+    "step": (_count, "a whole number >= 0"),
+    "train_time_s": (_seconds, "a finite number of seconds >= 0"),
+    "images": (_count, "a whole number >= 0"),
+    "best_test_acc": (_share, "a number in [0, 1]"),
+    "last_test_acc": (_share, "a number in [0, 1]"),
+    "last_train_loss": (_loss, "a loss >= 0, or NaN"),
+    "solver": (_solver, "a mapping of names to finite numbers"),
+    "precision": (lambda v: v in ("", "bf16", "fp32"), "'bf16', 'fp32' or ''"),
+    "config": (lambda v: isinstance(v, dict), "a mapping of settings"),
+}
+REQUIRED = ("config_hash", "epoch", "tensor_file")
+
+
+def check_checkpoint(meta, path: Path) -> dict:
+    """checkpoint.json's values, each checked; its tensor file named as this epoch's, inside the folder."""
+    where = f"{path}/checkpoint.json"
+    if not isinstance(meta, dict):
+        raise TiedmaskError(f"{where} is damaged (not a JSON object); {RESTART}")
+    for field in REQUIRED:
+        if field not in meta:
+            raise TiedmaskError(f"{where} is damaged (no {field}); {RESTART}")
+    for field, (check, what) in CHECKPOINT_FIELDS.items():
+        if field in meta and not check(meta[field]):
+            raise TiedmaskError(f"{where} is damaged ({field} is {_shown(meta[field])}, not {what}); {RESTART}")
+    if meta["tensor_file"] != f"checkpoint-{meta['epoch']}.safetensors":
+        raise TiedmaskError(f"{where} is damaged (tensor_file is {_shown(meta['tensor_file'])}, not "
+                            f"'checkpoint-{meta['epoch']}.safetensors' of its epoch); {RESTART}")
+    if "optimizer" in meta:
+        _check_optimizer(meta["optimizer"], where)
+    return meta
+
+
+def _check_optimizer(values, where: str) -> None:
+    groups = values.get("param_groups") if isinstance(values, dict) else None
+    scalars = values.get("scalars") if isinstance(values, dict) else None
+    if not (isinstance(groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                             for g in groups)):
+        raise TiedmaskError(f"{where} is damaged (optimizer.param_groups is not a list of groups); {RESTART}")
+    if not (isinstance(scalars, dict) and all(re.fullmatch(r"\d+\.\w+", k) for k in scalars)):
+        raise TiedmaskError(f"{where} is damaged (optimizer.scalars is not a mapping of 'N.name' keys); {RESTART}")
+
+
+def check_metrics(text: str, path: Path) -> tuple[list[dict], bool]:
+    """(rows of metrics.jsonl, whether its last line is torn: written by a process killed while
+    appending it, which a resume drops). Any other damaged line is an error naming it."""
+    import json
+
+    where = f"{path}/metrics.jsonl"
+    lines = text.split("\n")
+    torn = bool(lines) and lines[-1] != ""  # the file ends without its newline
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        last = number == len(lines)
+        if last and torn and not _metrics_row_ok(row):
+            return rows, True
+        if not _metrics_row_ok(row):
+            raise TiedmaskError(f"{where} line {number} is damaged (not an epoch's row of numbers); delete that "
+                                "line, or the run folder to start again")
+        rows.append(row)
+    return rows, False
+
+
+def _metrics_row_ok(row) -> bool:
+    return (isinstance(row, dict) and _is_int(row.get("epoch")) and row["epoch"] >= 1
+            and all(isinstance(k, str) and (v is None or _is_number(v) or (isinstance(v, float) and math.isnan(v)))
+                    for k, v in row.items()))
+
+
+def check_data_stats(values, path: Path) -> dict:
+    """data.json: per-channel mean and std of the training images and the input shape."""
+    where = f"{path}/data.json"
+    fix = f"{RESTART}, or delete data.json to recompute it from the data"
+    if not isinstance(values, dict) or set(values) != {"mean", "std", "channels", "size", "classes"}:
+        raise TiedmaskError(f"{where} is damaged (it must hold exactly mean, std, channels, size, classes); {fix}")
+    for field in ("channels", "size", "classes"):
+        if not (_is_int(values[field]) and 1 <= values[field] <= 1 << 20):
+            raise TiedmaskError(f"{where} is damaged ({field} is {_shown(values[field])}, not a whole "
+                                f"number >= 1); {fix}")
+    for field, low in (("mean", -math.inf), ("std", 0.0)):
+        series = values[field]
+        if not (isinstance(series, list) and len(series) == values["channels"]
+                and all(_is_number(v) and v > low for v in series)):
+            raise TiedmaskError(f"{where} is damaged ({field} is not {values['channels']} finite numbers"
+                                f"{' > 0' if low == 0 else ''}, one per channel); {fix}")
+    return values
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+RESULT_FIELDS = {  # the fields a caller reads; others of Result are optional or informational
+    "status": (lambda v: v in ("ok", "diverged"), "'ok' or 'diverged'"),
+    "test_acc": (_share, "a number in [0, 1]"),
+    "best_test_acc": (_share, "a number in [0, 1]"),
+    "final_train_loss": (_loss, "a loss >= 0, or NaN"),
+    "params": (_count, "a whole number >= 0"),
+    "epochs": (_count, "a whole number >= 0"),
+    "seed": (_is_int, "a whole number"),
+    "train_time_s": (_seconds, "a finite number of seconds >= 0"),
+    "img_per_s": (_seconds, "a finite number >= 0"),
+    "config_hash": (lambda v: isinstance(v, str), "a hash"),
+}
+
+
+def check_result(values, path: Path) -> dict:
+    """result.json: a finished run's Result, its numbers in range."""
+    from .train import Result  # the dataclass is train's; only its field names are needed here
+
+    where = f"{path}/result.json"
+    fix = "delete result.json and `tiedmask train --resume` the run to finish it again"
+    if not isinstance(values, dict):
+        raise TiedmaskError(f"{where} is damaged (not a JSON object); {fix}")
+    known = {f.name for f in dataclasses.fields(Result)}
+    if unknown := sorted(set(values) - known):
+        raise TiedmaskError(f"{where} is damaged (unknown field {unknown[0]!r}); {fix}")
+    for field, (check, what) in RESULT_FIELDS.items():
+        if field not in values:
+            raise TiedmaskError(f"{where} is damaged (no {field}); {fix}")
+        if not check(values[field]):
+            raise TiedmaskError(f"{where} is damaged ({field} is {_shown(values[field])}, not {what}); {fix}")
+    return values
