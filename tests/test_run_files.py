@@ -136,3 +136,26 @@ def test_a_damaged_metrics_line_is_named_but_a_torn_last_line_is_dropped(trained
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert main(["train", "--resume", str(run)]) == 0
     assert (run / "metrics.jsonl").read_bytes() == b"".join(rows)
+
+
+@EXAMPLES
+@given(st.one_of(json_values.map(json.dumps), st.text(max_size=30)))
+def test_a_tie_header_of_the_wrong_kind_is_one_error(tmp_path, header):
+    """save_tied's header, replaced by anything: load_tied raises TiedmaskError, never another."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from torch import nn
+
+    from tiedmask.core.tie import tie
+    from tiedmask.core.tie_io import METADATA_KEY, load_tied, save_tied
+    from tiedmask.errors import TiedmaskError
+
+    def stack():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]))
+
+    path = tmp_path / "tied.safetensors"
+    save_tied(tie(stack(), blocks="0", relax="lora", relax_rank=2), path)
+    save_file(load_file(path), path, metadata={METADATA_KEY: header})
+    with pytest.raises(TiedmaskError):
+        load_tied(stack(), path)

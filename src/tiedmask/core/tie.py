@@ -314,8 +314,9 @@ def _check_relaxation_rank(block: nn.Module, cfg: TieConfig, path: str) -> None:
             weight = getattr(module, attr)
             largest = min(weight.shape[0], weight[0].numel())
             if cfg.relax_rank > largest:
+                where = ".".join(filter(None, (path, name, attr)))
                 raise ConfigError(f"tie.relax_rank {cfg.relax_rank} exceeds the rank a {tuple(weight.shape)} "
-                                  f"weight can have ({path}.{name}.{attr}: at most {largest}); choose <= {largest}")
+                                  f"weight can have ({where}: at most {largest}); choose <= {largest}")
 
 
 def _refuse_library_saving(model: nn.Module) -> None:
