@@ -24,11 +24,10 @@ import json
 import statistics
 from pathlib import Path
 
-from scipy import stats as scipy_stats
-
 from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.experiments.advise import ship
 from tiedmask.experiments.store import ResultsStore, setting
+from tiedmask.experiments.verdict import RULE, mean_interval, paired_difference, verdict as rule_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "benchmarks" / "results" / "paper_claims.jsonl"
@@ -56,6 +55,55 @@ OTHER_PAIRS = [  # (a, b): a − b paired by seed, shown under a claim's table w
 POOLED = {  # a pooled comparison -> the claims whose seeds it pairs (each within its own claim)
     "fast family, depths 4 and 8": (GRID_CLAIMS["paper-claims-fast"], GRID_CLAIMS["paper-claims-depth8"]),
 }
+
+
+FAST4, FAST8 = GRID_CLAIMS["paper-claims-fast"], GRID_CLAIMS["paper-claims-depth8"]
+RESNET = GRID_CLAIMS["paper-claims-resnet"]
+# The comparisons whose words the README and results §0 quote: (label, claims whose seeds pair
+# within each, a, b, word if a > b, word if b > a, chosen after seeing the data).
+COMPARISONS = [
+    ("3. multi − same, fast family depth 4", (FAST4,), "tied-multi", "tied-same", "multi-mask better", "same-mask better", False),
+    ("3. multi − dense, fast family depth 4", (FAST4,), "tied-multi", "tied-dense", "multi-mask better", "dense better", False),
+    ("3. same − dense, fast family depth 4", (FAST4,), "tied-same", "tied-dense", "same-mask better", "dense better", False),
+    ("3. multi − same, fast family depth 8", (FAST8,), "tied-multi", "tied-same", "multi-mask better", "same-mask better", False),
+    ("3. multi − dense, fast family depth 8", (FAST8,), "tied-multi", "tied-dense", "multi-mask better", "dense better", False),
+    ("3. same − dense, fast family depth 8", (FAST8,), "tied-same", "tied-dense", "same-mask better", "dense better", False),
+    ("3. multi − dense, depths 4 and 8 pooled", (FAST4, FAST8), "tied-multi", "tied-dense", "multi-mask better", "dense better", True),
+    ("3. multi − same, depths 4 and 8 pooled", (FAST4, FAST8), "tied-multi", "tied-same", "multi-mask better", "same-mask better", True),
+    ("3. multi − same, the paper's GroupNorm cell", (RESNET,), "tied-multi", "tied-same", "multi-mask better", "same-mask better", False),
+    ("3. multi − dense, the paper's GroupNorm cell", (RESNET,), "tied-multi", "tied-dense", "multi-mask better", "dense better", False),
+    ("3. same − dense, the paper's GroupNorm cell", (RESNET,), "tied-same", "tied-dense", "same-mask better", "dense better", False),
+    ("4a. wider (w56, density 0.25: equal kept tied weights, 893,512 parameters) − deeper (8 applications, 461,992): "
+     "about equal MACs, not equal parameters", (FAST4,), "tied-multi-width-56-density-0.25", "tied-multi-depth-8",
+     "width better", "depth better", False),
+    ("4b. density 0.5 − 0.25 (ResNet-like)", (FAST4,), "tied-multi", "tied-multi-density-0.25", "0.5 better", "0.25 better", False),
+    ("4b. density 0.5 − 0.75 (ResNet-like)", (FAST4,), "tied-multi", "tied-multi-density-0.75", "0.5 better", "0.75 better", False),
+    ("5. multi-mask LoRA − LoRA, CIFAR-10 classes 0-4 → 5-9", (GRID_CLAIMS["transfer-split-test"],), "multimask-lora",
+     "lora", "multi-mask LoRA better", "LoRA better", False),
+    ("5. multi-mask LoRA − LoRA, CIFAR-10 → Fashion-MNIST", (GRID_CLAIMS["transfer-test"],), "multimask-lora", "lora",
+     "multi-mask LoRA better", "LoRA better", False),
+    ("untied: tied multi − untied, equal parameters and epochs, depth 4", (FAST4,), "tied-multi", "untied-equal-params",
+     "tied better", "untied better", False),
+    ("untied: tied multi − untied, equal parameters and epochs, depth 8", (FAST8,), "tied-multi", "untied-equal-params",
+     "tied better", "untied better", False),
+    ("untied: tied multi − untied of the same shape (equal FLOPs), depth 4", (FAST4,), "tied-multi", "untied-same-shape",
+     "tied better", "untied better", False),
+    ("untied: tied multi (8 epochs) − untied, equal parameters, 16 epochs (about equal time)", (FAST4,), "tied-multi",
+     "untied-equal-params-16ep", "tied better", "untied better", False),
+]
+
+
+def verdict_table(records: list[dict]) -> str:
+    """Every comparison of COMPARISONS with its word by the rule, as README and §0 quote it."""
+    lines = [f"Rule: {RULE}.", "", "| comparison (a − b) | points, 95% CI | pairs | verdict |", "|---|---|---:|---|"]
+    for label, claims, a, b, better, worse, post_hoc in COMPARISONS:
+        def accuracy(variant):
+            return {(r["claim"], r["seed"]): r["test_acc"] for r in records if r["claim"] in claims and r["variant"] == variant}
+        diff = paired_difference(accuracy(a), accuracy(b))
+        shown = "–" if diff is None else interval(diff)
+        lines.append(f"| {label} | {shown} | {0 if diff is None else diff['n']} | "
+                     f"{rule_verdict(diff, better, worse, post_hoc)} |")
+    return "\n".join(lines)
 
 
 def claim_record(record: dict, claim: str) -> dict:
@@ -101,24 +149,9 @@ def paired(records: list[dict], variant: str, reference: str = REFERENCE,
     return mean_interval([by_seed[reference][s] - by_seed[variant][s] for s in seeds])
 
 
-def mean_interval(values: list[float]) -> dict:
-    """Mean, std and 95% t-interval of the mean (nan with one value), and n."""
-    mean = statistics.mean(values)
-    if len(values) < 2:
-        return {"n": 1, "mean": mean, "std": float("nan"), "low": float("nan"), "high": float("nan")}
-    sd = statistics.stdev(values)
-    half = scipy_stats.t.ppf(0.975, len(values) - 1) * sd / len(values) ** 0.5
-    return {"n": len(values), "mean": mean, "std": sd, "low": mean - half, "high": mean + half}
-
-
 def verdict(diff: dict | None) -> str:
-    if diff is None or diff["n"] < 3:
-        return "inconclusive (fewer than 3 paired seeds)"
-    if diff["low"] > 0:
-        return "multi-mask better"
-    if diff["high"] < 0:
-        return "multi-mask worse"
-    return "no significant difference"
+    """The per-variant table's word for multi − variant (the rule of tiedmask.experiments.verdict)."""
+    return rule_verdict(diff, "multi-mask better", "multi-mask worse")
 
 
 def interval(diff: dict, digits: int = 2) -> str:
@@ -226,15 +259,21 @@ def main() -> None:
     records = sorted(kept.values(), key=lambda r: (r["claim"], r["seed"], r["variant"]))
     RECORDS.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     print(table(records))
+    print(verdict_table(records))
     print(f"{len(records)} records in {RECORDS.relative_to(ROOT)}")
     if args.docs:
         write_into_docs(table(records))
+        for doc in (ROOT / "docs" / "results.md", ROOT / "README.md"):
+            write_into_docs(verdict_table(records), VERDICTS_START, VERDICTS_END, doc)
+
+
+VERDICTS_START = "<!-- verdicts: written by benchmarks/paper_claims.py --docs -->"
+VERDICTS_END = "<!-- /verdicts -->"
 
 
 def write_into_docs(text: str, start: str = "<!-- paper-claims-table: written by benchmarks/paper_claims.py --docs -->",
-                    end: str = "<!-- /paper-claims-table -->") -> None:
-    """Replace what stands between the markers `start` and `end` in docs/results.md."""
-    docs = ROOT / "docs" / "results.md"
+                    end: str = "<!-- /paper-claims-table -->", docs: Path = ROOT / "docs" / "results.md") -> None:
+    """Replace what stands between the markers `start` and `end` in `docs`."""
     before, rest = docs.read_text().split(start)
     _, after = rest.split(end)
     docs.write_text(f"{before}{start}\n{text.strip()}\n{end}{after}")
