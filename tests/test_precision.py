@@ -96,3 +96,48 @@ def test_implicit_deq_gradients_run_under_bf16_autocast():
     # the bf16 gradient points where the fp32 one does (bf16 keeps ~3 significant digits)
     cosine = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
     assert cosine > 0.95
+
+
+def test_training_runs_through_a_runner_that_has_no_truth_value(tmp_path, machine):
+    """A compiled module raises on len()/bool(): the loop must not test it for truth."""
+    from tiedmask.training import train as train_module
+
+    machine(amx=False)
+
+    class Opaque(torch.nn.Module):  # like torch.compile's OptimizedModule around a non-container
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+        def __len__(self):
+            raise TypeError("no len()")
+
+    real = train_module.wrap_for_training
+    train_module.wrap_for_training = lambda model, *a: Opaque(model)
+    try:
+        assert main(["train", *QUIET, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    finally:
+        train_module.wrap_for_training = real
+
+
+@pytest.mark.skipif(not __import__("shutil").which("c++"), reason="torch.compile on a CPU needs a C++ compiler")
+def test_the_fast_models_compiled_bf16_gradients_are_finite():
+    """torch 2.13's compiled CPU kernel for a bf16 amax gave NaN gradients: the head takes its
+    max in fp32, and the compiled gradient equals the eager one."""
+    from tiedmask.core.presets import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tied-fast", width=8, depth=1, masks={"scope": "multi", "density": 0.5}).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    grads = []
+    for runner in (model, torch.compile(model)):
+        model.zero_grad()
+        with autocast_context(CPU, "bf16"):
+            loss = torch.nn.functional.cross_entropy(runner(x).float(), y)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.isfinite(grads[1]).all()
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.95  # bf16 rounds each fusion apart

@@ -226,7 +226,9 @@ class TiedFastNet(Backbone):
         x = F.gelu(self.whiten(x))
         for entry, stage in zip(self.entries, self.stages):
             x = stage(entry(x))
-        return self.head(torch.amax(x, dim=(2, 3))) * self.logit_scale
+        # The max in fp32: exact either way (a max of bf16 values is one of them), and torch
+        # 2.13's compiled CPU kernel for a bf16 amax gave non-finite gradients (results §9).
+        return self.head(torch.amax(x.float(), dim=(2, 3))) * self.logit_scale
 
 
 class TiedViT(Backbone):

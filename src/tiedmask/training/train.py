@@ -208,7 +208,7 @@ def train_epoch(model, optimizer, data, mean, std, cfg, device, epoch, step, sch
     steps go and leaves its slow weights in the model at the end of the epoch.
     """
     model.train()
-    runner = runner or model
+    runner = model if runner is None else runner  # not `or`: a compiled module has no truth value
     train_x, train_y, aug = data
     total_steps, warmup, elapsed_before = schedule
     gen = epoch_generator(cfg.seed, epoch, device)
