@@ -71,6 +71,9 @@ def _settings_cases():
     yield ["info", "--model", "hf:nope"]
     yield ["info", "--model", "pytorch:resnet"]
     yield ["info", "--model", "tied-fast", "--model.tie.relax", "lora"]
+    yield ["train", "--data", "digits", "--model", "tied-fast", "--epochs", "1"]  # 8x8 images, 3 poolings
+    yield ["info", *vit, "--model.tie.group", "4"]  # does not divide the 2 blocks
+    yield ["info", *vit, "--model.tie.strategy", "spiral"]
 
 
 CASES = list(_settings_cases())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .cells import Cell
 from .layers import MaskedWeight
 from .tied_block import shared_weight
@@ -48,6 +49,10 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
         param = next(model.parameters())
         with torch.no_grad():
             model(torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype))
+    except RuntimeError as exc:  # e.g. more downsampling stages than the image has pixels for
+        reason = str(exc).strip().splitlines()[-1][:160]
+        raise ConfigError(f"the model cannot run on inputs of shape {tuple(input_shape)} ({reason}); use larger "
+                          "images (--data.image_size) or fewer downsampling stages (--model.stages)") from None
     finally:
         model.train(was_training)
         for h in handles:
