@@ -34,7 +34,15 @@ def test_grid_is_the_cartesian_product_crossed_with_variants_and_seeds():
       "grid": {"model.deq.stop_mode": ["sideways"]}}, "stop_mode"),
     ({"base": {"model": {"execution": "equilibrium", "masks": {"scope": "same"}}},
       "grid": {"model.deq.solver_options": [{"momentum": 0.5}]}}, "takes no option"),
-    ({"reuse": "runs/other"}, "reuse must be a list"),
+    ({"reuse": "runs/other"}, "grid key reuse is 'runs/other'; it must be a list"),
+    ({"seeds": [0, 0]}, "distinct whole numbers"),
+    ({"seeds": "0 1"}, "grid key seeds"),
+    ({"workers": 0}, "grid key workers is 0"),
+    ({"timeout_s": -5}, "positive number of seconds"),
+    ({"analyze": "yes"}, "true or false"),
+    ({"variants": [{"label": 3}]}, "optional text label"),
+    ({"launcher": "k8s"}, "local or slurm"),
+    ({"base": [1, 2]}, "grid key base"),
 ])
 def test_bad_grids_fail_before_anything_runs(spec, match):
     with pytest.raises(ConfigError, match=match):
@@ -71,8 +79,14 @@ def test_a_grid_reuses_another_stores_finished_run_of_the_same_config(tmp_path, 
     real = runner._run_one
     monkeypatch.setattr(runner, "_run_one", lambda job, *rest: trained.append(job.variant) or real(job, *rest))
     second = tmp_path / "second.yaml"
+    (tmp_path / "empty").mkdir()  # a store folder that holds no results yet: a warning
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({"base": BASE, "reuse": [str(tmp_path / "mistyped")]}))
+    with pytest.raises(ConfigError, match="mistyped is not a folder"):  # it would retrain all it holds
+        run_sweep(typo, tmp_path / "b", log=lambda *a: None)
+    assert not (tmp_path / "b").exists()
     second.write_text(yaml.safe_dump({
-        "base": BASE, "reuse": [str(tmp_path / "missing"), str(tmp_path / "a")],
+        "base": BASE, "reuse": [str(tmp_path / "empty"), str(tmp_path / "a")],
         "variants": [{"label": "depth-2", "model.depth": 2}, {"label": "depth-1", "model.depth": 1}]}))
     begun = tmp_path / "b" / "runs" / original["config_hash"]  # a run of its own this store had begun
     begun.mkdir(parents=True)
@@ -81,7 +95,7 @@ def test_a_grid_reuses_another_stores_finished_run_of_the_same_config(tmp_path, 
     logged = []
     records = {r["variant"]: r for r in run_sweep(second, tmp_path / "b", log=logged.append)}
     assert trained == ["depth-1"]  # the shared config did not train again
-    assert any("missing has no results.jsonl" in line for line in logged)
+    assert any("empty has no results.jsonl" in line for line in logged)
     reused = records["depth-2"]
     assert reused["config_hash"] == original["config_hash"] and reused["test_acc"] == original["test_acc"]
     assert reused["reused_from"] == str((tmp_path / "a").resolve())

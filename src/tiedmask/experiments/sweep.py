@@ -54,14 +54,50 @@ def _set_dotted(values: dict, key: str, value) -> None:
     node[last] = value
 
 
-def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
-    """Jobs and launcher options from a grid spec (the parsed YAML)."""
+def _whole(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+GRID_FIELDS = {  # key: (check, what it must be); every grid file passes these before anything runs
+    "base": (lambda v: isinstance(v, dict), "a mapping: a run config, as for `tiedmask train`"),
+    "grid": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, list) and x
+                                                   for k, x in v.items()),
+             "a mapping of dotted keys to non-empty lists, e.g. model.masks.density: [0.5, 1.0]"),
+    "variants": (lambda v: isinstance(v, list) and v and all(
+        isinstance(x, dict) and all(isinstance(k, str) for k in x) and isinstance(x.get("label", ""), str)
+        for x in v), "a non-empty list of mappings of dotted keys, each with an optional text label"),
+    "seeds": (lambda v: isinstance(v, list) and v and all(_whole(x, 0) for x in v) and len(set(v)) == len(v),
+              "a non-empty list of distinct whole numbers >= 0, e.g. [0, 1, 2]"),
+    "workers": (lambda v: _whole(v, 1), "a whole number >= 1"),
+    "threads": (lambda v: _whole(v, 0), "a whole number >= 0 (0: all cores)"),
+    "launcher": (lambda v: v in ("local", "slurm"), "local or slurm"),
+    "slurm": (lambda v: isinstance(v, dict), "a mapping of submitit settings, e.g. {partition: gpu}"),
+    "analyze": (lambda v: isinstance(v, bool), "true or false"),
+    "timeout_s": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                          and 0 < v < float("inf")), "a positive number of seconds"),
+    "reuse": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+              "a list of results-store folders, e.g. [runs/other-grid]"),
+}
+
+
+def check_grid(spec) -> dict:
+    """A grid file's fields, each of the right kind (one error naming the first that is not)."""
+    if not isinstance(spec, dict):
+        raise ConfigError("a grid file must be a mapping with base, grid, variants, seeds, ...")
     unknown = sorted(set(spec) - GRID_KEYS)
     if unknown:
         raise ConfigError(f"unknown grid key(s) {unknown}; valid: {sorted(GRID_KEYS)}")
+    for key, (check, what) in GRID_FIELDS.items():
+        if key in spec and not check(spec[key]):
+            shown = repr(spec[key])
+            raise ConfigError(f"grid key {key} is {shown if len(shown) < 50 else shown[:47] + '...'}; it must be {what}")
+    return spec
+
+
+def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
+    """Jobs and launcher options from a grid spec (the parsed YAML)."""
+    check_grid(spec)
     grid = spec.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise ConfigError("grid must map dotted keys to non-empty lists, e.g. model.masks.density: [0.5, 1.0]")
     variants = spec.get("variants") or [{}]
     seeds = spec.get("seeds", [0])
     jobs = []
@@ -84,9 +120,6 @@ def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
     if len({config_hash(config_from_dict(j.config)) for j in jobs}) < len(jobs):
         raise ConfigError("two points of the grid resolve to the same config; a key is set twice "
                           "(once in base or a variant, once in the grid?)")
-    reuse = spec.get("reuse", [])
-    if not isinstance(reuse, list) or not all(isinstance(path, str) for path in reuse):
-        raise ConfigError("reuse must be a list of results-store folders, e.g. reuse: [runs/other-grid]")
     options = {k: spec[k] for k in ("workers", "threads", "launcher", "slurm", "analyze", "timeout_s", "reuse")
                if k in spec}
     return jobs, options
@@ -116,6 +149,9 @@ def reuse_stores(options: dict, log=print) -> list[ResultsStore]:
     retrain what it holds)."""
     reuse = [ResultsStore(folder) for folder in options.get("reuse", [])]
     for source in reuse:
+        if not source.root.is_dir():  # a mistyped path would retrain everything it holds
+            raise ConfigError(f"reuse store {source.root} is not a folder (a path relative to the working "
+                              "directory, as --out is); fix the path or drop it from reuse")
         if not source.path.exists():
             log(f"warning: reuse store {source.root} has no results.jsonl (a path relative to the "
                 "working directory, as --out is); nothing is taken from it")
