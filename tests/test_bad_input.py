@@ -98,6 +98,9 @@ def workdir(tmp_path_factory):
     (root / "config_list.yaml").write_text("- a\n- b\n")
     (root / "config_key.yaml").write_text("model: {colour: red}\n")
     (root / "norun").mkdir()
+    (root / "grid_ok.yaml").write_text("base: {data: digits, model: {name: tied-resnet-xs, width: 4, depth: 1}, "
+                                       "epochs: 1}\n")
+    (root / "afile").write_text("not a folder")
     return root
 
 
@@ -132,6 +135,10 @@ def _run_cases(root: Path):
     for grid in ("grid_list", "grid_bad", "grid_key", "grid_value", "grid_yaml", "absent"):
         yield ["sweep", str(root / f"{grid}.yaml"), "--out", store]
     yield ["sweep", str(root / "grid_key.yaml")]  # no --out
+    yield ["sweep", str(root / "grid_ok.yaml"), "--out", str(root / "afile")]  # outputs that cannot be written
+    yield ["sweep", str(root / "grid_ok.yaml"), "--out", "/proc/tiedmask-no-write"]
+    yield ["bench", "demo", "--out", str(root / "afile")]
+    yield ["bench", "demo", "--out", "/proc/tiedmask-no-write"]
     yield ["bench", "imagenet-9000", "--out", store]
     yield ["bench", "demo", "--out", store, "--variants", "tied-best"]
     yield ["bench", "demo", "--out", store, "--budgets", "forever"]

@@ -165,8 +165,10 @@ def cmd_report(args, overrides) -> int:
     from .experiments.bench import write_bench_report
     from .experiments.report import write_sweep_report
     from .experiments.store import ResultsStore
+    from .files import writable_folder
 
     records = ResultsStore.existing(args.store).records()
+    writable_folder(Path(args.store), "copy the store somewhere writable and report that copy")  # report.md goes there
     write = write_bench_report if any("budget" in r for r in records) else write_sweep_report
     print(write(records, Path(args.store), Path(args.store).name))
     return 0

@@ -35,3 +35,19 @@ def read_json(path: Path) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise TiedmaskError(f"cannot read {path} ({exc}); is this a tiedmask run directory?") from None
+
+
+def writable_folder(path: Path, fix: str) -> Path:
+    """Make `path` a folder this process can write into (before any work that would write
+    there), or raise one error saying why not and `fix`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TiedmaskError(f"{path} is a file, not a folder; {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TiedmaskError(f"cannot write to {path} ({exc.strerror or exc}); {fix}") from None
+    return path

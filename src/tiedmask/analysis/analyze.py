@@ -13,6 +13,7 @@ import torch
 from ..core.layers import masked_layers
 from ..core.masks import mask_statistics
 from ..errors import ConfigError
+from ..files import writable_folder
 from ..plots import plot_heatmap
 from ..training.data import fixed_subset, normalize
 from ..training.rundir import load_trained
@@ -72,11 +73,10 @@ def analyze_model(model, x_uint8: torch.Tensor, mean, std, batch_size: int = 250
 def analyze_run(run_dir: str | Path, images: int = 1000, data_root: str = "") -> dict:
     run_dir = Path(run_dir)
     model, cfg, data = load_trained(run_dir, data_root)
+    out = writable_folder(run_dir / "analysis", "copy the run somewhere writable and analyze that copy")
     x, _ = fixed_subset(data.test_x, data.test_y, images)  # of the run's own test images
     mean, std = data.stats.tensors()
     result = analyze_model(model, x, mean, std)
-    out = run_dir / "analysis"
-    out.mkdir(exist_ok=True)
     m = cfg.model
     label = "solver iteration" if m.execution == "equilibrium" else "application"
     for s, matrix in enumerate(result["cka"]):

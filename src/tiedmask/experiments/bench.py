@@ -101,8 +101,9 @@ def bench_jobs(preset: str, seeds=(0, 1), budgets=("epochs", "time"), variants=N
 def run_bench(preset: str, out: str | Path, workers: int = 1, threads: int = 0, log=print,
               timeout_s: float | None = None, **job_options) -> tuple[str, list[dict]]:
     """Run (or finish) a bench into `out`, write report.md and plots there; (report, records)."""
-    store = ResultsStore(out)
-    records = run_jobs(bench_jobs(preset, **job_options), store, workers, threads, timeout_s, log=log)
+    jobs = bench_jobs(preset, **job_options)
+    store = ResultsStore.for_writing(out)
+    records = run_jobs(jobs, store, workers, threads, timeout_s, log=log)
     return write_bench_report(records, Path(out), preset), records
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import ConfigError, TiedmaskError
-from ..files import read_json
+from ..files import read_json, writable_folder
 from ..training.settings import config_from_dict, config_hash, config_to_dict
 
 FINISHED = ("ok", "diverged")
@@ -67,6 +67,13 @@ class ResultsStore:
         shipped results)."""
         root = Path(root)
         self.root, self.path = (root.parent, root) if root.suffix == ".jsonl" else (root, root / "results.jsonl")
+
+    @classmethod
+    def for_writing(cls, root: str | Path) -> "ResultsStore":
+        """A store that sweep or bench will write: its folder checked writable before any run."""
+        store = cls(root)
+        writable_folder(store.root, "choose another --out")
+        return store
 
     @classmethod
     def existing(cls, root: str | Path) -> "ResultsStore":

@@ -127,8 +127,8 @@ def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
 
 def run_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
     jobs, options = grid_jobs(read_yaml(grid_file))
-    store = ResultsStore(out)
     reuse = reuse_stores(options, log)
+    store = ResultsStore.for_writing(out)
     launcher = options.get("launcher", "local")
     if launcher == "local":
         records = run_jobs(jobs, store, options.get("workers", 1), options.get("threads", 0),

@@ -22,7 +22,7 @@ import torch
 
 from ..core.presets import build_model
 from ..errors import ConfigError, TiedmaskError
-from ..files import atomic_write, atomic_write_json, read_json
+from ..files import atomic_write, atomic_write_json, read_json, writable_folder
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataStats, RunData, prepare_data
 from .run_schema import check_data_stats, check_metrics, check_result
@@ -59,13 +59,7 @@ class RunDir:
     def create(cls, out: str | Path, resume: bool = False) -> RunDir:
         """Make `out` a run directory; refuse a finished run (unless resuming) or a foreign folder."""
         run = cls(out)
-        try:
-            run.path.mkdir(parents=True, exist_ok=True)
-            probe = run.path / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(f"cannot write to {run.path} ({exc.strerror}); choose another --out") from None
+        writable_folder(run.path, "choose another --out")
         if run.has_progress() and not resume:
             raise ConfigError(f"{run.path} already holds a run; continue it with "
                               f"`tiedmask train --resume {run.path}` or choose a new --out")
