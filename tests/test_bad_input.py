@@ -101,6 +101,8 @@ def workdir(tmp_path_factory):
     (root / "grid_ok.yaml").write_text("base: {data: digits, model: {name: tied-resnet-xs, width: 4, depth: 1}, "
                                        "epochs: 1}\n")
     (root / "afile").write_text("not a folder")
+    (root / "config_twice.yaml").write_text("model: {name: tied-resnet-xs, mask_scope: same, masks: {scope: multi}}\n")
+    (root / "config_deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
     return root
 
 
@@ -117,6 +119,10 @@ def _run_cases(root: Path):
     yield ["train", str(root / "config_list.yaml")]
     yield ["train", str(root / "config_key.yaml")]
     yield ["train", str(root / "grid_yaml.yaml")]
+    yield ["info", str(root / "config_twice.yaml")]  # an old and a new spelling of one setting, two values
+    yield ["train", str(root / "config_deep.yaml")]
+    yield ["info", "--model", "tied-resnet-xs", "--mask_scope", "same", "--model.masks.scope", "multi"]
+    yield ["info", "--model.args", "[" * 5000 + "]" * 5000]
     yield ["train", *TINY[2:], "--data", "cifar10", "--data.root", str(root / "absent")]
     yield ["eval", str(root / "absent")]
     yield ["eval", str(root / "norun")]

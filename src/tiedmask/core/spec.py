@@ -236,6 +236,9 @@ def model_values(values: dict) -> dict:
         if old in values:
             section, key = new.split(".")
             if isinstance(out.setdefault(section, {}), dict):  # else from_dict names the problem
+                if key in out[section] and out[section][key] != values[old]:
+                    raise ConfigError(f"model.{old} ({values[old]!r}) and model.{new} ({out[section][key]!r}) "
+                                      f"are one setting, given twice with different values; keep model.{new}")
                 out[section].setdefault(key, values[old])
     deq = out.get("deq", {})
     solver = deq.get("solver", DeqConfig.solver) if isinstance(deq, dict) else None

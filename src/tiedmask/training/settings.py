@@ -258,6 +258,7 @@ def resolve_key(key: str) -> str:
 def parse_overrides(args: list[str]) -> dict:
     """``["--model.depth", "6", "--lr=1e-3"]`` -> nested dict; values are parsed as YAML scalars."""
     out: dict = {}
+    given: dict[str, tuple[str, object]] = {}  # resolved key -> (as written, value): one value each
     i = 0
     while i < len(args):
         arg = args[i]
@@ -269,13 +270,19 @@ def parse_overrides(args: list[str]) -> dict:
                 raise ConfigError(f"--{key} needs a value, e.g. --{key} VALUE")
             raw, i = args[i + 1], i + 1
         i += 1
-        key = resolve_key(key.replace("-", "_"))
+        written, key = key, resolve_key(key.replace("-", "_"))
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except RecursionError:  # thousands of nested brackets
+            raise ConfigError(f"--{written}: its value nests too deeply to read; give a plain value") from None
         if value is None:
             value = raw
+        if key in given and given[key][1] != value:
+            raise ConfigError(f"--{given[key][0]} and --{written} both set {key} ({given[key][1]!r} against "
+                              f"{value!r}); give it once")
+        given[key] = (written, value)
         node = out
         *parents, last = key.split(".")
         for p in parents:
@@ -306,8 +313,9 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file")
     try:
         values = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid YAML ({exc.__class__.__name__}); fix it") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML or nests too deeply ({exc.__class__.__name__}); "
+                          "fix it") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
     return values
