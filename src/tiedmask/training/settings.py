@@ -300,9 +300,20 @@ def merge(base: dict, extra: dict) -> dict:
         if isinstance(v, dict) and isinstance(out.get(k), (dict, str)):
             prev = out[k] if isinstance(out[k], dict) else {"name": out[k]}
             out[k] = merge(prev, v)  # old flat model keys are read once, after all layers
+            if k == "model":
+                _drop_overridden_spellings(out[k], v)
         else:
             out[k] = v
     return out
+
+
+def _drop_overridden_spellings(model: dict, later: dict) -> None:
+    """An old flat model key of an earlier layer (YAML `density: 0.25`) that a later layer sets
+    under its new name (`--model.masks.density 0.75`): the later one wins, as layers do."""
+    for old, new in MODEL_KEY_ALIASES.items():
+        section, key = new.split(".")
+        if old in model and old not in later and isinstance(later.get(section), dict) and key in later[section]:
+            del model[old]
 
 
 # ---------------------------------------------------------------- files and recipes
