@@ -41,6 +41,9 @@ def _settings_cases():
            "--deq.solver_options": "{q: 1}", "--deq_anderson_m": "2.5", "--deq.jac_reg": "-1"}
     for key, value in deq.items():
         yield ["train", *TINY, *EQ, key, value]
+    for solver, options in (("anderson", "{m: 0}"), ("anderson", "{lam: -1}"), ("anderson", "{beta: 0}"),
+                            ("broyden", "{memory: 0}"), ("fixed_point", "{damping: 1.5}")):  # out of range
+        yield ["train", *TINY, *EQ, "--deq.solver", solver, "--deq.solver_options", options]
     yield ["train", *TINY, "--execution", "equilibrium", "--mask_scope", "multi"]
     yield ["train", *TINY, "--execution", "untied", "--mask_scope", "multi"]
     yield ["train", *TINY, "--data.classes", "[0, 99]"]  # known only once the data is loaded
@@ -69,6 +72,7 @@ def _settings_cases():
                        ("--model.args.num_labels", "3"), ("--execution", "equilibrium")):
         yield ["info", *vit, key, value]
     yield ["info", "--model", "hf:nope"]
+    yield ["info", "--model", "hf:vit", "--model.args", "{hidden_size: abc}"]  # transformers' own type check
     yield ["info", "--model", "pytorch:resnet"]
     yield ["info", "--model", "tied-fast", "--model.tie.relax", "lora"]
     yield ["train", "--data", "digits", "--model", "tied-fast", "--epochs", "1"]  # 8x8 images, 3 poolings

@@ -94,3 +94,8 @@ def _hf_model(model_type: str, shape: DataShape, args: dict) -> nn.Module:
         problem = " is not a model type of transformers" if unknown else f": {str(exc).splitlines()[0][:160]}"
         raise ConfigError(f"hf:{model_type}{problem}; image classifiers include hf:vit, hf:deit, "
                           "hf:resnet, hf:convnext, hf:swin") from None
+    except Exception as exc:  # transformers' own validation errors (strict config dataclasses)
+        if type(exc).__module__.split(".")[0] not in ("transformers", "huggingface_hub"):
+            raise
+        first = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"hf:{model_type}: {first}; check model.args") from None

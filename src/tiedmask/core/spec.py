@@ -140,6 +140,12 @@ class DeqConfig:
             if isinstance(default, (int, float)) and not isinstance(default, bool):
                 expected = float if isinstance(default, float) else int
                 self.solver_options[key] = check_type(f"model.deq.solver_options.{key}", value, expected)
+        from .deq.solvers import OPTION_RANGES
+
+        for key, value in self.solver_options.items():
+            check, allowed = OPTION_RANGES.get(self.solver, {}).get(key, (lambda v: True, ""))
+            if not check(value):
+                raise ConfigError(f"model.deq.solver_options.{key} of {self.solver} must be {allowed}, got {value!r}")
 
 
 def solver_options(solver: str) -> dict:

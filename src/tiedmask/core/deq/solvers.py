@@ -94,6 +94,16 @@ class _Tracker:
         return self.best.view(shape), stats
 
 
+# What each solver's options may be (a value outside would divide by zero, never move, or run
+# an unbounded history): checked with the settings, before any model is built.
+OPTION_RANGES = {
+    "fixed_point": {"damping": (lambda v: 0 < v <= 1, "in (0, 1]")},
+    "anderson": {"m": (lambda v: v >= 1, ">= 1"), "lam": (lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
+                 "beta": (lambda v: 0 < v <= 1, "in (0, 1]")},
+    "broyden": {"memory": (lambda v: v is None or v >= 1, ">= 1")},
+}
+
+
 def solve(name: str, f: Func, z0: torch.Tensor, max_iter: int = 30, tol: float = 1e-3,
           stop_mode: str = "rel", diverge_factor: float = 1e4, deadline: float | None = None,
           **options) -> tuple[torch.Tensor, SolverStats]:
