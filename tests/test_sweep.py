@@ -10,6 +10,7 @@ from tiedmask.errors import ConfigError, TiedmaskError
 from tiedmask.experiments.runner import RUN_FIELDS
 from tiedmask.experiments.store import ResultsStore
 from tiedmask.experiments.sweep import grid_jobs, run_sweep
+from tiedmask.training.settings import config_from_dict
 
 BASE = {"model": {"name": "tied-resnet-xs", "width": 4}, "data": {"name": "digits"},
         "epochs": 1, "batch_size": 64}
@@ -23,6 +24,12 @@ def test_grid_is_the_cartesian_product_crossed_with_variants_and_seeds():
     assert widths == {"a": 4, "b": 8}
     assert {(j.config["model"]["masks"]["density"], j.config["model"]["depth"]) for j in jobs} == {
         (0.25, 1), (0.25, 2), (0.5, 1), (0.5, 2)}
+
+
+def test_a_grid_point_overrides_an_old_spelling_in_base():
+    jobs, _ = grid_jobs({"base": {"data": "digits", "model": {"name": "tied-resnet-xs", "density": 0.5}},
+                         "grid": {"model.masks.density": [0.25, 1.0]}})
+    assert sorted(config_from_dict(j.config).model.masks.density for j in jobs) == [0.25, 1.0]
 
 
 @pytest.mark.parametrize("spec,match", [
@@ -79,14 +86,15 @@ def test_a_grid_reuses_another_stores_finished_run_of_the_same_config(tmp_path, 
     real = runner._run_one
     monkeypatch.setattr(runner, "_run_one", lambda job, *rest: trained.append(job.variant) or real(job, *rest))
     second = tmp_path / "second.yaml"
-    (tmp_path / "empty").mkdir()  # a store folder that holds no results yet: a warning
+    # a store that another grid has yet to fill: a warning (and checked again as each run starts)
     typo = tmp_path / "typo.yaml"
-    typo.write_text(yaml.safe_dump({"base": BASE, "reuse": [str(tmp_path / "mistyped")]}))
-    with pytest.raises(ConfigError, match="mistyped is not a folder"):  # it would retrain all it holds
+    (tmp_path / "afile").write_text("")
+    typo.write_text(yaml.safe_dump({"base": BASE, "reuse": [str(tmp_path / "afile")]}))
+    with pytest.raises(ConfigError, match="afile is a file, not a store folder"):
         run_sweep(typo, tmp_path / "b", log=lambda *a: None)
     assert not (tmp_path / "b").exists()
     second.write_text(yaml.safe_dump({
-        "base": BASE, "reuse": [str(tmp_path / "empty"), str(tmp_path / "a")],
+        "base": BASE, "reuse": [str(tmp_path / "missing"), str(tmp_path / "a")],
         "variants": [{"label": "depth-2", "model.depth": 2}, {"label": "depth-1", "model.depth": 1}]}))
     begun = tmp_path / "b" / "runs" / original["config_hash"]  # a run of its own this store had begun
     begun.mkdir(parents=True)
@@ -95,7 +103,7 @@ def test_a_grid_reuses_another_stores_finished_run_of_the_same_config(tmp_path, 
     logged = []
     records = {r["variant"]: r for r in run_sweep(second, tmp_path / "b", log=logged.append)}
     assert trained == ["depth-1"]  # the shared config did not train again
-    assert any("empty has no results.jsonl" in line for line in logged)
+    assert any("missing has no results.jsonl" in line for line in logged)
     reused = records["depth-2"]
     assert reused["config_hash"] == original["config_hash"] and reused["test_acc"] == original["test_acc"]
     assert reused["reused_from"] == str((tmp_path / "a").resolve())

@@ -84,8 +84,10 @@ def reference(original, path: str, group=1, strategy="cycle", density=0.5, seed=
             for pname, param in module.named_parameters(recurse=False):
                 value = source.get_submodule(name).get_parameter(pname).clone()
                 if pname == "weight" and is_projection(module) and density < 1:
-                    value *= make_mask("unstructured", tuple(value.shape), density, seed,
-                                       f"{prefix}.{name}.weight", application)
+                    conv1d = type(module).__name__ == "Conv1D"  # stored (in, out): masked as (out, in)
+                    mask = make_mask("unstructured", tuple(value.shape[::-1] if conv1d else value.shape),
+                                     density, seed, f"{prefix}.{name}.weight", application)
+                    value *= mask.t() if conv1d else mask
                 param.copy_(value)
     return ref
 
@@ -296,7 +298,7 @@ def test_multihead_attention_packed_weights_are_masked():
     ({"group": 0}, "tie.group must be a whole number >= 1"),
     ({"group": "2"}, "tie.group"),
     ({"strategy": "spiral"}, "tie.strategy 'spiral' is not one of"),
-    ({"relax": "lora", "relax_rank": 100_000}, "tie.relax_rank 100000 exceeds"),
+    ({"relax": "lora", "relax_rank": 100_000}, "tie.relax_rank 100000 exceeds the rank any weight"),
 ])
 def test_bad_loop_and_relaxation_settings_are_one_error_and_change_nothing(options, message):
     model = decoder("llama")
@@ -326,3 +328,36 @@ def test_torch_checkpoint_around_positions_gives_the_same_gradients():
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             torch.testing.assert_close(a, b)
+
+
+def test_conv1d_channel_masks_drop_output_features_and_biases_per_position_still_mask_it():
+    model = decoder("gpt2")
+    tied = tie(model, blocks="transformer.h", kind="channel", density=0.5, per_application=["norms", "biases"])
+    for p in range(4):
+        weight = tied.transformer.h[p].mlp.c_fc.weight  # (in 32, out 128): whole output columns kept
+        kept_columns = (weight != 0).any(0)
+        assert int(kept_columns.sum()) == weight.shape[1] // 2 and bool(((weight != 0) == kept_columns).all())
+    assert tie_summary(tied)["runs"][0]["masked_weights"] == 4
+
+
+def test_reads_outside_a_position_give_shapes_but_no_values_and_views_are_read_only():
+    tied, _, _ = tied_pair("llama")
+    shared = tied.model.layers.shared.self_attn.q_proj
+    assert shared.weight.shape == (32, 32) and shared.weight.dtype == torch.float32  # what peft reads
+    with pytest.raises(TiedmaskError, match="outside any position"):
+        shared(torch.randn(1, 32))  # the shared layer alone has no mask to use
+    with pytest.raises(TiedmaskError, match="outside any position"):
+        tied.model.layers[2].self_attn.q_proj.forward(torch.randn(1, 32))  # a bound method leaves the position
+    with pytest.raises(TiedmaskError, match="read-only view"):
+        tied.model.layers[2].self_attn.scaling = 1.0
+
+
+def test_peft_merge_on_a_tied_model_is_refused_and_untie_then_merge_works():
+    peft = pytest.importorskip("peft")
+    tied, _, _ = tied_pair("llama")
+    model = peft.get_peft_model(tied, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    expected = model(PROMPT).logits
+    with pytest.raises(TiedmaskError, match="untie"):
+        copy.deepcopy(model).merge_and_unload()
+    merged = untie(model).merge_and_unload()
+    torch.testing.assert_close(merged(PROMPT).logits, expected)

@@ -33,7 +33,10 @@ writes its own KV-cache slot and a tied decoder generates exactly like its untie
 that takes a cache but keeps no such index is refused. `group=K` loops K distinct blocks
 (`strategy` cycle: 0 1 2 0 1 2, or sequence: 0 0 1 1 2 2; Relaxed Recursive Transformers).
 Hugging Face's `save_pretrained` is refused on a tied model (from_pretrained would load an
-untied one with random layers); `tiedmask.core.untie.untie` gives the plain model back.
+untied one with random layers): tie the top-level model (``tie(lm, blocks="model.layers")``),
+since only the module given to `tie` is guarded. `tiedmask.core.untie.untie` gives the plain
+model back. A tied weight read outside any position has a shape, dtype and device but no values
+(peft can wrap a tied layer; merging adapters into it raises: untie first).
 
 Saving and loading: `tiedmask.core.tie_io`.
 
@@ -237,8 +240,8 @@ def is_norm_like(module: nn.Module) -> bool:
     library, a layer scale) or keeps running statistics (BatchNorm): kept per application."""
     if isinstance(module, NORM_TYPES):
         return True
-    if any(True for _ in module.children()) or _maskable_names(module):
-        return False
+    if any(True for _ in module.children()) or _maskable_names(module) or isinstance(module, nn.ParameterDict):
+        return False  # a ParameterDict: peft's per-adapter vectors (DoRA), handled as adapters
     params = list(module.parameters(recurse=False))
     if params:
         return all(p.dim() <= 1 for p in params)
@@ -257,7 +260,8 @@ def _maskable_names(module: nn.Module) -> list[str]:
 
 def _is_transformers_conv1d(module: nn.Module) -> bool:
     # GPT-2's Conv1D is a Linear with its weight stored transposed (in, out): masked the same way.
-    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.")
+               for c in type(module).__mro__)  # parametrized too (its class is then a subclass)
 
 
 def unmaskable_weights(block: nn.Module) -> list[str]:
@@ -309,14 +313,11 @@ def _check_relaxation_rank(block: nn.Module, cfg: TieConfig, path: str) -> None:
     """A relaxation rank above a weight's smaller side adds parameters and no expressiveness."""
     if cfg.relax == "none":
         return
-    for name, module in block.named_modules():
-        for attr in _maskable_names(module):
-            weight = getattr(module, attr)
-            largest = min(weight.shape[0], weight[0].numel())
-            if cfg.relax_rank > largest:
-                where = ".".join(filter(None, (path, name, attr)))
-                raise ConfigError(f"tie.relax_rank {cfg.relax_rank} exceeds the rank a {tuple(weight.shape)} "
-                                  f"weight can have ({where}: at most {largest}); choose <= {largest}")
+    ranks = [min(w.shape[0], w[0].numel()) for _, m in block.named_modules()
+             for w in (getattr(m, a) for a in _maskable_names(m))]
+    if ranks and cfg.relax_rank > max(ranks):  # a thinner weight just gets its full rank
+        raise ConfigError(f"tie.relax_rank {cfg.relax_rank} exceeds the rank any weight of {path} can have "
+                          f"(at most {max(ranks)}); choose <= {max(ranks)}")
 
 
 def _refuse_library_saving(model: nn.Module) -> None:
@@ -406,15 +407,20 @@ def _mask_one(module: nn.Module, attr: str, name: str, blocks: list[nn.Module], 
     full_name = ".".join(filter(None, (path, name, attr)))
     stack = None
     if n_masks:
-        stack = torch.stack([make_mask(masks.kind, tuple(weight.shape), masks.density, masks.seed,
-                                       full_name, i, nm_m=masks.nm_m).flatten() for i in range(n_masks)])
-        stack = stack.to(weight.device)
+        # GPT-2's Conv1D stores (in, out): masks are made for (out, in), as for a Linear, so that
+        # channel masks drop output features and N:M groups run along the reduction axis.
+        transposed = _is_transformers_conv1d(module)
+        shape = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
+        made = [make_mask(masks.kind, shape, masks.density, masks.seed, full_name, i, nm_m=masks.nm_m)
+                for i in range(n_masks)]
+        stack = torch.stack([(m.t() if transposed else m).flatten() for m in made]).to(weight.device)
     rows, cols = weight.shape[0], weight[0].numel()
+    rank = min(cfg.relax_rank, rows, cols)  # a weight thinner than the rank gets its full rank
     relaxation = None
     if cfg.relax == "lora":
-        relaxation = LoRARelaxation(count, rows, cols, cfg.relax_rank)
+        relaxation = LoRARelaxation(count, rows, cols, rank)
     elif cfg.relax == "multimask-lora":
-        relaxation = MultiMaskLoRARelaxation(count, rows, cols, cfg.relax_rank, "unstructured",
+        relaxation = MultiMaskLoRARelaxation(count, rows, cols, rank, "unstructured",
                                              cfg.relax_density, masks.seed, full_name)
     if relaxation is not None:
         relaxation.to(device=weight.device, dtype=weight.dtype)

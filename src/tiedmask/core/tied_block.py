@@ -63,13 +63,35 @@ class SharedWeight(nn.Module):
         return shared if self.masks is None or which is None else shared * self.masks[which].view_as(shared)
 
     def forward(self, shared: torch.Tensor) -> torch.Tensor:
-        if self.state.index is None:  # read outside any position (peft wrapping the layer, a
-            return shared             # shape or dtype probe): the stored shared tensor itself
+        if self.state.index is None:  # read outside any position: its shape, dtype and device
+            return shared.detach().as_subclass(OutsidePosition)  # (peft wrapping the layer), no values
         i = self.state.index
         weight = self.masked(shared, i)
         if self.relaxation is not None:
             weight = weight + self.relaxation.delta(i).view_as(weight).to(weight.dtype)
         return weight
+
+
+class OutsidePosition(torch.Tensor):
+    """A tied weight read outside any position: its shape, dtype and device can be read (peft
+    reads them to wrap a tied layer), but any computation with it raises. A position's weight
+    is `layers[i]....weight`; the stored shared tensor is the parametrization's `original`."""
+
+    METADATA = {"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_meta", "layout",
+                "is_sparse", "is_quantized", "is_leaf", "grad_fn"}
+    METHODS = {"size", "dim", "numel", "is_floating_point", "is_complex", "element_size", "__len__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        attribute = getattr(getattr(func, "__self__", None), "__name__", None) if name == "__get__" else None
+        if attribute in cls.METADATA or name in cls.METHODS:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        raise TiedmaskError(
+            f"a tied weight was used outside any position ({attribute or name}): call the tied container or "
+            "one of its items (layers[i]), read layers[i]....weight for position i's weight, or untie() first "
+            "(to merge adapters, export or edit weights)")
 
 
 def shared_weight(module: nn.Module) -> SharedWeight | None:
@@ -178,9 +200,10 @@ class Application(nn.Module):
             module = block.get_submodule(path)
             saved.append((module, attr, getattr(module, attr)))
             setattr(module, attr, value)
-        checkpointing = _checkpointing_in(block, self)
         try:
-            with self.owner.states[self.block].applying(self.index), checkpointing:
+            with self.owner.states[self.block].applying(self.index), contextlib.ExitStack() as stack:
+                for module in block.modules():  # every layer that checkpoints itself replays here
+                    stack.enter_context(_checkpointing_in(module, self))
                 yield block
         finally:
             for module, attr, value in reversed(saved):
@@ -217,12 +240,16 @@ class AtPosition:
         with self._application.entered():
             return self._module(*args, **kwargs)
 
+    def __setattr__(self, name: str, value) -> None:  # a write here would land nowhere
+        raise TiedmaskError(f"layers[i].{name} is a read-only view of the shared block as one position sees "
+                            "it; set it on the tied container's `shared` block (all positions), or untie() first")
+
     def __repr__(self) -> str:
         return f"AtPosition({self._application.index}, {self._module!r})"
 
 
 @contextlib.contextmanager
-def _checkpointing_in(block: nn.Module, application: Application):
+def _checkpointing_in(block: nn.Module, application: "Application"):
     """Gradient checkpointing that runs inside the block (Hugging Face's layers call
     `_gradient_checkpointing_func(forward, ...)` and replay `forward` in the backward pass,
     after the application has been left): the replay re-enters the application."""

@@ -35,7 +35,7 @@ from pathlib import Path
 from ..analysis.analyze import analyze_run
 from ..errors import ConfigError, TiedmaskError
 from ..files import read_json
-from ..training.settings import config_from_dict, config_hash, read_yaml, resolve_key
+from ..training.settings import config_from_dict, config_hash, drop_old_spelling, read_yaml, resolve_key
 from .runner import Job, resolve_jobs, resumable, run_jobs
 from .store import FINISHED, ResultsStore
 
@@ -108,7 +108,9 @@ def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
             for seed in seeds:
                 values = copy.deepcopy(spec.get("base") or {})
                 for key, value in {**variant, **dict(zip(grid, combo))}.items():
-                    _set_dotted(values, resolve_key(key), value)  # old spellings mean today's key
+                    resolved = resolve_key(key)  # old spellings mean today's key
+                    _set_dotted(values, resolved, value)
+                    drop_old_spelling(values, resolved)  # base's `density: 0.5` yields to the grid's
                 values["seed"] = seed
                 parts = ([label] if label else []) + [f"{k.split('.')[-1]}={v}" for k, v in zip(grid, combo)]
                 tags = {k.split(".")[-1]: v for k, v in dict(zip(grid, combo)).items()}
@@ -149,10 +151,10 @@ def reuse_stores(options: dict, log=print) -> list[ResultsStore]:
     retrain what it holds)."""
     reuse = [ResultsStore(folder) for folder in options.get("reuse", [])]
     for source in reuse:
-        if not source.root.is_dir():  # a mistyped path would retrain everything it holds
-            raise ConfigError(f"reuse store {source.root} is not a folder (a path relative to the working "
-                              "directory, as --out is); fix the path or drop it from reuse")
-        if not source.path.exists():
+        if source.root.exists() and not source.root.is_dir():
+            raise ConfigError(f"reuse store {source.root} is a file, not a store folder; fix the path or drop it "
+                              "from reuse")
+        if not source.path.exists():  # a store another grid has yet to fill (checked again per run)
             log(f"warning: reuse store {source.root} has no results.jsonl (a path relative to the "
                 "working directory, as --out is); nothing is taken from it")
     return reuse

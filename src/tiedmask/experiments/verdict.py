@@ -36,7 +36,7 @@ def paired_difference(a: dict, b: dict) -> dict | None:
 def verdict(diff: dict | None, better: str = "a better", worse: str = "b better",
             post_hoc: bool = False) -> str:
     """The rule (`RULE`) applied to a paired difference a − b."""
-    if diff is None or diff["n"] < MIN_PAIRS:
+    if diff is None or diff["n"] < MIN_PAIRS or math.isnan(diff["low"]) or math.isnan(diff["high"]):
         word = f"inconclusive ({0 if diff is None else diff['n']} paired seeds, {MIN_PAIRS} needed)"
     elif diff["low"] <= 0 <= diff["high"]:
         word = "not significant"

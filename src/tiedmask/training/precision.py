@@ -50,8 +50,9 @@ def cpu_isa() -> str:
 def bf16_speedup() -> float:
     """fp32 time / bf16-autocast time of a training step of one 3x3 convolution (112 channels,
     16x16, batch 128, channels_last: the recipe's middle stage), best of 3 rounds each."""
-    x = torch.randn(128, 112, 16, 16).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(112, 112, 3, 3, requires_grad=True)
+    with torch.random.fork_rng(devices=[]):  # the check must not move a run's random stream
+        x = torch.randn(128, 112, 16, 16).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(112, 112, 3, 3, requires_grad=True)
 
     def step(dtype) -> float:
         start = time.perf_counter()

@@ -125,8 +125,8 @@ def check_metrics(text: str, path: Path) -> tuple[list[dict], bool]:
 
 def _metrics_row_ok(row) -> bool:
     return (isinstance(row, dict) and _is_int(row.get("epoch")) and row["epoch"] >= 1
-            and all(isinstance(k, str) and (v is None or _is_number(v) or (isinstance(v, float) and math.isnan(v)))
-                    for k, v in row.items()))
+            and all(isinstance(k, str) and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+                    for k, v in row.items()))  # NaN and inf included: a diverging epoch writes them
 
 
 def check_data_stats(values, path: Path) -> dict:

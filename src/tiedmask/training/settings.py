@@ -307,6 +307,15 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def drop_old_spelling(values: dict, key: str) -> None:
+    """Remove the old flat spelling of `key` (`model.density` for `model.masks.density`) from
+    `values`, once `key` was set over it by a later layer (a grid point, a variant)."""
+    model = values.get("model")
+    for old, new in MODEL_KEY_ALIASES.items():
+        if isinstance(model, dict) and key == f"model.{new}":
+            model.pop(old, None)
+
+
 def _drop_overridden_spellings(model: dict, later: dict) -> None:
     """An old flat model key of an earlier layer (YAML `density: 0.25`) that a later layer sets
     under its new name (`--model.masks.density 0.75`): the later one wins, as layers do."""
