@@ -279,7 +279,7 @@ def parse_overrides(args: list[str]) -> dict:
             raise ConfigError(f"--{written}: its value nests too deeply to read; give a plain value") from None
         if value is None:
             value = raw
-        if key in given and given[key][1] != value:
+        if key in given and given[key][1] != value and given[key][0] != written:  # one flag twice: the last wins
             raise ConfigError(f"--{given[key][0]} and --{written} both set {key} ({given[key][1]!r} against "
                               f"{value!r}); give it once")
         given[key] = (written, value)
