@@ -394,10 +394,11 @@ def _mask_weights(shared: nn.Module, blocks: list[nn.Module], state: Application
     count = len(blocks)
     n_masks = num_masks(masks.scope, count)
     copies = [n for n, m in shared.named_modules() if isinstance(m, PerApplicationModule)]
-    for (name, module), attr in ((nm, a) for nm in list(shared.named_modules()) for a in _maskable_names(nm[1])):
+    for name, module in list(shared.named_modules()):
         if ADAPTER_MARK in name or any(name == c or name.startswith(c + ".") for c in copies):
             continue
-        _mask_one(module, attr, name, blocks, state, masks, cfg, path, n_masks, count)
+        for attr in _maskable_names(module):
+            _mask_one(module, attr, name, blocks, state, masks, cfg, path, n_masks, count)
 
 
 def _mask_one(module: nn.Module, attr: str, name: str, blocks: list[nn.Module], state: ApplicationIndex,

@@ -202,8 +202,9 @@ class Application(nn.Module):
             setattr(module, attr, value)
         try:
             with self.owner.states[self.block].applying(self.index), contextlib.ExitStack() as stack:
-                for module in block.modules():  # every layer that checkpoints itself replays here
-                    stack.enter_context(_checkpointing_in(module, self))
+                if block.training and torch.is_grad_enabled():  # only then can a layer checkpoint itself
+                    for module in block.modules():  # each such layer's replay re-enters this position
+                        stack.enter_context(_checkpointing_in(module, self))
                 yield block
         finally:
             for module, attr, value in reversed(saved):
@@ -338,7 +339,7 @@ def tie_summary(model: nn.Module) -> dict:
         saved += before - sum(count.values())
         shared_ids = {id(p) for p in parts["shared"]}
         unmasked = [n for n, p in tied.shared.named_parameters()
-                    if p.dim() >= 2 and id(p) in shared_ids and n.endswith("weight") and ".parametrizations." not in n]
+                    if p.dim() >= 2 and id(p) in shared_ids and "lora_" not in n and ".parametrizations." not in n]
         loop = {"group": len(tied.states), "strategy": tied.settings["tie"].get("strategy", "cycle"),
                 "loop": [a.block for a in tied.applications]} if len(tied.states) > 1 else {}
         runs.append({"blocks": name, "applications": len(tied.applications), **loop, **count, "parameters_before": before,

@@ -5,7 +5,7 @@ never a traceback from deep inside a loader, and never a value quietly used (a n
 tensor file outside the run folder, a NaN accuracy).
 
     check_checkpoint(meta, path)     checkpoint.json
-    check_metrics(text, path)        metrics.jsonl (rows; a torn last line is reported apart)
+    check_metrics(text, path)        metrics.jsonl (rows; a torn last line is left out)
     check_data_stats(values, path)   data.json
     check_result(values, path)       result.json
 """
@@ -13,6 +13,7 @@ tensor file outside the run folder, a NaN accuracy).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -76,9 +77,7 @@ def check_checkpoint(meta, path: Path) -> dict:
     for field in REQUIRED:
         if field not in meta:
             raise TiedmaskError(f"{where} is damaged (no {field}); {RESTART}")
-    for field, (check, what) in CHECKPOINT_FIELDS.items():
-        if field in meta and not check(meta[field]):
-            raise TiedmaskError(f"{where} is damaged ({field} is {_shown(meta[field])}, not {what}); {RESTART}")
+    _check_fields(meta, CHECKPOINT_FIELDS, where, RESTART)
     if meta["tensor_file"] != f"checkpoint-{meta['epoch']}.safetensors":
         raise TiedmaskError(f"{where} is damaged (tensor_file is {_shown(meta['tensor_file'])}, not "
                             f"'checkpoint-{meta['epoch']}.safetensors' of its epoch); {RESTART}")
@@ -97,11 +96,10 @@ def _check_optimizer(values, where: str) -> None:
         raise TiedmaskError(f"{where} is damaged (optimizer.scalars is not a mapping of 'N.name' keys); {RESTART}")
 
 
-def check_metrics(text: str, path: Path) -> tuple[list[dict], bool]:
-    """(rows of metrics.jsonl, whether its last line is torn: written by a process killed while
-    appending it, which a resume drops). Any other damaged line is an error naming it."""
-    import json
-
+def check_metrics(text: str, path: Path) -> list[dict]:
+    """The rows of metrics.jsonl. A last line without its newline that is no row was torn by a
+    process killed while appending it (its epoch has no checkpoint): left out, and a resume
+    drops it. Any other damaged line is an error naming it."""
     where = f"{path}/metrics.jsonl"
     lines = text.split("\n")
     torn = bool(lines) and lines[-1] != ""  # the file ends without its newline
@@ -115,12 +113,12 @@ def check_metrics(text: str, path: Path) -> tuple[list[dict], bool]:
             row = None
         last = number == len(lines)
         if last and torn and not _metrics_row_ok(row):
-            return rows, True
+            return rows
         if not _metrics_row_ok(row):
             raise TiedmaskError(f"{where} line {number} is damaged (not an epoch's row of numbers); delete that "
                                 "line, or the run folder to start again")
         rows.append(row)
-    return rows, False
+    return rows
 
 
 def _metrics_row_ok(row) -> bool:
@@ -178,9 +176,14 @@ def check_result(values, path: Path) -> dict:
     known = {f.name for f in dataclasses.fields(Result)}
     if unknown := sorted(set(values) - known):
         raise TiedmaskError(f"{where} is damaged (unknown field {unknown[0]!r}); {fix}")
-    for field, (check, what) in RESULT_FIELDS.items():
-        if field not in values:
-            raise TiedmaskError(f"{where} is damaged (no {field}); {fix}")
-        if not check(values[field]):
-            raise TiedmaskError(f"{where} is damaged ({field} is {_shown(values[field])}, not {what}); {fix}")
+    if missing := [f for f in RESULT_FIELDS if f not in values]:
+        raise TiedmaskError(f"{where} is damaged (no {missing[0]}); {fix}")
+    _check_fields(values, RESULT_FIELDS, where, fix)
     return values
+
+
+def _check_fields(values: dict, fields: dict, where: str, fix: str) -> None:
+    """Each field present in `values` passes its check in `fields` ({name: (check, what)})."""
+    for field, (check, what) in fields.items():
+        if field in values and not check(values[field]):
+            raise TiedmaskError(f"{where} is damaged ({field} is {_shown(values[field])}, not {what}); {fix}")

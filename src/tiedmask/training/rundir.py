@@ -127,7 +127,7 @@ class RunDir:
         except OSError as exc:
             raise TiedmaskError(f"cannot read {path} ({exc.strerror}); delete it to keep the run without its "
                                 "curve") from None
-        return check_metrics(text, self.path)[0]
+        return check_metrics(text, self.path)
 
     def keep_metrics_until(self, epoch: int) -> None:
         """Drop metrics of epochs after the checkpoint (written by an interrupted run)."""

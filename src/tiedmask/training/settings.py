@@ -19,7 +19,6 @@ keys of older versions (`--mask_scope`, `model.deq_solver`, ...) still work: see
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -309,7 +308,8 @@ def merge(base: dict, extra: dict) -> dict:
 
 def drop_old_spelling(values: dict, key: str) -> None:
     """Remove the old flat spelling of `key` (`model.density` for `model.masks.density`) from
-    `values`, once `key` was set over it by a later layer (a grid point, a variant)."""
+    `values`, once `key` was set over it by a later layer (a grid point, a variant, an override):
+    the later one wins, as layers do."""
     model = values.get("model")
     for old, new in MODEL_KEY_ALIASES.items():
         if isinstance(model, dict) and key == f"model.{new}":
@@ -317,12 +317,12 @@ def drop_old_spelling(values: dict, key: str) -> None:
 
 
 def _drop_overridden_spellings(model: dict, later: dict) -> None:
-    """An old flat model key of an earlier layer (YAML `density: 0.25`) that a later layer sets
-    under its new name (`--model.masks.density 0.75`): the later one wins, as layers do."""
-    for old, new in MODEL_KEY_ALIASES.items():
-        section, key = new.split(".")
-        if old in model and old not in later and isinstance(later.get(section), dict) and key in later[section]:
-            del model[old]
+    """`drop_old_spelling` for every new-style key the later model section `later` sets (an old
+    spelling `later` gives itself stays, for the conflict check of `model_values`)."""
+    for section, keys in later.items():
+        for key in keys if isinstance(keys, dict) else ():
+            if not any(old in later for old, new in MODEL_KEY_ALIASES.items() if new == f"{section}.{key}"):
+                drop_old_spelling({"model": model}, f"model.{section}.{key}")
 
 
 # ---------------------------------------------------------------- files and recipes
@@ -382,7 +382,7 @@ def without_runtime_keys(values: dict, prefix: str = "") -> dict:
 
 
 def _without_unchanged_additions(values: dict) -> dict:
-    values = copy.deepcopy(values)
+    """`values` (a fresh dict of config_to_dict, changed in place) less ADDED_LATER's defaults."""
     for key, default in ADDED_LATER.items():
         *path, last = key.split(".")
         section = values
