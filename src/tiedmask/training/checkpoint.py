@@ -40,17 +40,32 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _without_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors once each (safetensors refuses a tensor under two names, such as a language
+    model's input embedding tied to its output layer), and {other name: name kept}."""
+    kept, aliases, seen = {}, {}, {}
+    for name, value in state.items():
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+        if value.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            kept[name] = value.detach().cpu().contiguous()
+    return kept, aliases
+
+
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, state: dict) -> None:
     """Write model + optimizer tensors and the JSON `state` (epoch, metrics, ...) atomically."""
     run_dir = Path(run_dir)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors, aliases = _without_aliases({f"model.{k}": v for k, v in model.state_dict().items()})
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
     tensor_file = f"checkpoint-{state['epoch']}.safetensors"
     atomic_write(run_dir / tensor_file, save(tensors))
     previous = run_dir / "checkpoint.json"
     old_file = read_json(previous).get("tensor_file") if previous.exists() else None
-    atomic_write_json(previous, {**state, "tensor_file": tensor_file, "optimizer": opt_meta})
+    atomic_write_json(previous, {**state, "tensor_file": tensor_file, "optimizer": opt_meta,
+                                 **({"aliases": aliases} if aliases else {})})
     if old_file and old_file != tensor_file:
         (run_dir / old_file).unlink(missing_ok=True)
 
@@ -64,6 +79,11 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict | None
         tensors = load_file(path)
     except Exception as exc:
         raise TiedmaskError(f"cannot read checkpoint tensors {path} ({exc}); the run must restart") from None
+    for name, kept in meta.get("aliases", {}).items():
+        if kept not in tensors:
+            raise TiedmaskError(f"{run_dir}/checkpoint.json names {kept} as stored, but {path} lacks it; "
+                                "the run must restart")
+        tensors[name] = tensors[kept]
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     optimizer_state = _join_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None
     return model_state, optimizer_state, meta

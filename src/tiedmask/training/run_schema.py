@@ -65,6 +65,11 @@ CHECKPOINT_FIELDS = {  # field: (check, what it must be)
     "solver": (_solver, "a mapping of names to finite numbers"),
     "precision": (lambda v: v in ("", "bf16", "fp32"), "'bf16', 'fp32' or ''"),
     "config": (lambda v: isinstance(v, dict), "a mapping of settings"),
+    # tensors kept under one name only (tied embeddings): {other name: the name they are stored under}
+    "aliases": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(n, str) and
+                                                      k.startswith("model.") and n.startswith("model.")
+                                                      for k, n in v.items()),
+                "a mapping of 'model.' names to 'model.' names"),
 }
 REQUIRED = ("config_hash", "epoch", "tensor_file")
 

@@ -5,6 +5,7 @@
     metrics.jsonl      one row per finished epoch
     checkpoint.json    + checkpoint-<epoch>.safetensors: weights, optimizer, RunState
     result.json        the final Result
+    tokenizer.json     language-model runs: their tokenizer; corpus.json: their text, split, token counts
     requested.yaml     what a sweep asked for (written by the runner)
 
 `load_trained` gives eval, analyze and finetune the trained model, its settings and its data
@@ -29,8 +30,10 @@ from .run_schema import check_data_stats, check_metrics, check_result
 from .finetune import attach_adapters
 from .settings import RUNTIME_ONLY, TrainConfig, config_from_dict, config_hash, config_to_dict
 
+TOKENIZER_FILE = "tokenizer.json"  # language-model runs: the tokenizer they were trained with
+CORPUS_FILE = "corpus.json"  # language-model runs: which text, split and tokenized how
 RUN_FILES = {"config.json", "data.json", "metrics.jsonl", "checkpoint.json", "result.json",
-             "requested.yaml", "analysis"}
+             "requested.yaml", "analysis", TOKENIZER_FILE, CORPUS_FILE}
 
 
 @dataclasses.dataclass

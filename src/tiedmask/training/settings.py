@@ -38,6 +38,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 AUGMENTS = ("auto", "crop_flip", "crop_altflip", "crop", "none")
 TTAS = ("none", "flip", "flip_translate")
 FINETUNE_METHODS = ("full", "lora", "multimask_lora")
+TASKS = ("image", "lm")  # image classification | language modelling (next token)
 
 
 def _choose(key: str, value, allowed) -> None:
@@ -139,11 +140,39 @@ class FinetuneConfig:
 
 
 @dataclass
+class LmConfig:
+    """Language-model runs (`task: lm`, see `tiedmask.training.lm`): windows, tokenizer, distillation.
+    The corpus is `data.name`, a folder of documents under `data.root` (training/corpus.py)."""
+
+    seq_len: int = 256  # tokens per training and evaluation window
+    tokenizer: str = "bpe"  # bpe: byte-level BPE trained on the training split | bytes
+    vocab_size: int = 4096  # bpe only; a run started from another run takes its tokenizer
+    # training tokens per epoch, as windows at random offsets; 0 = one pass over the training split
+    epoch_tokens: int = 0
+    # weight of the distillation term: loss = next-token loss + distill * T^2 KL(teacher || student)
+    # at temperature T, the teacher's logits computed on the fly
+    distill: float = 0.0
+    teacher: str = ""  # run directory of the teacher; "" = finetune.init_from
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        _choose("lm.tokenizer", self.tokenizer, ("bpe", "bytes"))
+        _at_least("lm.", self, 2, "seq_len")
+        _at_least("lm.", self, 0, "epoch_tokens", "distill")
+        if self.tokenizer == "bpe" and not 258 <= self.vocab_size <= 1_000_000:
+            raise ConfigError(f"lm.vocab_size must be in [258, 1000000] for a BPE tokenizer, got {self.vocab_size}")
+        if not self.temperature > 0:
+            raise ConfigError(f"lm.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    task: str = "image"  # image | lm (the lm section then applies)
+    lm: LmConfig = field(default_factory=LmConfig)
     epochs: int = 10
     time_budget_s: float = 0.0  # stop training after this many seconds (0 = no limit)
     batch_size: int = 128
@@ -166,8 +195,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         self.model.validate()
-        for section in (self.data, self.optim, self.finetune):
+        for section in (self.data, self.optim, self.finetune, self.lm):
             section.validate()
+        _choose("task", self.task, TASKS)
+        if self.task == "lm":
+            self._validate_lm()
         _choose("device", self.device, DEVICES)
         _choose("precision", self.precision, PRECISIONS)
         _choose("channels_last", self.channels_last, ("auto", "true", "false"))
@@ -175,8 +207,21 @@ class TrainConfig:
         _at_least("", self, 1, "epochs", "batch_size", "eval_batch_size")
         _at_least("", self, 0, "threads", "time_budget_s", "eval_every")
 
+    def _validate_lm(self) -> None:
+        if not self.model.name.startswith("hf:"):
+            raise ConfigError(f"task lm trains a Hugging Face causal language model (--model hf:llama, "
+                              f"hf:gpt2, ...), not {self.model.name!r}")
+        if self.model.execution == "equilibrium":
+            raise ConfigError("task lm runs unrolled (tied) or untied, not equilibrium")
+        if self.finetune.method != "full":
+            raise ConfigError(f"task lm fine-tunes all weights (finetune.method full), not {self.finetune.method}; "
+                              "relax a tied model with model.tie.relax instead")
+        if self.lm.distill and not (self.lm.teacher or self.finetune.init_from):
+            raise ConfigError("lm.distill needs a teacher: set lm.teacher (or finetune.init_from) to a trained run")
 
-SECTIONS = ("model", "data", "optim", "finetune")
+
+SECTIONS = ("model", "data", "optim", "finetune", "lm")
+NAMED_SECTIONS = ("model", "data", "optim")  # `--data cifar10` stands for `--data.name cifar10`
 
 
 def config_from_dict(values: dict) -> TrainConfig:
@@ -214,9 +259,8 @@ def _leaf_index() -> dict[str, list[str]]:
     index: dict[str, list[str]] = {}
     for key, _ in nested_fields(TrainConfig):
         index.setdefault(key.rsplit(".", 1)[-1], []).append(key)
-    for section in SECTIONS:
-        if section != "finetune":
-            index.setdefault(section, []).append(f"{section}.name")
+    for section in NAMED_SECTIONS:
+        index.setdefault(section, []).append(f"{section}.name")
     for old, new in MODEL_KEY_ALIASES.items():
         if f"model.{new}" not in index.setdefault(old, []):
             index[old].append(f"model.{new}")
@@ -232,7 +276,7 @@ def resolve_key(key: str) -> str:
     seed, `density` the masks'); others must be spelled out."""
     fields = nested_fields(TrainConfig)
     full = [k for k, _ in fields]
-    if key in full or key in [f"{s}.name" for s in SECTIONS]:
+    if key in full or key in [f"{s}.name" for s in NAMED_SECTIONS]:
         return key
     if any(t is dict and key.startswith(k + ".") for k, t in fields):  # an entry of a free mapping
         return key
@@ -373,7 +417,8 @@ RUNTIME_ONLY = ("threads", "progress", "compile", "data.root", "data.download", 
 
 # Keys added after results were stored, with the value every earlier run had: left out of the
 # hash while they keep it, so that a store's earlier results still match their configs.
-ADDED_LATER = {"model.tie.group": 1, "model.tie.strategy": "cycle"}
+ADDED_LATER = {"model.tie.group": 1, "model.tie.strategy": "cycle", "task": "image",
+               "lm": dataclasses.asdict(LmConfig())}
 
 
 def without_runtime_keys(values: dict, prefix: str = "") -> dict:

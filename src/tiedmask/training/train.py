@@ -63,6 +63,12 @@ class Result:
     precision: str = ""  # what `precision` resolved to on that machine: bf16 | fp32 ("" before 0.3)
     warning: str = ""  # e.g. a run that ended at chance accuracy
     eval_split: str = "test"  # "val": test_acc is measured on images held out of training (data.val_split)
+    # task lm: test_acc is next-token accuracy; losses are mean nats per token over a whole split
+    task: str = "image"
+    test_loss: float = 0.0
+    test_ppl: float = 0.0
+    val_ppl: float = 0.0
+    tokens_per_s: float = 0.0
     solver: dict = dataclasses.field(default_factory=dict)  # DEQ: mean iterations, residuals
 
     def to_dict(self) -> dict:
@@ -333,6 +339,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
     Started by torchrun (WORLD_SIZE > 1), the processes train one model data-parallel
     (see `tiedmask.training.distributed`); rank 0 writes the run and logs.
     """
+    if cfg.task == "lm":
+        from .lm import train_lm  # imported here: it builds on this module's parts
+
+        return train_lm(cfg, out, resume, log)
     device = resolve_device(cfg)
     ctx = setup_distributed(device.type, cfg.batch_size)
     new_folder = out is not None and ctx.is_main and not Path(out).exists()
@@ -350,13 +360,10 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
 
 
 def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device: torch.device) -> Result:
-    run = None
-    if out is not None:
-        run = RunDir.create(out, resume) if ctx.is_main else RunDir(out)  # other ranks only read
-        ctx.barrier()
-        if resume and run.is_finished():
-            log(f"{run.path} is already finished; its result stands")
-            return Result(**run.read_result())
+    run = open_run(out, resume, ctx)
+    if run is not None and resume and run.is_finished():
+        log(f"{run.path} is already finished; its result stands")
+        return Result(**run.read_result())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     saved_stats = run.read_stats() if run is not None and resume else None
@@ -392,11 +399,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
             run.keep_metrics_until(state.epoch)  # rows of epochs no checkpoint holds
             run.write_config(cfg)
             run.write_stats(data.stats)
-    if not state.precision:
-        older_run = state.epoch > 0 and cfg.precision == "auto"  # resumed, from before it was recorded
-        chosen = legacy_auto(device) if older_run else resolve_precision(cfg.precision, device)
-        # Rank 0's choice on every process: the timed check could tip differently on each.
-        state.precision = "bf16" if ctx.from_main(float(chosen == "bf16")) else "fp32"
+    choose_precision(state, cfg, ctx, device)
     compute_cfg = dataclasses.replace(cfg, precision=state.precision)  # what the loops compute in
     runner = wrap_for_training(model, cfg, ctx, device)
     lookahead = Lookahead(model, cfg.optim.lookahead_every, cfg.optim.lookahead_decay) \
@@ -465,6 +468,24 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     if run is not None and ctx.is_main:
         run.write_result(result.to_dict())
     return result
+
+
+def open_run(out, resume: bool, ctx: Dist) -> RunDir | None:
+    """The run directory of `out` (None: keep nothing), created or reopened by rank 0."""
+    if out is None:
+        return None
+    run = RunDir.create(out, resume) if ctx.is_main else RunDir(out)  # other ranks only read
+    ctx.barrier()
+    return run
+
+
+def choose_precision(state: RunState, cfg: TrainConfig, ctx: Dist, device: torch.device) -> None:
+    """Set `state.precision` (what the run computes in) once, when the run starts."""
+    if not state.precision:
+        older_run = state.epoch > 0 and cfg.precision == "auto"  # resumed, from before it was recorded
+        chosen = legacy_auto(device) if older_run else resolve_precision(cfg.precision, device)
+        # Rank 0's choice on every process: the timed check could tip differently on each.
+        state.precision = "bf16" if ctx.from_main(float(chosen == "bf16")) else "fp32"
 
 
 def place(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
