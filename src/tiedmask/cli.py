@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -42,13 +43,29 @@ def cmd_train(args, overrides) -> int:
             raise TiedmaskError("give a config file or --recipe, not both (overrides go on top of either)")
         path = recipe_path(args.recipe) if args.recipe else args.config
         cfg, out, resume = load_config(path, overrides), args.out, False
-    result = train(cfg, out=out, resume=resume)
-    print(f"{result.status}: {result.eval_split} acc {result.test_acc:.2%}, {result.params:,} params, "
-          f"{result.train_time_s:.1f}s training, {result.img_per_s:.0f} img/s"
-          + (f"; run saved in {out}" if out else ""))
+    return _report_run(train(cfg, out=out, resume=resume), out)
+
+
+def _report_run(result, out) -> int:
+    if result.task == "lm":
+        score = (f"test perplexity {result.test_ppl:.2f} (next-token accuracy {result.test_acc:.2%})"
+                 f", {result.params:,} params ({result.trainable_params:,} trained)"
+                 f", {result.train_time_s:.1f}s training, {result.tokens_per_s:.0f} tokens/s")
+    else:
+        score = (f"{result.eval_split} acc {result.test_acc:.2%}, {result.params:,} params, "
+                 f"{result.train_time_s:.1f}s training, {result.img_per_s:.0f} img/s")
+    print(f"{result.status}: {score}" + (f"; run saved in {out}" if out else ""))
     if result.warning:
         print(f"warning: {result.warning}", file=sys.stderr)
     return 0 if result.status == "ok" else 1
+
+
+def cmd_uptrain(args, overrides) -> int:
+    from .experiments.uptrain import uptrain_config
+    from .training.train import train
+
+    cfg = uptrain_config(args.run_dir, args.tie, args.distill, args.tokens, overrides)
+    return _report_run(train(cfg, out=args.out), args.out)
 
 
 def cmd_finetune(args, overrides) -> int:
@@ -71,6 +88,14 @@ def cmd_eval(args, overrides) -> int:
     if overrides:
         raise TiedmaskError(f"eval scores a run as it was trained and takes no overrides "
                             f"({' '.join(overrides)}); use --data-root DIR if the data moved")
+    from .training.lm import score_lm_run
+
+    lm_scores = score_lm_run(args.run_dir, args.data_root) if args.tta is None else None
+    if lm_scores is not None:
+        loss, acc, tokens = lm_scores
+        print(f"{args.run_dir}: test perplexity {math.exp(min(loss, 700)):.2f}, {loss:.4f} nats per token, "
+              f"next-token accuracy {acc:.2%} over {tokens:,} tokens")
+        return 0
     acc, loss, cfg, data = score_run(args.run_dir, args.data_root, args.tta)
     print(f"{args.run_dir}: test acc {acc:.2%}, test loss {loss:.4f} on {data.name} "
           f"({len(data.test_x)} images, test-time views: {cfg.eval_tta})")
@@ -244,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory")
     p.set_defaults(fn=cmd_finetune)
 
+    p = sub.add_parser("uptrain", help="tie a trained language-model run and train it on, distilling from it",
+                       usage="tiedmask uptrain RUN --tie MAPPING --out DIR [--distill W] [--tokens N] [--KEY VALUE ...]",
+                       epilog="--tie takes mask keys (scope density kind seed) and model.tie keys (blocks group "
+                              "strategy init relax relax_rank relax_density relax_init per_application); init "
+                              "defaults to mean. Overrides as for train, e.g. --optim.lr 3e-4 --epochs 4.")
+    p.add_argument("run_dir", help="an untied language-model run (tiedmask train --task lm)")
+    p.add_argument("--tie", default="{}", help='how to tie, e.g. "{group: 3, strategy: cycle, scope: multi, '
+                   'density: 0.5, relax: lora, relax_rank: 16, relax_init: svd}"')
+    p.add_argument("--distill", type=float, default=0.0, help="weight of the KL to the run's logits (0: off)")
+    p.add_argument("--tokens", type=int, default=0, help="training tokens (0: the run's own epochs)")
+    p.add_argument("--out", required=True, help="run directory of the uptrained model")
+    p.set_defaults(fn=cmd_uptrain)
+
     p = sub.add_parser("eval", help="score a run's checkpoint on its test set, as training did")
     p.add_argument("run_dir", help="a run directory written by `tiedmask train --out`")
     p.add_argument("--data-root", default="", help="dataset folder, if it moved since training")
@@ -308,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "info", "eval", "finetune"):
+    if extra and args.command not in ("train", "info", "eval", "finetune", "uptrain"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # A YAML config is the first bare word after the command; argparse would otherwise take
     # the value of an override (`--model NAME`) for it.

@@ -25,7 +25,11 @@ METRICS = {  # key: (column title, scale, digits)
     "epochs": ("epochs", 1.0, 1),
     "macs_effective": ("effective MMACs/img", 1e-6, 1),
     "cka_offdiag_mean": ("mean off-diagonal CKA", 1.0, 3),
+    "test_ppl": ("test perplexity", 1.0, 2),  # language-model runs
+    "val_ppl": ("validation perplexity", 1.0, 2),
+    "tokens_per_s": ("tokens/s", 1.0, 0),
 }
+LM_METRICS = ("test_ppl", "val_ppl", "test_acc", "final_train_loss", "tokens_per_s", "train_time_s")
 
 
 def _value(record: dict, key: str):
@@ -152,8 +156,10 @@ def line_plot(records: list[dict], x_key: str, series_key, path: Path, title: st
 
 def write_sweep_report(records: list[dict], out: Path, title: str) -> str:
     """Table per variant, accuracy against density and against depth, CKA against scope."""
+    language = any(r.get("task") == "lm" for r in records)
     rows = summarize(records, ("variant",))
-    metrics = ("test_acc", "final_train_loss", "macs_effective", "cka_offdiag_mean", "train_time_s")
+    metrics = LM_METRICS if language else ("test_acc", "final_train_loss", "macs_effective", "cka_offdiag_mean",
+                                           "train_time_s")
     lines = [f"# sweep: {title}", "", markdown_table(rows, ("variant",), metrics), ""]
     ok = [r for r in records if r.get("status") == "ok"]
 
@@ -169,7 +175,9 @@ def write_sweep_report(records: list[dict], out: Path, title: str) -> str:
     if with_cka:
         bar_plot(with_cka, ("variant",), "cka_offdiag_mean", out / "cka_by_variant.png",
                  f"{title}: mean off-diagonal CKA between applications")
-    if len(rows) > 1:
+    if len(rows) > 1 and language:
+        bar_plot(rows, ("variant",), "test_ppl", out / "ppl_by_variant.png", f"{title}: test perplexity")
+    elif len(rows) > 1:
         bar_plot(rows, ("variant",), "test_acc", out / "acc_by_variant.png", f"{title}: test accuracy")
     if failures(records):
         lines += ["Runs not ok:", *failures(records), ""]

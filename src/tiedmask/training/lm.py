@@ -186,7 +186,10 @@ def lm_epoch(model, runner, teacher, optimizer, stream, cfg: TrainConfig, device
     batches = max(1, len(starts) // cfg.batch_size)
     out = LmEpoch(step=state.step)
     loss_sum, start = 0.0, time.perf_counter()
-    bar = tqdm(range(batches), leave=False, desc=f"epoch {epoch}", disable=not (cfg.progress and sys.stderr.isatty()))
+    terminal = sys.stderr.isatty()
+    bar = tqdm(range(batches), leave=False, desc=f"epoch {epoch}", disable=not (cfg.progress and terminal))
+    # Not a terminal (a log file, a job's output): a plain line every tenth of an epoch.
+    report_every = max(1, batches // 10) if cfg.progress and not terminal else 0
     for b in bar:
         windows = gather_windows(stream, starts[b * cfg.batch_size:(b + 1) * cfg.batch_size],
                                  cfg.lm.seq_len + 1).to(device)
@@ -219,6 +222,10 @@ def lm_epoch(model, runner, teacher, optimizer, stream, cfg: TrainConfig, device
         loss_sum += value * targets.numel()
         out.tokens += targets.numel()
         bar.set_postfix(loss=f"{value:.3f}")
+        if report_every and (b + 1) % report_every == 0 and b + 1 < batches:
+            spent = time.perf_counter() - start
+            print(f"epoch {epoch}: {b + 1}/{batches} batches, loss {value:.3f}, {out.tokens / spent:.0f} tok/s, "
+                  f"epoch ends in {spent / (b + 1) * (batches - b - 1) / 60:.1f} min", file=sys.stderr, flush=True)
         if time.perf_counter() - start >= time_left:
             out.out_of_time = True
             break
@@ -263,7 +270,7 @@ def train_lm(cfg: TrainConfig, out=None, resume: bool = False, log=print) -> Res
     log(f"model {cfg.model.name} ({cfg.model.execution}): {params:,} params ({trainable:,} trained), "
         f"vocab {data.vocab_size}, {len(train_stream):,} training tokens, on {device} in {state.precision}"
         + (f", distilling from {cfg.lm.teacher or cfg.finetune.init_from}" if teacher is not None else ""))
-    status, reason, val_loss = "ok", "", math.nan
+    status, reason, val_loss = "ok", "", None
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         time_left = cfg.time_budget_s - state.train_time_s if cfg.time_budget_s else math.inf
         if time_left <= 0:
@@ -296,13 +303,16 @@ def train_lm(cfg: TrainConfig, out=None, resume: bool = False, log=print) -> Res
         if ep.out_of_time:
             log(f"time budget of {cfg.time_budget_s:.0f}s spent after epoch {epoch}")
             break
-    return _finish(cfg, run, model, data, state, device, status, reason, (params, trainable), log)
+    if val_loss is None or status != "ok":  # the last epoch was not scored, or none finished
+        val_loss, _ = score_tokens(model, data.streams["val"], cfg.lm.seq_len, cfg.eval_batch_size, device,
+                                   state.precision)
+    return _finish(cfg, run, model, data, state, device, status, reason, (params, trainable, val_loss), log)
 
 
 def _finish(cfg, run, model, data: TokenData, state: RunState, device, status: str, reason: str,
-            counts: tuple[int, int], log) -> Result:
-    """Score the validation and test splits once more at the end and write the result."""
-    val_loss, _ = score_tokens(model, data.streams["val"], cfg.lm.seq_len, cfg.eval_batch_size, device, state.precision)
+            counts: tuple[int, int, float], log) -> Result:
+    """Score the test split at the end and write the result."""
+    val_loss = counts[2]
     test_loss, test_acc = score_tokens(model, data.streams["test"], cfg.lm.seq_len, cfg.eval_batch_size, device,
                                        state.precision)
     log(f"test perplexity {perplexity(test_loss):.2f} (validation {perplexity(val_loss):.2f}), "
@@ -320,3 +330,20 @@ def _finish(cfg, run, model, data: TokenData, state: RunState, device, status: s
     if run is not None:
         run.write_result(result.to_dict())
     return result
+
+
+def score_lm_run(run_dir, data_root: str = "") -> tuple[float, float, int] | None:
+    """(nats per token, next-token accuracy, tokens) of a language-model run on its test split,
+    as its training scored it; None for an image run."""
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    if cfg.task != "lm":
+        return None
+    if data_root:
+        cfg.data.root = data_root
+    model, _, state = load_lm_run(run_dir)
+    data = prepare_text(cfg, run, resume=True)
+    device = resolve_device(cfg)
+    loss, acc = score_tokens(model.to(device), data.streams["test"], cfg.lm.seq_len, cfg.eval_batch_size,
+                             device, state.precision or "fp32")
+    return loss, acc, len(data.streams["test"]) - 1
