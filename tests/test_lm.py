@@ -48,6 +48,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
     write_corpus(root)
     assert main(["train", *lm_args(root), "--out", str(root / "base")]) == 0
+    (write_corpus(root, "binary") / "doc007.txt").write_bytes(b"\xff\xfe not text")  # for the bad cases
+    write_corpus(root, "tiny", documents=3)
     return root
 
 
@@ -210,6 +212,12 @@ def _bad_lm_cases(root: str):
     yield ["uptrain", base, "--distill", "-1", "--out", f"{root}/u"]
     yield ["uptrain", base, "--tokens", "-3", "--out", f"{root}/u"]
     yield ["uptrain", f"{root}/no-such-run", "--out", f"{root}/u"]
+    yield ["train", *lm_args(Path(root)), "--data", "binary"]  # a document that is not UTF-8
+    yield ["train", *lm_args(Path(root)), "--data", "tiny"]  # too few documents for three splits
+    yield ["train", *lm_args(Path(root)), "--lm.seq_len", "100000"]  # windows longer than the split
+    yield ["analyze", base]
+    yield ["finetune", base, "--out", f"{root}/f"]
+    yield ["uptrain", base, "--out", base]  # onto the finished teacher itself
 
 
 BAD_LM_CASES = list(_bad_lm_cases("/ROOT"))
@@ -222,3 +230,8 @@ def test_bad_language_model_input_gets_one_error_line_and_changes_nothing(traine
     before = snapshot(trained)
     _check(capsys, [a.replace("/ROOT", str(trained)) for a in argv])
     assert snapshot(trained) == before
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(trained):
+    assert main(["train", *lm_args(trained), "--data", "missing-corpus", "--out", str(trained / "new")]) == 2
+    assert not (trained / "new").exists()

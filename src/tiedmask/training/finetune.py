@@ -34,6 +34,9 @@ def pretrained_defaults(run) -> dict:
     """Config values a fine-tune inherits from the pre-trained `run` (a RunDir): its model,
     and its input shape, to which the new dataset's images are adapted."""
     cfg = run.read_config()
+    if cfg.task != "image":
+        raise ConfigError(f"{run.path} is a language-model run; `tiedmask uptrain` trains it on (finetune takes "
+                          "image runs)")
     stats = run.read_stats()
     channels, size = (stats.channels, stats.size) if stats else _legacy_shape(run)
     return {"model": dataclasses.asdict(cfg.model), "data": {"channels": channels, "image_size": size},

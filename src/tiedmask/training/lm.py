@@ -235,10 +235,10 @@ def lm_epoch(model, runner, teacher, optimizer, stream, cfg: TrainConfig, device
     return out
 
 
-def train_lm(cfg: TrainConfig, out=None, resume: bool = False, log=print) -> Result:
-    """Train a language-model config; write the run to `out` when given (resuming it when `resume`)."""
-    device = resolve_device(cfg)
-    ctx = Dist()
+def train_lm(cfg: TrainConfig, out, resume: bool, log, device: torch.device) -> Result:
+    """Train a language-model config on `device` (`training.train.train` calls this); write the
+    run to `out` when given (resuming it when `resume`)."""
+    ctx = Dist()  # one process
     run = open_run(out, resume, ctx)
     if run is not None and resume and run.is_finished():
         log(f"{run.path} is already finished; its result stands")

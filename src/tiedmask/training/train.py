@@ -339,16 +339,18 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
     Started by torchrun (WORLD_SIZE > 1), the processes train one model data-parallel
     (see `tiedmask.training.distributed`); rank 0 writes the run and logs.
     """
-    if cfg.task == "lm":
-        from .lm import train_lm  # imported here: it builds on this module's parts
-
-        return train_lm(cfg, out, resume, log)
     device = resolve_device(cfg)
     ctx = setup_distributed(device.type, cfg.batch_size)
     new_folder = out is not None and ctx.is_main and not Path(out).exists()
     try:
         if device.type == "cuda" and ctx.enabled:
             device = torch.device("cuda", ctx.local_rank)
+        if cfg.task == "lm":
+            if ctx.enabled:
+                raise ConfigError("language-model runs train in one process; start them without torchrun")
+            from .lm import train_lm  # imported here: it builds on this module's parts
+
+            return train_lm(cfg, out, resume, log, device)
         return _train(cfg, out, resume, dataset, log if ctx.is_main else (lambda *_: None), ctx, device)
     except BaseException:
         if new_folder:  # a run that failed before writing anything (missing data) leaves no folder
