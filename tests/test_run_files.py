@@ -7,6 +7,7 @@ import io
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,33 @@ def test_a_tie_header_of_the_wrong_kind_is_one_error(tmp_path, header):
     save_file(load_file(path), path, metadata={METADATA_KEY: header})
     with pytest.raises(TiedmaskError):
         load_tied(stack(), path)
+
+
+STORE_TEMPLATE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "stores" / "precision-bf16.results.jsonl"
+bad_record_values = {
+    "test_acc": st.one_of(st.just(float("nan")), st.text(max_size=4), st.just(1.5), st.just(-0.2), st.none()),
+    "params": not_a_count, "seed": st.one_of(st.text(max_size=3), st.floats(allow_nan=False), st.none()),
+    "status": st.one_of(st.sampled_from(["done", "OK", ""]), st.integers(), st.none()),
+    "train_time_s": st.one_of(st.just(float("inf")), st.just(-3.0), st.text(max_size=3)),
+    "config": st.one_of(st.text(max_size=4), st.integers(), st.lists(st.integers(), max_size=2)),
+    "variant": st.one_of(st.integers(), st.none(), st.lists(st.text(max_size=2), max_size=2)),
+}
+
+
+@EXAMPLES
+@given(st.sampled_from(sorted(bad_record_values)).flatmap(lambda f: st.tuples(st.just(f), bad_record_values[f])))
+def test_a_results_record_of_the_wrong_kind_is_skipped_with_a_warning_naming_it(tmp_path, field_value):
+    """`report` keeps the good records and names the damaged line; no NaN or wrong type reaches a table."""
+    field, value = field_value
+    first, second = [json.loads(line) for line in STORE_TEMPLATE.read_text().splitlines()[:2]]
+    second[field] = value
+    store = Path(tempfile.mkdtemp(dir=tmp_path))
+    (store / "results.jsonl").write_text(json.dumps(first) + "\n" + json.dumps(second) + "\n")
+    before = (store / "results.jsonl").read_bytes()
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = main(["report", str(store)])
+    assert code == 0, err.getvalue()
+    assert "line 2 is a damaged results record" in err.getvalue() and field in err.getvalue()
+    assert "nan" not in out.getvalue().lower()
+    assert (store / "results.jsonl").read_bytes() == before

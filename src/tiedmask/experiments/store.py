@@ -31,6 +31,7 @@ from typing import Iterator
 
 from ..errors import ConfigError, TiedmaskError
 from ..files import read_json, writable_folder
+from ..training.run_schema import record_problem
 from ..training.settings import config_from_dict, config_hash, config_to_dict
 
 FINISHED = ("ok", "diverged")
@@ -126,6 +127,10 @@ class ResultsStore:
                     raise ValueError("no config_hash")
             except ValueError:
                 warn(f"warning: {self.path} line {number} is not a results record; skipped")
+                continue
+            problem = record_problem(record)
+            if problem:
+                warn(f"warning: {self.path} line {number} is a damaged results record ({problem}); skipped")
                 continue
             yield record
 

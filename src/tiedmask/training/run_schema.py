@@ -8,6 +8,7 @@ tensor file outside the run folder, a NaN accuracy).
     check_metrics(text, path)        metrics.jsonl (rows; a torn last line is left out)
     check_data_stats(values, path)   data.json
     check_result(values, path)       result.json
+    record_problem(record)           a line of a results store's results.jsonl
 """
 
 from __future__ import annotations
@@ -167,6 +168,16 @@ RESULT_FIELDS = {  # the fields a caller reads; others of Result are optional or
     "train_time_s": (_seconds, "a finite number of seconds >= 0"),
     "img_per_s": (_seconds, "a finite number >= 0"),
     "config_hash": (lambda v: isinstance(v, str), "a hash"),
+    "test_loss": (_loss, "a loss >= 0, or NaN"),  # language-model runs
+    "test_ppl": (_seconds, "a finite number >= 0"),
+    "val_ppl": (_seconds, "a finite number >= 0"),
+    "tokens_per_s": (_seconds, "a finite number >= 0"),
+}
+RECORD_FIELDS = {  # a results-store record: the run's Result (when finished) and how a sweep asked for it
+    "status": (lambda v: v in ("ok", "diverged", "failed"), "'ok', 'diverged' or 'failed'"),
+    "variant": (lambda v: isinstance(v, str), "a label"),
+    "seed": (_is_int, "a whole number"),
+    "config": (lambda v: isinstance(v, dict), "a mapping of settings"),
 }
 
 
@@ -192,3 +203,13 @@ def _check_fields(values: dict, fields: dict, where: str, fix: str) -> None:
     for field, (check, what) in fields.items():
         if field in values and not check(values[field]):
             raise TiedmaskError(f"{where} is damaged ({field} is {_shown(values[field])}, not {what}); {fix}")
+
+
+def record_problem(record: dict) -> str:
+    """Why a results-store record cannot be used ("" if it can): a field of the wrong type, or
+    a finished run's number out of range (a NaN accuracy would pass into tables unseen)."""
+    fields = {**RECORD_FIELDS, **(RESULT_FIELDS if record.get("status") == "ok" else {})}
+    for field, (check, what) in fields.items():
+        if field in record and not check(record[field]):
+            return f"{field} is {_shown(record[field])}, not {what}"
+    return ""  # fields are checked where present: records of older versions lack some, and keep counting
