@@ -91,3 +91,37 @@ def test_the_help_lists_every_setting_in_its_section():
     for key, _ in nested_fields(TrainConfig):
         section, _, leaf = key.rpartition(".")
         assert leaf in (listed.get(section, set()) if section else top), key
+
+
+def test_ctrl_c_in_a_sweep_names_the_sweep_command_to_continue(tmp_path, monkeypatch, capsys):
+    from tiedmask.experiments import sweep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_jobs", interrupted)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("base: {data: digits, model: tied-resnet-xs, epochs: 1}\nseeds: [0]\n")
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "store")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tiedmask sweep GRID --out STORE" in err[0] and "--resume" not in err[0]
+
+
+def test_ctrl_c_after_the_command_finished_keeps_its_exit_code(monkeypatch):
+    """The console entry: a Ctrl-C between the command's end and the exit ends it cleanly."""
+    import signal
+
+    from tiedmask import cli
+
+    def finished_then_interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", finished_then_interrupted)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run()
+        assert exit_info.value.code == 130
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

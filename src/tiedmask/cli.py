@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -343,6 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CONTINUE_AFTER_INTERRUPT = {  # how to go on after Ctrl-C, by command
+    "train": "a run with --out continues with `tiedmask train --resume DIR`",
+    "finetune": "a run with --out continues with `tiedmask train --resume DIR`",
+    "uptrain": "the run continues with `tiedmask train --resume DIR` (DIR: its --out)",
+    "sweep": "the same `tiedmask sweep GRID --out STORE` continues: finished runs stay, interrupted ones resume",
+    "bench": "the same `tiedmask bench` command continues from its finished runs",
+}
+
+
+def run() -> None:
+    """The console command: exits with `main`'s code. A Ctrl-C that arrives after the command
+    finished (its result is written) changes nothing, rather than ending the process by the signal."""
+    try:
+        code = main()
+    except KeyboardInterrupt:  # between the command's end and here
+        code = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -358,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; a run with --out continues with `tiedmask train --resume DIR`",
+        print(f"error: interrupted; {CONTINUE_AFTER_INTERRUPT.get(args.command, 'nothing was left half-written')}",
               file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
@@ -367,4 +388,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
