@@ -1,3 +1,6 @@
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from tiedmask.experiments.bench import VARIANTS, bench_jobs, write_bench_report
@@ -83,3 +86,28 @@ def test_store_survives_new_config_fields(tmp_path):
     assert record["config_hash"] == config_hash(config_from_dict(old_config))
     assert store.run_dir_of(record) == tmp_path / "runs" / "old-hash"
     assert json.loads(store.path.read_text())["config_hash"] == "old-hash"  # the file is untouched
+
+
+def test_time_budget_reports_say_what_the_runs_did():
+    """One run: its number alone (no '± 0.00'); passes over the data as trained, fractional;
+    variants whose throughput differs several-fold at equal time are flagged."""
+    records = [{"variant": "tied-multi", "budget": "equal-time-60s", "status": "ok", "test_acc": 0.6,
+                "img_per_s": 100.0, "epochs": 3, "data_epochs": 2.4, "params": 5, "seed": 0},
+               {"variant": "deq-anderson-implicit", "budget": "equal-time-60s", "status": "ok", "test_acc": 0.4,
+                "img_per_s": 10.0, "epochs": 1, "data_epochs": 0.3, "params": 5, "seed": 0}]
+    report = write_bench_report(records, Path(tempfile.mkdtemp()), "t")
+    assert "± 0.00" not in report and "60.00" in report
+    assert "2.40" in report and "0.30" in report
+    assert "flag: in equal-time-60s, tied-multi trained 10.0x as many img/s as deq-anderson-implicit" in report
+
+
+def test_a_clock_that_stops_an_epoch_counts_the_part_it_trained(tmp_path):
+    from tiedmask.training.settings import load_config
+    from tiedmask.training.train import train
+
+    cfg = load_config(overrides=["--data", "digits", "--model", "tied-resnet-xs", "--width", "4", "--depth", "1",
+                                 "--epochs", "50", "--time_budget_s", "0.5", "--progress", "false",
+                                 "--precision", "fp32", "--batch_size", "32"])
+    result = train(cfg, log=lambda *_: None)
+    assert 0 < result.data_epochs <= result.epochs
+    assert result.s_per_epoch == pytest.approx(result.train_time_s / result.data_epochs)

@@ -107,12 +107,36 @@ def run_bench(preset: str, out: str | Path, workers: int = 1, threads: int = 0, 
     return write_bench_report(records, Path(out), preset), records
 
 
+SPEED_MISMATCH = 3.0  # img/s ratio within one time budget that the report calls out
+
+
+def speed_mismatches(rows: list[dict]) -> list[str]:
+    """A flag per equal-time budget whose variants trained at very different speeds: there the
+    comparison says more about throughput (or about runs sharing the machine) than about models."""
+    lines = []
+    for budget in sorted({r["budget"] for r in rows if r["budget"] != "equal-epochs"}):
+        speeds = {r["variant"]: r["img_per_s"][0] for r in rows if r["budget"] == budget and r.get("img_per_s")}
+        if len(speeds) > 1 and min(speeds.values()) > 0:
+            fast, slow = max(speeds, key=speeds.get), min(speeds, key=speeds.get)
+            ratio = speeds[fast] / speeds[slow]
+            if ratio >= SPEED_MISMATCH:
+                lines.append(f"- flag: in {budget}, {fast} trained {ratio:.1f}x as many img/s as {slow} "
+                             f"({speeds[fast]:.0f} against {speeds[slow]:.0f}): at equal time that gap decides "
+                             "more than the models do; check that the runs did not share the machine")
+    return lines + ([""] if lines else [])
+
+
 def write_bench_report(records: list[dict], out: Path, title: str) -> str:
     by = ("budget", "variant")
     rows = summarize(records, by)
-    metrics = ("test_acc", "final_train_loss", "s_per_epoch", "train_time_s", "epochs",
+    metrics = ("test_acc", "final_train_loss", "s_per_epoch", "train_time_s", "epochs", "data_epochs",
                "img_per_s", "peak_mem_mb", "fwd_iters", "fwd_rel_residual", "bwd_iters")
     lines = [f"# bench: {title}", "", markdown_table(rows, by, metrics), ""]
+    if any(r["budget"] != "equal-epochs" for r in rows):
+        lines += ["Under a time budget the clock may stop an epoch part-way: `epochs` counts the epochs "
+                  "begun, `passes over the data` the images trained on over the training set's size, "
+                  "and s / epoch is the time per pass.", ""]
+    lines += speed_mismatches(rows)
     epoch_rows = [r for r in rows if r["budget"] == "equal-epochs"]
     for deq in ("deq-anderson-implicit", "deq-anderson-phantom"):
         ratio = speed_ratio(epoch_rows, deq, "tied-multi")

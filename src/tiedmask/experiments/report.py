@@ -23,6 +23,7 @@ METRICS = {  # key: (column title, scale, digits)
     "img_per_s": ("img/s", 1.0, 0),
     "peak_mem_mb": ("peak mem (MB)", 1.0, 0),
     "epochs": ("epochs", 1.0, 1),
+    "data_epochs": ("passes over the data", 1.0, 2),  # fractional where a clock stopped an epoch
     "macs_effective": ("effective MMACs/img", 1e-6, 1),
     "cka_offdiag_mean": ("mean off-diagonal CKA", 1.0, 3),
     "test_ppl": ("test perplexity", 1.0, 2),  # language-model runs
@@ -70,11 +71,12 @@ def flagged(records: list[dict]) -> list[str]:
             for r in records if r.get("status") == "ok" and r.get("warning")]
 
 
-def fmt(pair, scale=1.0, digits=2) -> str:
+def fmt(pair, scale=1.0, digits=2, single: bool = False) -> str:
+    """'mean ± std'; the mean alone for a `single` run (it has no spread to show)."""
     if not pair:
         return "–"
     mean, std = pair
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f}" + ("" if single else f" ± {std * scale:.{digits}f}")
 
 
 def markdown_table(rows: list[dict], by: tuple[str, ...], metrics=tuple(METRICS)) -> str:
@@ -85,7 +87,7 @@ def markdown_table(rows: list[dict], by: tuple[str, ...], metrics=tuple(METRICS)
         runs = f"{r['n']}" + (f" (+{r['failed']} failed)" if r["failed"] else "")
         params = f"{r['params']:,}" if r.get("params") else "–"
         cells = [str(r.get(k)) for k in by] + [params, runs]
-        cells += [fmt(r.get(m), *METRICS.get(m, (m, 1.0, 3))[1:]) for m in shown]
+        cells += [fmt(r.get(m), *METRICS.get(m, (m, 1.0, 3))[1:], single=r["n"] < 2) for m in shown]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -172,6 +172,7 @@ RESULT_FIELDS = {  # the fields a caller reads; others of Result are optional or
     "test_ppl": (_seconds, "a finite number >= 0"),
     "val_ppl": (_seconds, "a finite number >= 0"),
     "tokens_per_s": (_seconds, "a finite number >= 0"),
+    "data_epochs": (_seconds, "a finite number >= 0"),
 }
 RECORD_FIELDS = {  # a results-store record: the run's Result (when finished) and how a sweep asked for it
     "status": (lambda v: v in ("ok", "diverged", "failed"), "'ok', 'diverged' or 'failed'"),

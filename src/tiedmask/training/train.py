@@ -69,6 +69,9 @@ class Result:
     test_ppl: float = 0.0
     val_ppl: float = 0.0
     tokens_per_s: float = 0.0
+    # passes over the training data (images trained on / the epoch's images): fractional where a
+    # time budget stopped the last epoch part-way; s_per_epoch is train_time_s per pass
+    data_epochs: float = 0.0
     solver: dict = dataclasses.field(default_factory=dict)  # DEQ: mean iterations, residuals
 
     def to_dict(self) -> dict:
@@ -453,12 +456,13 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
         if ep.out_of_time:
             log(f"time budget of {cfg.time_budget_s:.0f}s spent after epoch {epoch}")
             break
+    passes = state.images / (steps_per_epoch * cfg.batch_size) or float(state.epoch)  # older checkpoints: no count
     result = Result(
         status=status, reason=reason, test_acc=state.last_test_acc, best_test_acc=state.best_test_acc,
         final_train_loss=state.last_train_loss, params=params, trainable_params=trainable,
         macs_dense=macs["dense"], macs_effective=macs["effective"], train_time_s=state.train_time_s,
         img_per_s=state.images / state.train_time_s if state.train_time_s else 0.0,
-        s_per_epoch=state.train_time_s / state.epoch if state.epoch else 0.0,
+        s_per_epoch=state.train_time_s / passes if passes else 0.0, data_epochs=passes,
         epochs=state.epoch, seed=cfg.seed, config_hash=state.config_hash,
         peak_mem_mb=peak_memory_mb(device), hardware=hardware_name(device), precision=state.precision,
         solver=state.solver,
