@@ -81,13 +81,13 @@ def test_the_help_lists_every_setting_in_its_section():
     """`tiedmask train --help` is the settings' reference: a key added to a section must be in it."""
     import re
 
-    from tiedmask.cli import OVERRIDES_HELP
+    from tiedmask.cli import overrides_help
     from tiedmask.training.settings import TrainConfig
     from tiedmask.typed import nested_fields
 
-    listed = {section: set(keys.split()) for section, keys in
-              re.findall(r"([\w.]+) \(([^)]*)\)", " ".join(OVERRIDES_HELP.split()))}
-    top = set(" ".join(OVERRIDES_HELP.split()).split(", and ")[1].split(".")[0].split())
+    text = " ".join(overrides_help().split())
+    listed = {section: set(keys.split()) for section, keys in re.findall(r"([\w.]+) \(([^)]*)\)", text)}
+    top = set(text.split(", and ")[1].split(".")[0].split())
     for key, _ in nested_fields(TrainConfig):
         section, _, leaf = key.rpartition(".")
         assert leaf in (listed.get(section, set()) if section else top), key

@@ -7,23 +7,28 @@ import math
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 from .errors import ArgumentParser, TiedmaskError, error_line
 
-OVERRIDES_HELP = """overrides: --KEY VALUE for any config key, dotted (--model.depth 6) or by its
+def overrides_help() -> str:
+    """The settings reference of `train --help` and `info --help`, generated from the settings
+    dataclasses (a key added to a section appears here by itself)."""
+    from .training.settings import TrainConfig
+    from .typed import nested_fields
+
+    sections: dict[str, list[str]] = {}
+    for key, _ in nested_fields(TrainConfig):
+        section, _, leaf = key.rpartition(".")
+        sections.setdefault(section, []).append(leaf)
+    top = sections.pop("")
+    listed = ", ".join(f"{section} ({' '.join(leaves)})" for section, leaves in sections.items())
+    return f"""overrides: --KEY VALUE for any config key, dotted (--model.depth 6) or by its
 leaf name (--depth 6; a name shared with the model means the model's); --model NAME and
 --data NAME pick a preset and a dataset.
-Sections: model (name cell execution width depth stages norm checkpointing head_pool
-patch_size heads mlp_ratio weight_norm args), model.masks (kind scope density seed nm_m),
-model.deq (solver grad train_iter eval_iter backward_iter tol stop_mode solver_options
-phantom_steps phantom_tau jac_reg), model.tie (blocks init per_application relax relax_rank
-relax_density relax_init group strategy), data (name root download augment train_subset test_subset channels
-image_size val_split classes), optim (name lr weight_decay momentum warmup_epochs
-label_smoothing grad_clip lookahead_every lookahead_decay muon_lr whiten_bias_epochs),
-finetune (init_from method rank alpha n_masks density targets train_head rescale), and epochs time_budget_s batch_size
-eval_batch_size seed device precision channels_last compile eval_tta eval_every threads progress.
-A section path may stand for the whole key (--masks.scope same, --deq.solver_options "{m: 3}");
+{textwrap.fill(f"Sections: {listed}, and {' '.join(top)}.", 92)}
+A section path may stand for the whole key (--masks.scope same, --deq.solver_options "{{m: 3}}");
 the flat keys of 0.1 (--mask_scope, --deq_solver) still work.
 `tiedmask info` shows a resolved model. Data-parallel: `torchrun --nproc_per_node N -m
 tiedmask.cli train ...`."""
@@ -242,6 +247,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .training.settings import recipe_names
+
     parser = ArgumentParser(
         prog="tiedmask", description="Weight-tied vision networks with per-application sparse masks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,12 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser = add_parser
 
-    p = sub.add_parser("train", help="train a model", usage="tiedmask train [CONFIG.yaml | --recipe NAME] [--out DIR | --resume DIR] [--KEY VALUE ...]", epilog=OVERRIDES_HELP,
+    p = sub.add_parser("train", help="train a model", usage="tiedmask train [CONFIG.yaml | --recipe NAME] [--out DIR | --resume DIR] [--KEY VALUE ...]", epilog=overrides_help(),
                        formatter_class=HelpFormatter)
     p.add_argument("--out", help="run directory for config, metrics, checkpoint and result")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
-    p.add_argument("--recipe", metavar="NAME", help="start from a shipped recipe: cifar10-fast "
-                   "(time-to-accuracy, multi-mask tied model under 1M parameters)")
+    p.add_argument("--recipe", metavar="NAME", help="start from a shipped recipe: " + ", ".join(recipe_names())
+                   + " (each YAML file says what it is for)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a trained run on a new dataset (full, lora, multimask_lora)",
@@ -294,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_models)
 
     p = sub.add_parser("info", help="parameters, FLOPs and mask statistics of a config",
-                       epilog=OVERRIDES_HELP, formatter_class=HelpFormatter)
+                       epilog=overrides_help(), formatter_class=HelpFormatter)
     p.add_argument("--image-size", type=int, default=32, help="input side (default 32)")
     p.add_argument("--channels", type=int, default=3, help="input channels (default 3)")
     p.set_defaults(fn=cmd_info)
