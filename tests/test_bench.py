@@ -111,3 +111,14 @@ def test_a_clock_that_stops_an_epoch_counts_the_part_it_trained(tmp_path):
     result = train(cfg, log=lambda *_: None)
     assert 0 < result.data_epochs <= result.epochs
     assert result.s_per_epoch == pytest.approx(result.train_time_s / result.data_epochs)
+
+
+def test_a_sweep_of_language_models_reports_perplexity(tmp_path):
+    from tiedmask.experiments.report import write_sweep_report
+
+    records = [{"variant": v, "task": "lm", "status": "ok", "test_ppl": ppl, "val_ppl": ppl + 1, "test_acc": 0.3,
+                "tokens_per_s": 1000.0, "params": 7, "seed": s}
+               for v, base in (("tied", 20.0), ("untied", 30.0)) for s, ppl in ((0, base), (1, base + 2))]
+    report = write_sweep_report(records, tmp_path, "lm")
+    assert "test perplexity" in report and "21.00 ± 1.41" in report and "31.00 ± 1.41" in report
+    assert (tmp_path / "ppl_by_variant.png").exists()

@@ -78,8 +78,7 @@ def load_lm_run(run_dir: str | Path) -> tuple[CausalLM, TrainConfig, RunState]:
     if weights is None:
         raise TiedmaskError(f"{run.path} has no checkpoint yet; train it first (`tiedmask train --resume {run.path}`)")
     vocab = load_tokenizer(run.path / TOKENIZER_FILE).get_vocab_size()
-    model = build_causal_lm(dataclasses.replace(cfg.model, execution="untied"), vocab, cfg.lm.seq_len) \
-        if cfg.model.execution == "untied" else _build_for(cfg, vocab, start=False)
+    model = _build_for(cfg, vocab, start=False)  # its own structure; the checkpoint gives the values
     with run._fitting("was config.json edited?"):
         model.load_state_dict(weights)
     return model, cfg, state
@@ -277,6 +276,7 @@ def train_lm(cfg: TrainConfig, out, resume: bool, log, device: torch.device) -> 
             break
         ep = lm_epoch(model, runner, teacher, optimizer, train_stream, cfg, device, epoch, state,
                       (total_steps, warmup), time_left)
+        # RunState.images counts the training tokens of a language-model run
         state.step, state.train_time_s, state.images = ep.step, state.train_time_s + ep.seconds, \
             state.images + ep.tokens
         if ep.failure:
