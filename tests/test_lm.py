@@ -5,6 +5,7 @@ changes nothing against the untied teacher, Hugging Face's own loading of a save
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -215,7 +216,6 @@ def _bad_lm_cases(root: str):
     yield ["train", *lm_args(Path(root)), "--data", "binary"]  # a document that is not UTF-8
     yield ["train", *lm_args(Path(root)), "--data", "tiny"]  # too few documents for three splits
     yield ["train", *lm_args(Path(root)), "--lm.seq_len", "100000"]  # windows longer than the split
-    yield ["analyze", base]
     yield ["finetune", base, "--out", f"{root}/f"]
     yield ["uptrain", base, "--out", base]  # onto the finished teacher itself
 
@@ -235,3 +235,26 @@ def test_bad_language_model_input_gets_one_error_line_and_changes_nothing(traine
 def test_a_run_that_fails_before_training_leaves_no_folder(trained):
     assert main(["train", *lm_args(trained), "--data", "missing-corpus", "--out", str(trained / "new")]) == 2
     assert not (trained / "new").exists()
+
+
+def test_layer_cka_of_a_run_is_the_cka_of_its_layers_outputs(trained, capsys):
+    """Against the layers' outputs caught by forward hooks (not through output_hidden_states)."""
+    from tiedmask.analysis.cka import MinibatchCKA
+    from tiedmask.analysis.lm_cka import TOKENS_PER_BATCH, layer_cka
+
+    model, _, _ = load_lm_run(trained / "base")
+    stream = torch.randint(0, 200, (4 * 32,))
+    caught = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: caught.append(o[0] if isinstance(o, tuple) else o))
+             for layer in model.net.model.layers]
+    with torch.no_grad():
+        model(stream.view(4, 32))
+    for h in hooks:
+        h.remove()
+    reference = MinibatchCKA(3)
+    reference.update([c.reshape(-1, c.shape[-1])[:TOKENS_PER_BATCH] for c in caught[:3]])  # the last is normed
+    matrix = layer_cka(model, stream, 32, 128)
+    assert torch.allclose(matrix[:3, :3], reference.compute(), atol=1e-6)
+    assert main(["analyze", str(trained / "base"), "--images", "128"]) == 0
+    assert "test tokens" in capsys.readouterr().out
+    shutil.rmtree(trained / "base" / "analysis")  # the shared run stays as the other tests expect it

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..files import writable_folder
 from ..plots import plot_heatmap
 from ..training.data import fixed_subset, normalize
-from ..training.rundir import load_trained
+from ..training.rundir import RunDir, load_trained
 from .cka import MinibatchCKA
 from .states import relative_changes, stage_states
 
@@ -71,14 +71,23 @@ def analyze_model(model, x_uint8: torch.Tensor, mean, std, batch_size: int = 250
 
 
 def analyze_run(run_dir: str | Path, images: int = 1000, data_root: str = "") -> dict:
+    """Analyse a run (a language-model run: CKA between its layers over `images` test tokens)."""
     run_dir = Path(run_dir)
-    model, cfg, data = load_trained(run_dir, data_root)
-    out = writable_folder(run_dir / "analysis", "copy the run somewhere writable and analyze that copy")
-    x, _ = fixed_subset(data.test_x, data.test_y, images)  # of the run's own test images
-    mean, std = data.stats.tensors()
-    result = analyze_model(model, x, mean, std)
+    cfg = RunDir(run_dir).read_config()
+    if cfg.task == "lm":
+        from .lm_cka import analyze_lm_run  # needs transformers
+
+        result = analyze_lm_run(run_dir, images, data_root)
+        out = writable_folder(run_dir / "analysis", "copy the run somewhere writable and analyze that copy")
+        label = "layer"
+    else:
+        model, cfg, data = load_trained(run_dir, data_root)
+        out = writable_folder(run_dir / "analysis", "copy the run somewhere writable and analyze that copy")
+        x, _ = fixed_subset(data.test_x, data.test_y, images)  # of the run's own test images
+        mean, std = data.stats.tensors()
+        result = analyze_model(model, x, mean, std)
+        label = "solver iteration" if cfg.model.execution == "equilibrium" else "application"
     m = cfg.model
-    label = "solver iteration" if m.execution == "equilibrium" else "application"
     for s, matrix in enumerate(result["cka"]):
         plot_heatmap(matrix, out / f"cka_stage{s}.png",
                      f"{m.name} {m.execution} {m.masks.scope} d={m.masks.density}: CKA, stage {s}", label)
@@ -90,7 +99,7 @@ def analyze_run(run_dir: str | Path, images: int = 1000, data_root: str = "") ->
 def summary_markdown(result: dict, cfg, images: int) -> str:
     m = cfg.model
     lines = [f"# analysis: {m.name}, {m.execution}, masks {m.masks.kind}/{m.masks.scope} at density {m.masks.density}",
-             "", f"CKA (minibatch unbiased, linear) over {images} test images.", "",
+             "", f"CKA (minibatch unbiased, linear) over {images} test {result.get('samples', 'images')}.", "",
              "| stage | states | mean off-diagonal CKA | mean adjacent CKA | relative change first → last |",
              "|---|---:|---:|---:|---|"]
     for s, matrix in enumerate(result["cka"]):

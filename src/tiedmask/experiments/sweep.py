@@ -208,7 +208,8 @@ def add_cka(records: list[dict], store: ResultsStore, log=print) -> list[dict]:
     out = []
     for record in records:
         if record.get("status") == "ok" and "cka_offdiag_mean" not in record:
-            result = analyze_run(store.run_dir_of(record), images=500)
+            samples = 4096 if record.get("task") == "lm" else 500  # test tokens of a language model, else images
+            result = analyze_run(store.run_dir_of(record), images=samples)
             stages = result["cka_offdiag_mean"]
             record = {**record, "cka_offdiag_mean": sum(stages) / len(stages),
                       "cka_adjacent_mean": sum(result["cka_adjacent_mean"]) / len(stages)}

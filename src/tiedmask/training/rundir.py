@@ -191,8 +191,8 @@ def load_trained(run_dir: str | Path, data_root: str = "", device: str | torch.d
     run = RunDir(run_dir)
     cfg = run.read_config()
     if cfg.task != "image":
-        raise ConfigError(f"{run.path} is a language-model run: `tiedmask eval` scores it and `tiedmask uptrain` "
-                          "ties it; analyze and finetune take image runs")
+        raise ConfigError(f"{run.path} is a language-model run: `tiedmask eval` scores it, `tiedmask analyze` "
+                          "compares its layers and `tiedmask uptrain` ties it; finetune takes image runs")
     if data_root:
         cfg.data.root = data_root
     data = prepare_data(cfg.data, stats=run.read_stats(), train=train_data)
