@@ -15,7 +15,6 @@ benchmarks/results/tie_decoder.json.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time

@@ -246,7 +246,8 @@ def test_plan_says_what_a_sweep_would_do_and_changes_nothing(tmp_path, capsys):
     begun = store.run_dir(digest["d3"])
     begun.mkdir(parents=True)
     (begun / "config.json").write_text("{}")
-    (begun / "checkpoint.json").write_text(json.dumps({"epoch": 2}))
+    (begun / "checkpoint.json").write_text(json.dumps({"epoch": 2, "config_hash": "abc123",
+                                                        "tensor_file": "checkpoint-2.safetensors"}))
     held = store.run_dir(digest["d6"])
     held.mkdir(parents=True)
     lock = os.open(held / ".claim", os.O_RDWR | os.O_CREAT)

@@ -10,7 +10,6 @@ and `relax_init: svd` start from the trained blocks.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -38,17 +37,6 @@ def _transformers():
     except ImportError:
         raise ConfigError("language-model runs need transformers: pip install 'tiedmask[hf]'") from None
     return transformers
-
-
-def is_hf_folder(path: Path) -> bool:
-    """A folder of `save_pretrained` (its config names a model type), not a tiedmask run."""
-    config = Path(path) / "config.json"
-    if not config.is_file() or (Path(path) / "checkpoint.json").exists():
-        return False
-    try:
-        return "model_type" in json.loads(config.read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def build_causal_lm(cfg: ModelConfig, vocab_size: int, seq_len: int,

@@ -13,7 +13,6 @@ import contextvars
 import dataclasses
 from typing import Callable
 
-import torch
 
 from ..errors import ConfigError
 from ..typed import from_dict

@@ -19,6 +19,8 @@ from pathlib import Path
 import yaml
 
 from ..files import atomic_write, read_json
+from ..training.checkpoint import CHECKPOINT_FILE
+from ..training.rundir import REQUEST_FILE, RESULT_FILE, RunDir
 from ..training.settings import config_from_dict, config_hash, config_to_dict
 from ..training.train import Result
 from .store import FINISHED, ResultsStore
@@ -86,7 +88,7 @@ def _copy_run(source: Path, target: Path) -> None:
             shutil.rmtree(item) if item.is_dir() else item.unlink()
     if not source.is_dir():
         return  # the record stands alone; eval and analyze need the folder
-    last = ("checkpoint.json", "result.json")
+    last = (CHECKPOINT_FILE, RESULT_FILE)
     for item in sorted(source.iterdir(), key=lambda item: item.name in last):
         if item.name == ".claim":
             continue
@@ -133,7 +135,7 @@ def run_jobs(jobs: list[Job], store: ResultsStore, workers: int = 1, threads: in
 
 def resumable(run_dir: Path) -> bool:
     """Whether a local run resumes from `run_dir` rather than starting over."""
-    return (run_dir / "config.json").exists() and (run_dir / "checkpoint.json").exists()
+    return RunDir(run_dir).resumable()
 
 
 def _run_one(job: Job, values: dict, digest: str, store: ResultsStore, threads: int,
@@ -142,13 +144,12 @@ def _run_one(job: Job, values: dict, digest: str, store: ResultsStore, threads: 
     run_dir.mkdir(parents=True, exist_ok=True)
     base = record_header(job, values, digest, str(run_dir.relative_to(store.root)))
     values = {**values, "threads": threads, "progress": False}
-    config_file = run_dir / "requested.yaml"
+    config_file = run_dir / REQUEST_FILE
     atomic_write(config_file, yaml.safe_dump(values).encode())
     if resumable(run_dir):
         args = ["train", "--resume", str(run_dir)]
     else:
-        for stale in ("config.json", "metrics.jsonl"):  # a run that died before its first epoch
-            (run_dir / stale).unlink(missing_ok=True)
+        RunDir(run_dir).remove_unstarted()
         args = ["train", str(config_file), "--out", str(run_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     start = time.time()
@@ -158,6 +159,6 @@ def _run_one(job: Job, values: dict, digest: str, store: ResultsStore, threads: 
         tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
     except subprocess.TimeoutExpired:
         tail = f"timed out after {timeout_s:.0f}s"
-    if (run_dir / "result.json").exists():
-        return {**read_json(run_dir / "result.json"), **base, "wall_s": time.time() - start}
+    if RunDir(run_dir).is_finished():
+        return {**read_json(run_dir / RESULT_FILE), **base, "wall_s": time.time() - start}
     return {**base, "status": "failed", "reason": tail[-500:], "wall_s": time.time() - start}

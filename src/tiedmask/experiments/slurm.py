@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..training.rundir import RunDir
 from ..training.settings import config_from_dict
 from .runner import record_header, records_of, resolve_jobs, take_finished
 from .store import ResultsStore
@@ -22,7 +23,7 @@ def train_job(values: dict, store_root: str, digest: str) -> dict:
         if not mine:
             return {"status": SKIPPED}
         run_dir = store.run_dir(digest)
-        resume = (run_dir / "checkpoint.json").exists()
+        resume = RunDir(run_dir).resumable()
         return train(config_from_dict(values), out=run_dir, resume=resume, log=lambda *a: None).to_dict()
 
 

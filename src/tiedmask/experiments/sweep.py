@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..analysis.analyze import analyze_run
 from ..errors import ConfigError, TiedmaskError
-from ..files import read_json
+from ..training.rundir import RunDir
 from ..training.settings import config_from_dict, config_hash, drop_old_spelling, read_yaml, resolve_key
 from .runner import Job, resolve_jobs, resumable, run_jobs
 from .store import FINISHED, ResultsStore
@@ -190,7 +190,7 @@ def plan_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
             state, plan = "reuse", f"reuse {reusable[digest]}"
         elif resumable(run_dir):
             try:
-                epoch = read_json(run_dir / "checkpoint.json").get("epoch", 0)
+                epoch = RunDir(run_dir).checkpoint_epoch()
                 state, plan = "resume", f"resume after epoch {epoch}"
             except (TiedmaskError, AttributeError):
                 state, plan = "resume", "resume (its checkpoint.json cannot be read: delete the folder to start over)"

@@ -16,6 +16,12 @@ from ..errors import TiedmaskError
 from ..files import atomic_write, atomic_write_json, read_json
 from .run_schema import check_checkpoint
 
+CHECKPOINT_FILE = "checkpoint.json"
+
+
+def tensor_file_name(epoch: int) -> str:
+    return f"checkpoint-{epoch}.safetensors"
+
 
 def _split_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
@@ -60,9 +66,9 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, state: dic
     tensors, aliases = _without_aliases({f"model.{k}": v for k, v in model.state_dict().items()})
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
-    tensor_file = f"checkpoint-{state['epoch']}.safetensors"
+    tensor_file = tensor_file_name(state["epoch"])
     atomic_write(run_dir / tensor_file, save(tensors))
-    previous = run_dir / "checkpoint.json"
+    previous = run_dir / CHECKPOINT_FILE
     old_file = read_json(previous).get("tensor_file") if previous.exists() else None
     atomic_write_json(previous, {**state, "tensor_file": tensor_file, "optimizer": opt_meta,
                                  **({"aliases": aliases} if aliases else {})})
@@ -73,7 +79,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer, state: dic
 def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict | None, dict]:
     """(model state_dict, optimizer state_dict or None, JSON state) of a run directory."""
     run_dir = Path(run_dir)
-    meta = check_checkpoint(read_json(run_dir / "checkpoint.json"), run_dir)
+    meta = check_checkpoint(read_json(run_dir / CHECKPOINT_FILE), run_dir)
     path = run_dir / meta["tensor_file"]  # a plain file name of this epoch (checked)
     try:
         tensors = load_file(path)

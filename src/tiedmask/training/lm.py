@@ -12,6 +12,7 @@ Perplexity = exp(mean nats per token). `tokens_per_s` counts training tokens per
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -22,9 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..core.backbones import count_params
-from ..core.causal_lm import CausalLM, build_causal_lm, is_hf_folder
+from ..core.causal_lm import CausalLM, build_causal_lm
 from ..errors import ConfigError, TiedmaskError
 from ..files import atomic_write_json, read_json
+from .checkpoint import CHECKPOINT_FILE
 from .corpus import load_corpus
 from .datasets import default_root
 from .distributed import Dist
@@ -37,6 +39,17 @@ from .train import (Result, choose_precision, epoch_generator, hardware_name, lr
 
 
 # ---------------------------------------------------------------- data and models
+
+def is_hf_folder(path: Path) -> bool:
+    """A folder of `save_pretrained` (its config names a model type), not a tiedmask run."""
+    config = Path(path) / "config.json"
+    if not config.is_file() or (Path(path) / CHECKPOINT_FILE).exists():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
 
 def prepare_text(cfg: TrainConfig, run: RunDir | None, resume: bool) -> TokenData:
     """The corpus in token ids, with the tokenizer this run uses: its own when resumed, the one
@@ -74,9 +87,9 @@ def load_lm_run(run_dir: str | Path) -> tuple[CausalLM, TrainConfig, RunState]:
     cfg = run.read_config()
     if cfg.task != "lm":
         raise ConfigError(f"{run.path} is an image run; a language-model run is needed here")
-    weights, _, state = run.load_checkpoint() if (run.path / "checkpoint.json").exists() else (None, None, None)
-    if weights is None:
+    if not run.has_checkpoint():
         raise TiedmaskError(f"{run.path} has no checkpoint yet; train it first (`tiedmask train --resume {run.path}`)")
+    weights, _, state = run.load_checkpoint()
     vocab = load_tokenizer(run.path / TOKENIZER_FILE).get_vocab_size()
     model = _build_for(cfg, vocab, start=False)  # its own structure; the checkpoint gives the values
     with run._fitting("was config.json edited?"):
@@ -256,7 +269,7 @@ def train_lm(cfg: TrainConfig, out, resume: bool, log, device: torch.device) -> 
 
     state = RunState(config_hash=config_hash(cfg))
     if run is not None:
-        if resume and (run.path / "checkpoint.json").exists():
+        if resume and run.has_checkpoint():
             state = run.restore(model, optimizer, cfg)
             log(f"resuming {run.path} after epoch {state.epoch}")
         run.keep_metrics_until(state.epoch)

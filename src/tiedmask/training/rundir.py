@@ -24,16 +24,21 @@ import torch
 from ..core.presets import build_model
 from ..errors import ConfigError, TiedmaskError
 from ..files import atomic_write, atomic_write_json, read_json, writable_folder
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .data import DataStats, RunData, prepare_data
-from .run_schema import check_data_stats, check_metrics, check_result
+from .run_schema import check_checkpoint, check_data_stats, check_metrics, check_result
 from .finetune import attach_adapters
 from .settings import RUNTIME_ONLY, TrainConfig, config_from_dict, config_hash, config_to_dict
 
 TOKENIZER_FILE = "tokenizer.json"  # language-model runs: the tokenizer they were trained with
 CORPUS_FILE = "corpus.json"  # language-model runs: which text, split and tokenized how
-RUN_FILES = {"config.json", "data.json", "metrics.jsonl", "checkpoint.json", "result.json",
-             "requested.yaml", "analysis", TOKENIZER_FILE, CORPUS_FILE}
+CONFIG_FILE = "config.json"
+DATA_FILE = "data.json"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+REQUEST_FILE = "requested.yaml"  # what a sweep asked for
+RUN_FILES = {CONFIG_FILE, DATA_FILE, METRICS_FILE, CHECKPOINT_FILE, RESULT_FILE, REQUEST_FILE, "analysis",
+             TOKENIZER_FILE, CORPUS_FILE}
 
 
 @dataclasses.dataclass
@@ -87,42 +92,59 @@ class RunDir:
             name.startswith("checkpoint-") and name.endswith(".safetensors"))
 
     def has_progress(self) -> bool:
-        return (self.path / "checkpoint.json").exists() or (self.path / "result.json").exists()
+        return self.has_checkpoint() or self.is_finished()
 
     def is_finished(self) -> bool:
-        return (self.path / "result.json").exists()
+        return (self.path / RESULT_FILE).exists()
+
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT_FILE).exists()
+
+    def resumable(self) -> bool:
+        """Whether training continues this folder rather than starting over (one rule for every
+        launcher): its settings and a checkpoint are there."""
+        return (self.path / CONFIG_FILE).exists() and self.has_checkpoint()
+
+    def checkpoint_epoch(self) -> int:
+        """The epoch the checkpoint holds (checked as a resume would read it)."""
+        return check_checkpoint(read_json(self.path / CHECKPOINT_FILE), self.path)["epoch"]
+
+    def remove_unstarted(self) -> None:
+        """The settings and metrics of a run that died before its first checkpoint (it restarts)."""
+        for stale in (CONFIG_FILE, METRICS_FILE):
+            (self.path / stale).unlink(missing_ok=True)
 
     # ------------------------------------------------------------ settings and data
 
     def write_config(self, cfg: TrainConfig) -> None:
-        atomic_write_json(self.path / "config.json", config_to_dict(cfg))
+        atomic_write_json(self.path / CONFIG_FILE, config_to_dict(cfg))
 
     def read_config(self) -> TrainConfig:
-        if not (self.path / "config.json").exists():
+        if not (self.path / CONFIG_FILE).exists():
             raise TiedmaskError(f"{self.path} holds no run to resume or read (no config.json); "
                                 "start one with `tiedmask train --out DIR`")
         try:
-            return config_from_dict(read_json(self.path / "config.json"))
+            return config_from_dict(read_json(self.path / CONFIG_FILE))
         except ConfigError as exc:
             raise ConfigError(f"{self.path}/config.json is not a config this version reads ({exc})") from None
 
     def write_stats(self, stats: DataStats) -> None:
-        atomic_write_json(self.path / "data.json", dataclasses.asdict(stats))
+        atomic_write_json(self.path / DATA_FILE, dataclasses.asdict(stats))
 
     def read_stats(self) -> DataStats | None:
         """The saved data statistics; None for runs from before they were saved."""
-        path = self.path / "data.json"
+        path = self.path / DATA_FILE
         return DataStats.from_dict(check_data_stats(read_json(path), self.path)) if path.exists() else None
 
     # ------------------------------------------------------------ progress
 
     def append_metrics(self, row: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
+        with open(self.path / METRICS_FILE, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def metrics(self) -> list[dict]:
         """One row per finished epoch (a last line torn by a kill while appending is left out)."""
-        path = self.path / "metrics.jsonl"
+        path = self.path / METRICS_FILE
         if not path.exists():
             return []
         try:  # undecodable bytes become U+FFFD: their line is then named as damaged (or torn)
@@ -135,7 +157,7 @@ class RunDir:
     def keep_metrics_until(self, epoch: int) -> None:
         """Drop metrics of epochs after the checkpoint (written by an interrupted run)."""
         rows = [r for r in self.metrics() if r["epoch"] <= epoch]
-        atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+        atomic_write(self.path / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     def save_checkpoint(self, model: torch.nn.Module, optimizer, state: RunState, cfg: TrainConfig) -> None:
         """Weights, optimizer and progress; the settings they were trained with ride along, so
@@ -146,7 +168,7 @@ class RunDir:
         """Load the checkpoint into `model` and `optimizer` after checking that it belongs to
         `cfg`: settings changed since (named), or weights that do not fit, are errors."""
         model_state, optimizer_state, state = self.load_checkpoint()
-        saved = read_json(self.path / "checkpoint.json").get("config")
+        saved = read_json(self.path / CHECKPOINT_FILE).get("config")
         if saved is not None:  # checkpoints of 0.1 hold only an old-style hash: nothing to compare
             with contextlib.suppress(ConfigError):  # read as today's config: keys added since match
                 saved = config_to_dict(config_from_dict(saved))
@@ -175,10 +197,10 @@ class RunDir:
             raise TiedmaskError(f"{self.path}'s checkpoint does not fit its config ({first[:200]}); {fix}") from None
 
     def write_result(self, result: dict) -> None:
-        atomic_write_json(self.path / "result.json", result)
+        atomic_write_json(self.path / RESULT_FILE, result)
 
     def read_result(self) -> dict:
-        return check_result(read_json(self.path / "result.json"), self.path)
+        return check_result(read_json(self.path / RESULT_FILE), self.path)
 
 
 def load_trained(run_dir: str | Path, data_root: str = "", device: str | torch.device = "cpu",
@@ -197,7 +219,7 @@ def load_trained(run_dir: str | Path, data_root: str = "", device: str | torch.d
         cfg.data.root = data_root
     data = prepare_data(cfg.data, stats=run.read_stats(), train=train_data)
     model = attach_adapters(build_model(cfg.model, data.shape), cfg)
-    if not (run.path / "checkpoint.json").exists():
+    if not run.has_checkpoint():
         raise TiedmaskError(f"{run.path} has no checkpoint yet; train it first "
                             f"(`tiedmask train --resume {run.path}`)")
     model_state, _, state = run.load_checkpoint()

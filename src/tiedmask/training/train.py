@@ -395,7 +395,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
 
     state = RunState(config_hash=config_hash(cfg))
     if run is not None:
-        if resume and (run.path / "checkpoint.json").exists():
+        if resume and run.has_checkpoint():
             state = run.restore(model, optimizer, cfg)
             log(f"resuming {run.path} after epoch {state.epoch}")
         elif resume:
