@@ -9,7 +9,8 @@ Prints one row per variant (parameters, trained parameters, test perplexity mean
 seeds, validation perplexity, tokens/s, machine) and the paired comparisons of the grid's
 questions, each with a 95% t-interval of the difference in test perplexity and the verdict rule's
 word (tiedmask.experiments.verdict; lower perplexity is better). Writes
-benchmarks/results/lm_uptrain.json, the plot benchmarks/results/lm_uptrain.png and keeps the
+benchmarks/results/lm_uptrain.json, the plots benchmarks/results/lm_uptrain.png (test perplexity
+against parameters) and lm_teacher_curve.png (the teacher's validation curve), and keeps the
 store's records in benchmarks/results/stores/lm-uptrain.results.jsonl.
 """
 
@@ -109,6 +110,15 @@ def main() -> None:
         interval = "" if diff is None or diff["n"] < 2 else f" [{diff['low']:+.2f}, {diff['high']:+.2f}]"
         print(f"| {a} − {b} | {diff['mean']:+.2f}{interval} | {diff['n']} | {word} |")
     results = ROOT / "benchmarks" / "results"
+    if teacher:
+        from tiedmask.plots import plot_curves
+        from tiedmask.training.rundir import RunDir
+
+        rows_by_epoch = RunDir(args.teacher).metrics()
+        curve = [r["val_ppl"] for r in rows_by_epoch if r.get("val_ppl") is not None]
+        print("\nteacher, validation perplexity by epoch: " + ", ".join(f"{v:.2f}" for v in curve))
+        plot_curves({"teacher (untied, 12 layers)": [curve]}, results / "lm_teacher_curve.png",
+                    "validation perplexity", "python-docs: the teacher's validation perplexity by epoch")
     (results / "lm_uptrain.json").write_text(json.dumps(
         {"teacher": teacher, "variants": rows, "comparisons": comparisons}, indent=1, default=str) + "\n")
     plot(rows, teacher, results / "lm_uptrain.png")

@@ -258,3 +258,45 @@ def test_layer_cka_of_a_run_is_the_cka_of_its_layers_outputs(trained, capsys):
     assert main(["analyze", str(trained / "base"), "--images", "128"]) == 0
     assert "test tokens" in capsys.readouterr().out
     shutil.rmtree(trained / "base" / "analysis")  # the shared run stays as the other tests expect it
+
+
+def _fake_apt(tmp_path: Path, monkeypatch) -> Path:
+    """An `apt-get` on PATH that 'downloads' a small python3.11-doc package built here."""
+    import shutil as sh
+    import subprocess
+
+    if sh.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed")
+    package = tmp_path / "pkg"
+    sources = package / "usr/share/doc/python3.11/html/_sources/library"
+    sources.mkdir(parents=True)
+    for i in range(5):
+        (sources / f"mod{i}.rst.txt").write_text(f"Module {i}\n========\n\nText of module {i}.\n")
+    (package / "DEBIAN").mkdir()
+    (package / "DEBIAN/control").write_text("Package: python3.11-doc\nVersion: 9.9-test\nArchitecture: all\n"
+                                            "Maintainer: t <t@t>\nDescription: test\n")
+    deb = tmp_path / "python3.11-doc_9.9-test_all.deb"
+    subprocess.run(["dpkg-deb", "--build", str(package), str(deb)], check=True, capture_output=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(f"#!/bin/sh\ncp {deb} .\n")
+    (bin_dir / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    return deb
+
+
+def test_fetching_python_docs_unpacks_one_file_a_document_and_checks_the_digest(tmp_path, monkeypatch):
+    from tiedmask.training import corpus
+
+    _fake_apt(tmp_path, monkeypatch)
+    root = tmp_path / "data"
+    folder = corpus.fetch_python_docs(root)
+    assert sorted(p.name for p in folder.glob("*.txt")) == [f"library__mod{i}.txt" for i in range(5)]
+    record = json.loads((folder / corpus.FETCH_RECORD).read_text())
+    assert record["version"] == "9.9-test" and not record["verified"]
+    assert record["sha256"] == corpus.corpus_digest(list(folder.glob("*.txt")))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    monkeypatch.setitem(corpus.PYTHON_DOCS_DIGESTS, "9.9-test", "0" * 64)  # as if the download were damaged
+    with pytest.raises(Exception, match="damaged"):
+        corpus.fetch_python_docs(root)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # the earlier copy stands
