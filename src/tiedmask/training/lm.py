@@ -251,12 +251,9 @@ def train_lm(cfg: TrainConfig, out, resume: bool, log, device: torch.device) -> 
     """Train a language-model config on `device` (`training.train.train` calls this); write the
     run to `out` when given (resuming it when `resume`)."""
     ctx = Dist()  # one process
-    run = open_run(out, resume, ctx)
-    if run is not None and resume and run.is_finished():
-        log(f"{run.path} is already finished; its result stands")
-        return Result(**run.read_result())
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    run, finished = open_run(cfg, out, resume, ctx, log)
+    if finished is not None:
+        return finished
     data = prepare_text(cfg, run, resume)
     torch.manual_seed(cfg.seed)
     model = _build_for(cfg, data.vocab_size).to(device)

@@ -365,12 +365,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
 
 
 def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device: torch.device) -> Result:
-    run = open_run(out, resume, ctx)
-    if run is not None and resume and run.is_finished():
-        log(f"{run.path} is already finished; its result stands")
-        return Result(**run.read_result())
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    run, finished = open_run(cfg, out, resume, ctx, log)
+    if finished is not None:
+        return finished
     saved_stats = run.read_stats() if run is not None and resume else None
     data = prepare_data(cfg.data, stats=saved_stats, dataset=dataset)
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
@@ -476,13 +473,19 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     return result
 
 
-def open_run(out, resume: bool, ctx: Dist) -> RunDir | None:
-    """The run directory of `out` (None: keep nothing), created or reopened by rank 0."""
-    if out is None:
-        return None
-    run = RunDir.create(out, resume) if ctx.is_main else RunDir(out)  # other ranks only read
-    ctx.barrier()
-    return run
+def open_run(cfg: TrainConfig, out, resume: bool, ctx: Dist, log) -> tuple[RunDir | None, Result | None]:
+    """(the run directory of `out`, created or reopened by rank 0 (None: keep nothing), the
+    result of a finished run being resumed (None: train)); sets the threads the run asks for."""
+    run = None
+    if out is not None:
+        run = RunDir.create(out, resume) if ctx.is_main else RunDir(out)  # other ranks only read
+        ctx.barrier()
+        if resume and run.is_finished():
+            log(f"{run.path} is already finished; its result stands")
+            return run, Result(**run.read_result())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return run, None
 
 
 def choose_precision(state: RunState, cfg: TrainConfig, ctx: Dist, device: torch.device) -> None:
