@@ -63,8 +63,8 @@ def test_minibatch_cka_approaches_the_full_batch_linear_cka():
 
 @pytest.mark.parametrize("execution,scope", [("unrolled", "multi"), ("equilibrium", "same")])
 def test_states_are_captured_for_every_application(execution, scope):
-    model = create_model("tied-resnet-s", width=8, depth=3, execution=execution, mask_scope=scope,
-                         deq_eval_iter=5, deq_tol=1e-12)
+    model = create_model("tied-resnet-s", width=8, depth=3, execution=execution, masks={"scope": scope},
+                         deq={"eval_iter": 5, "tol": 1e-12})
     states = stage_states(model, torch.randn(4, 3, 16, 16))
     assert len(states) == 2
     assert all(len(s) == (3 if execution == "unrolled" else 5) for s in states)
@@ -77,8 +77,8 @@ def test_states_are_captured_for_every_application(execution, scope):
 def test_analysis_leaves_a_deq_model_as_it_found_it():
     from tiedmask.analysis.analyze import analyze_model
 
-    model = create_model("tied-resnet-s", width=8, execution="equilibrium", mask_scope="same",
-                         deq_eval_iter=4, deq_tol=1e9)
+    model = create_model("tied-resnet-s", width=8, execution="equilibrium", masks={"scope": "same"},
+                         deq={"eval_iter": 4, "tol": 1e9})
     x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     result = analyze_model(model, x, torch.zeros(3), torch.ones(3), batch_size=8)
     assert len(result["cka"][0]) == 4  # every iteration ran, whatever the tolerance

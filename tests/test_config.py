@@ -1,6 +1,6 @@
 import pytest
 
-from tiedmask.training.settings import config_hash, load_config, parse_overrides
+from tiedmask.training.settings import config_from_dict, config_hash, load_config, parse_overrides
 from tiedmask.errors import ConfigError
 
 
@@ -69,3 +69,26 @@ def test_moving_the_data_keeps_the_config_hash():
     a = load_config(overrides=["--data.root", "/one/place"])
     b = load_config(overrides=["--data.root", "/another", "--threads", "1"])
     assert config_hash(a) == config_hash(b) != config_hash(load_config(overrides=["--seed", "1"]))
+
+
+def test_old_spellings_are_read_once_where_settings_are_read_and_the_core_takes_todays_only():
+    """training/migrate.py's table: every 0.1 flat key gives the hash of today's spelling; the
+    core's `create_model` refuses the old keyword."""
+    from tiedmask.core.presets import create_model
+    from tiedmask.errors import ConfigError
+    from tiedmask.training.migrate import MODEL_KEY_ALIASES
+
+    values = {"mask_kind": "nm", "mask_scope": "same", "density": 0.5, "mask_seed": 3, "nm_m": 4,
+              "deq_solver": "broyden", "deq_grad": "phantom", "deq_train_iter": 7, "deq_eval_iter": 8,
+              "deq_backward_iter": 9, "deq_tol": 1e-4, "deq_stop_mode": "abs", "deq_phantom_steps": 3,
+              "deq_phantom_tau": 0.4, "deq_jac_reg": 0.1}
+    assert set(values) == set(MODEL_KEY_ALIASES)
+    today: dict = {}
+    for old, value in values.items():
+        section, key = MODEL_KEY_ALIASES[old].split(".")
+        today.setdefault(section, {})[key] = value
+    old_cfg = config_from_dict({"model": {"name": "tied-resnet-s", **values}})
+    new_cfg = config_from_dict({"model": {"name": "tied-resnet-s", **today}})
+    assert config_hash(old_cfg) == config_hash(new_cfg)
+    with pytest.raises(ConfigError):
+        create_model("tied-resnet-s", mask_scope="same")

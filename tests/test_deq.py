@@ -1,6 +1,8 @@
 """DEQ solvers and gradients, checked against closed forms and against torchdeq."""
 
 import pytest
+
+from tiedmask.core.spec import DataShape
 import torch
 from torch import nn
 
@@ -144,9 +146,8 @@ def test_divergence_is_reported_not_hidden(bad):
 @pytest.mark.parametrize("grad", ["implicit", "phantom"])
 def test_equilibrium_models_train_a_step(solver, grad):
     torch.manual_seed(0)
-    model = create_model("tied-resnet-s", width=8, execution="equilibrium", mask_scope="same",
-                         deq_solver=solver, deq_grad=grad, deq_train_iter=6, deq_backward_iter=6,
-                         deq_jac_reg=0.1)
+    model = create_model("tied-resnet-s", width=8, execution="equilibrium", masks={"scope": "same"},
+                         deq={"solver": solver, "grad": grad, "train_iter": 6, "backward_iter": 6, "jac_reg": 0.1})
     out = model(torch.randn(2, 3, 16, 16))
     loss = out.sum() + model.aux_loss()
     loss.backward()
@@ -158,20 +159,20 @@ def test_equilibrium_models_train_a_step(solver, grad):
 
 
 def test_equal_parameters_across_executions():
-    counts = {sum(p.numel() for p in create_model("tied-resnet-s", mask_scope="same", **kw).parameters())
+    counts = {sum(p.numel() for p in create_model("tied-resnet-s", **kw, masks={"scope": "same"}).parameters())
               for kw in ({}, {"execution": "equilibrium"})}
     assert len(counts) == 1
 
 
 @pytest.mark.parametrize("kind", ["weight", "spectral"])
 def test_weight_normalisation_keeps_masks(kind):
-    model = create_model("tied-resnet-xs", width=8, in_channels=1, weight_norm=kind, mask_scope="same")
+    model = create_model("tied-resnet-xs", shape=DataShape(channels=1), width=8, weight_norm=kind, masks={"scope": "same"})
     assert torch.isfinite(model(torch.randn(2, 1, 8, 8))).all()
 
 
 def test_multi_mask_has_no_fixed_point():
     with pytest.raises(ConfigError, match="no fixed point"):
-        create_model("tied-resnet-s", execution="equilibrium", mask_scope="multi")
+        create_model("tied-resnet-s", execution="equilibrium", masks={"scope": "multi"})
 
 
 def test_epoch_solver_statistics_count_only_training_solves(tmp_path):

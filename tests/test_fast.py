@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tiedmask.core.spec import DataShape
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -65,13 +67,13 @@ def test_tied_fast_preset_stays_under_a_million_parameters_and_freezes_the_stem(
     assert count_params(model) < 1_000_000
     assert not model.whiten.weight.requires_grad and model.whiten.bias.requires_grad
     with pytest.raises(ConfigError, match="fixed point"):
-        create_model("tied-fast", execution="equilibrium", mask_scope="same")
+        create_model("tied-fast", execution="equilibrium", masks={"scope": "same"})
 
 
 @pytest.mark.parametrize("scope", ["same", "multi"])
 def test_weights_built_once_give_the_same_outputs_and_gradients(scope):
     torch.manual_seed(0)
-    model = create_model("tied-resnet-xs", width=8, mask_scope=scope)
+    model = create_model("tied-resnet-xs", width=8, masks={"scope": scope})
     x = torch.randn(3, 3, 8, 8)
     grads = []
     for built_once in (True, False):
@@ -100,7 +102,7 @@ def test_built_weights_are_dropped_after_the_forward_pass():
 
 def test_flip_tta_averages_the_logits_of_an_image_and_its_mirror():
     torch.manual_seed(0)
-    model = create_model("tied-resnet-xs", width=8, num_classes=3, in_channels=1).eval()
+    model = create_model("tied-resnet-xs", shape=DataShape(classes=3, channels=1), width=8).eval()
     images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
     labels = torch.randint(0, 3, (10,))
     mean, std = torch.tensor([100.0 / 255]), torch.tensor([0.3])
@@ -115,7 +117,7 @@ def test_flip_tta_averages_the_logits_of_an_image_and_its_mirror():
 
 def test_flip_translate_tta_averages_six_views_with_weights_half_and_quarters():
     torch.manual_seed(0)
-    model = create_model("tied-resnet-xs", width=8, num_classes=3, in_channels=1).eval()
+    model = create_model("tied-resnet-xs", shape=DataShape(classes=3, channels=1), width=8).eval()
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     labels = torch.randint(0, 3, (6,))
     mean, std = torch.tensor([0.5]), torch.tensor([0.25])
@@ -163,7 +165,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
     for key in model_keys:
         torch.testing.assert_close(two[key], one[key], atol=2e-4, rtol=1e-3, msg=key)
     # and the run moved its weights: equality is not trivial
-    init = create_model("tied-resnet-xs", width=8, in_channels=1).state_dict()
+    init = create_model("tied-resnet-xs", shape=DataShape(channels=1), width=8).state_dict()
     assert any(not torch.allclose(one[k], init[k.removeprefix("model.")])
                for k in model_keys if k.removeprefix("model.") in init)
 
@@ -171,13 +173,13 @@ def test_two_processes_train_the_same_model_as_one(tmp_path):
 def test_semi_structured_conversion_names_what_stops_it():
     from tiedmask.core.sparse24 import semi_structured_problems, to_semi_structured
 
-    ready = create_model("tied-vit-s", width=64, heads=4, mask_kind="nm", nm_m=4, density=0.5)
+    ready = create_model("tied-vit-s", width=64, heads=4, masks={"kind": "nm", "nm_m": 4, "density": 0.5})
     assert semi_structured_problems(ready) == []
     unstructured = create_model("tied-vit-s", width=64, heads=4)
     assert any("2:4 masks" in p for p in semi_structured_problems(unstructured))
-    narrow = create_model("tied-vit-s", width=48, heads=4, mask_kind="nm", nm_m=4, density=0.5)
+    narrow = create_model("tied-vit-s", width=48, heads=4, masks={"kind": "nm", "nm_m": 4, "density": 0.5})
     assert any("multiple of 32x64" in p for p in semi_structured_problems(narrow))
-    convs = create_model("tied-resnet-xs", mask_kind="nm", nm_m=4, density=0.5)
+    convs = create_model("tied-resnet-xs", masks={"kind": "nm", "nm_m": 4, "density": 0.5})
     assert any("no masked Linear" in p for p in semi_structured_problems(convs))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="NVIDIA GPU"):
@@ -191,7 +193,7 @@ def test_semi_structured_model_matches_the_masked_dense_model():
     from tiedmask.core.sparse24 import to_semi_structured
 
     torch.manual_seed(0)
-    model = create_model("tied-vit-s", width=128, heads=4, mask_kind="nm", nm_m=4, density=0.5)
+    model = create_model("tied-vit-s", width=128, heads=4, masks={"kind": "nm", "nm_m": 4, "density": 0.5})
     model = model.cuda().eval().to(torch.bfloat16)
     x = torch.randn(16, 3, 32, 32, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -203,7 +205,7 @@ def test_semi_structured_model_matches_the_masked_dense_model():
 @pytest.mark.parametrize("name", ["tied-fast", "tied-resnet-xs", "tied-vit-s"])
 def test_channels_last_computes_what_nchw_computes(name):
     torch.manual_seed(0)
-    model = create_model(name, width=16, heads=4, image_size=16)
+    model = create_model(name, shape=DataShape(size=16), width=16, heads=4)
     x = torch.randn(4, 3, 16, 16)
     reference = model(x)
     reference.square().sum().backward()

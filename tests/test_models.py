@@ -1,6 +1,8 @@
 import itertools
 
 import pytest
+
+from tiedmask.core.spec import DataShape
 import torch
 import torch.nn.functional as F
 
@@ -14,37 +16,37 @@ from tiedmask.errors import ConfigError
 
 def tiny(name, **kw):
     # Presets at their own depth/stages, narrowed so the whole registry runs in seconds.
-    return create_model(name, width=8, image_size=16, **kw)
+    return create_model(name, **{"shape": DataShape(size=16), "width": 8, **kw})
 
 
 @pytest.mark.parametrize("name,kind,scope",
                          list(itertools.product(sorted(MODEL_PRESETS), sorted(MASK_KINDS), MASK_SCOPES)))
 def test_every_model_and_mask_kind_runs_deterministically(name, kind, scope):
     torch.manual_seed(0)
-    model = tiny(name, mask_kind=kind, mask_scope=scope, num_classes=7)
+    model = tiny(name, masks={"kind": kind, "scope": scope}, shape=DataShape(size=16, classes=7))
     x = torch.randn(2, 3, 16, 16)
     out = model(x)
     assert out.shape == (2, 7) and torch.isfinite(out).all()
     out.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     torch.manual_seed(0)
-    again = tiny(name, mask_kind=kind, mask_scope=scope, num_classes=7)
+    again = tiny(name, masks={"kind": kind, "scope": scope}, shape=DataShape(size=16, classes=7))
     assert torch.equal(again(x), out.detach())
 
 
 def test_scopes_share_parameters_and_parameters_do_not_grow_with_depth():
-    counts = {count_params(create_model("tied-resnet-s", mask_scope=s, depth=d))
+    counts = {count_params(create_model("tied-resnet-s", depth=d, masks={"scope": s}))
               for s in MASK_SCOPES for d in (1, 4, 12)}
     assert len(counts) == 1
 
 
 def test_scope_decides_how_many_distinct_masks_a_cell_has():
     for scope, expected in (("dense", None), ("same", 1), ("multi", 5)):
-        model = create_model("tied-resnet-s", depth=5, mask_scope=scope)
+        model = create_model("tied-resnet-s", depth=5, masks={"scope": scope})
         for _, layer in masked_layers(model):
             stack = layer.mask_stack()
             assert (stack is None) if expected is None else len(stack) == expected
-    multi = create_model("tied-resnet-s", depth=3, mask_scope="multi")
+    multi = create_model("tied-resnet-s", depth=3, masks={"scope": "multi"})
     stack = masked_layers(multi)[0][1].mask_stack()
     assert not torch.equal(stack[0], stack[1])
 
@@ -70,7 +72,7 @@ def test_masked_conv_equals_conv_with_zeroed_weights():
 
 
 def test_masked_weights_get_no_gradient_where_masked():
-    model = create_model("tied-resnet-xs", depth=1, mask_scope="same", in_channels=1)
+    model = create_model("tied-resnet-xs", shape=DataShape(channels=1), depth=1, masks={"scope": "same"})
     model(torch.randn(2, 1, 8, 8)).sum().backward()
     for _, layer in masked_layers(model):
         assert (layer.weight.grad[~layer.mask_stack()[0]] == 0).all()
@@ -78,7 +80,7 @@ def test_masked_weights_get_no_gradient_where_masked():
 
 def test_macs_match_closed_form():
     w, depth, density = 8, 3, 0.5
-    model = create_model("tied-resnet-xs", width=w, depth=depth, density=density, in_channels=1)
+    model = create_model("tied-resnet-xs", shape=DataShape(channels=1), width=w, depth=depth, masks={"density": density})
     macs = count_macs(model, (1, 8, 8))
     stem = 64 * w * 9
     cells = depth * 2 * 64 * w * w * 9
@@ -101,8 +103,7 @@ def test_checkpointed_unrolling_gives_the_same_gradients():
 
 def test_transformer_macs_match_closed_form():
     d, depth, n_tokens, classes = 16, 3, 16, 10  # 16x16 image, patch 4 -> 16 tokens
-    model = create_model("tied-vit-s", width=d, depth=depth, heads=4, mlp_ratio=2.0, image_size=16,
-                         density=0.25)
+    model = create_model("tied-vit-s", shape=DataShape(size=16), width=d, depth=depth, heads=4, mlp_ratio=2.0, masks={"density": 0.25})
     macs = count_macs(model, (3, 16, 16))
     embed = n_tokens * d * 3 * 4 * 4
     linear = n_tokens * (3 * d * d + d * d + 2 * d * 2 * d)  # qkv, proj, fc1, fc2
@@ -113,7 +114,7 @@ def test_transformer_macs_match_closed_form():
 
 
 def test_transformer_masks_every_linear_of_the_tied_block():
-    model = create_model("tied-vit-s", width=16, depth=3, image_size=16)
+    model = create_model("tied-vit-s", shape=DataShape(size=16), width=16, depth=3)
     names = sorted(n.split(".")[-1] for n, _ in masked_layers(model))
     assert names == ["fc1", "fc2", "proj", "qkv"]
     assert all(len(layer.mask_stack()) == 3 for _, layer in masked_layers(model))
@@ -131,8 +132,8 @@ def test_transformer_config_errors_name_the_fix():
 
 
 def test_untied_network_with_copies_of_the_tied_cell_computes_the_tied_network():
-    tied = create_model("tied-resnet-s", width=8, depth=3, mask_scope="dense").eval()
-    untied = create_model("tied-resnet-s", width=8, depth=3, execution="untied", mask_scope="dense").eval()
+    tied = create_model("tied-resnet-s", width=8, depth=3, masks={"scope": "dense"}).eval()
+    untied = create_model("tied-resnet-s", width=8, depth=3, execution="untied", masks={"scope": "dense"}).eval()
     state = {}
     for key, value in tied.state_dict().items():
         if ".tied.cell." in key:  # one shared cell -> the same weights in every untied cell
@@ -150,7 +151,7 @@ def test_untied_network_with_copies_of_the_tied_cell_computes_the_tied_network()
 
 def test_untied_execution_takes_no_masks():
     with pytest.raises(ConfigError, match="untied"):
-        create_model("tied-resnet-s", execution="untied", mask_scope="multi")
+        create_model("tied-resnet-s", execution="untied", masks={"scope": "multi"})
 
 
 @pytest.mark.parametrize("layer", ["conv", "linear"])

@@ -3,6 +3,8 @@
 import json
 
 import pytest
+
+from tiedmask.core.spec import DataShape
 import torch
 
 from tiedmask.cli import main
@@ -83,8 +85,7 @@ def test_implicit_deq_gradients_run_under_bf16_autocast():
     from tiedmask.core.presets import create_model
 
     torch.manual_seed(0)
-    model = create_model("tied-resnet-xs", width=8, in_channels=1, execution="equilibrium",
-                         mask_scope="same").train()
+    model = create_model("tied-resnet-xs", shape=DataShape(channels=1), width=8, execution="equilibrium", masks={"scope": "same"}).train()
     x = torch.randn(4, 1, 8, 8)
     grads = {}
     for dtype in ("fp32", "bf16"):

@@ -2,7 +2,8 @@
 `@register_model`, torchtune's model builders). The preset, not a config field, picks the
 backbone; the caller's settings go on top of the preset's.
 
->>> model = create_model("tied-resnet-xs", shape=DataShape(channels=1, size=8), mask_scope="multi")
+>>> model = create_model("tied-resnet-xs", shape=DataShape(channels=1, size=8), masks={"scope": "multi"})
+>>> import torch
 >>> model(torch.randn(2, 1, 8, 8)).shape
 torch.Size([2, 10])
 """
@@ -18,7 +19,7 @@ from ..errors import ConfigError
 from ..typed import from_dict
 from .backbones import Backbone, TiedFastNet, TiedNet, TiedViT
 from .external import ExternalNet
-from .spec import DataShape, ModelConfig, model_values
+from .spec import DataShape, ModelConfig
 
 MODEL_PRESETS: dict[str, Callable[..., Backbone]] = {}
 
@@ -42,7 +43,7 @@ def build(backbone: type[Backbone], shape: DataShape, settings: dict, **preset) 
     0.1-0.5 s each.
     """
     values = dict(preset)
-    for key, value in model_values(settings).items():  # sections merge key by key
+    for key, value in settings.items():  # sections merge key by key
         both_dicts = isinstance(value, dict) and isinstance(values.get(key), dict)
         values[key] = {**values[key], **value} if both_dicts else value
     cfg = from_dict(ModelConfig, values, "model.")
@@ -95,7 +96,8 @@ def tied_fast(shape: DataShape = DataShape(), **settings) -> Backbone:
 
 
 def create_model(name: str = ModelConfig.name, shape: DataShape = DataShape(), **settings) -> Backbone:
-    """A model from a preset name plus settings (flat or by section, as in a config's model).
+    """A model from a preset name plus settings in today's keys, by section as in a config's
+    model (old spellings are read where files and arguments are, `training.migrate`).
 
     >>> create_model("tied-resnet-s", width=16, masks={"scope": "same"}).config.masks.scope
     'same'
@@ -104,9 +106,6 @@ def create_model(name: str = ModelConfig.name, shape: DataShape = DataShape(), *
         return build(ExternalNet, shape, settings, name=name)
     if name not in MODEL_PRESETS:
         raise ConfigError(f"unknown model {name!r}; `tiedmask models` lists: {sorted(MODEL_PRESETS)}")
-    if any(k in settings for k in ("in_channels", "image_size", "num_classes")):  # 0.1's keywords
-        shape = DataShape(settings.pop("in_channels", shape.channels), settings.pop("image_size", shape.size),
-                          settings.pop("num_classes", shape.classes))
     return MODEL_PRESETS[name](shape, **settings)
 
 

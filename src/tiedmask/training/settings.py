@@ -10,7 +10,7 @@
 Each section validates itself and `config_from_dict` validates the whole before anything
 runs. Unknown or ill-typed keys are errors; YAML is read with `safe_load` only. Flat model
 keys of older versions (`--mask_scope`, `model.deq_solver`, ...) still work: see
-`tiedmask.core.spec.MODEL_KEY_ALIASES`.
+`tiedmask.training.migrate`.
 
 >>> cfg = load_config(overrides=["--model.depth", "6", "--epochs", "2", "--density", "0.25"])
 >>> cfg.model.depth, cfg.epochs, cfg.model.masks.density
@@ -28,9 +28,10 @@ from pathlib import Path
 import yaml
 
 from ..core.presets import resolve_model
-from ..core.spec import LEGACY_SOLVER_OPTIONS, MODEL_KEY_ALIASES, ModelConfig, model_values
+from ..core.spec import ModelConfig
 from ..errors import ConfigError
 from ..typed import from_dict, nested_fields
+from .migrate import LEGACY_SOLVER_OPTIONS, MODEL_KEY_ALIASES, migrate_model
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -239,7 +240,7 @@ def config_from_dict(values: dict) -> TrainConfig:
     if isinstance(data, str):  # `data: digits`
         values["data"] = {"name": data}
     cfg = from_dict(TrainConfig, values)
-    cfg.model, backbone = resolve_model(model_values(model))
+    cfg.model, backbone = resolve_model(migrate_model(model))
     cfg.validate()
     check_whitening_stem(cfg, backbone.has_whitening_stem)  # before any run of a sweep starts
     return cfg
@@ -362,7 +363,7 @@ def drop_old_spelling(values: dict, key: str) -> None:
 
 def _drop_overridden_spellings(model: dict, later: dict) -> None:
     """`drop_old_spelling` for every new-style key the later model section `later` sets (an old
-    spelling `later` gives itself stays, for the conflict check of `model_values`)."""
+    spelling `later` gives itself stays, for the conflict check of `migrate_model`)."""
     for section, keys in later.items():
         for key in keys if isinstance(keys, dict) else ():
             if not any(old in later for old, new in MODEL_KEY_ALIASES.items() if new == f"{section}.{key}"):
