@@ -23,6 +23,7 @@ from pathlib import Path
 from tiedmask.errors import ArgumentParser, TiedmaskError, run_script
 from tiedmask.experiments.store import ResultsStore
 from tiedmask.experiments.verdict import mean_interval, paired_difference, verdict
+from tiedmask.training.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 # (a, b, what a winning means, what b winning means): a − b in test perplexity, paired by seed
@@ -78,10 +79,12 @@ def main() -> None:
         by_variant.setdefault(r["variant"], {})[r["seed"]] = r
     teacher = None
     if args.teacher:
-        path = Path(args.teacher) / "result.json"
-        if not path.is_file():
+        run = RunDir(args.teacher)
+        if not run.is_finished():
             raise TiedmaskError(f"{args.teacher} has no result.json; finish the teacher run first")
-        teacher = json.loads(path.read_text())
+        teacher = run.read_result()
+        if teacher.get("task") != "lm":
+            raise TiedmaskError(f"{args.teacher} is not a language-model run; give the grid's teacher")
     rows = {}
     print("| variant | params | trained | test ppl | val ppl | seeds | tokens/s | machine |\n"
           "|---|---:|---:|---:|---:|---:|---:|---|")
@@ -105,6 +108,8 @@ def main() -> None:
             continue
         diff = paired_difference({s: r["test_ppl"] for s, r in by_variant[a].items()},
                                  {s: r["test_ppl"] for s, r in by_variant[b].items()})
+        if diff is None:  # no seed in common yet
+            continue
         word = verdict(diff, worse, better)  # a − b > 0 means a is worse (perplexity)
         comparisons.append({"a": a, "b": b, "difference": diff, "verdict": word})
         interval = "" if diff is None or diff["n"] < 2 else f" [{diff['low']:+.2f}, {diff['high']:+.2f}]"
@@ -112,7 +117,6 @@ def main() -> None:
     results = ROOT / "benchmarks" / "results"
     if teacher:
         from tiedmask.plots import plot_curves
-        from tiedmask.training.rundir import RunDir
 
         rows_by_epoch = RunDir(args.teacher).metrics()
         curve = [r["val_ppl"] for r in rows_by_epoch if r.get("val_ppl") is not None]

@@ -218,7 +218,8 @@ def _tracked_outputs(root: Path) -> dict:
     return {p: p.read_bytes() for p in paths if p.is_file()}
 
 
-@pytest.mark.parametrize("script", ["paper_claims.py", "claims_cka.py", "transfer_select.py", "precision_bf16.py"])
+@pytest.mark.parametrize("script", ["paper_claims.py", "claims_cka.py", "transfer_select.py", "precision_bf16.py",
+                                    "lm_uptrain.py"])
 def test_benchmark_scripts_answer_a_wrong_store_with_one_error_line(tmp_path, script):
     """The scripts that read stores (benchmarks/) fail like the CLI: one line, exit 2, and the
     files they keep in the repository untouched, even when the stores named before the wrong
@@ -228,7 +229,7 @@ def test_benchmark_scripts_answer_a_wrong_store_with_one_error_line(tmp_path, sc
     good.mkdir()
     (good / "results.jsonl").write_text(json.dumps({"config_hash": "0123", "status": "ok"}) + "\n")
     before = _tracked_outputs(root)
-    stores = [str(tmp_path / "absent")] if script in ("transfer_select.py", "precision_bf16.py") else [str(good), str(tmp_path / "absent")]
+    stores = [str(tmp_path / "absent")] if script in ("transfer_select.py", "precision_bf16.py", "lm_uptrain.py") else [str(good), str(tmp_path / "absent")]
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / script), *stores],
                           cwd=root, capture_output=True, text=True, timeout=120)
     lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith("warning:")]

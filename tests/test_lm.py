@@ -51,6 +51,12 @@ def trained(tmp_path_factory):
     assert main(["train", *lm_args(root), "--out", str(root / "base")]) == 0
     (write_corpus(root, "binary") / "doc007.txt").write_bytes(b"\xff\xfe not text")  # for the bad cases
     write_corpus(root, "tiny", documents=3)
+    import shutil as sh
+
+    sh.copytree(root / "base", root / "unfinished")  # as if still training: no result yet
+    (root / "unfinished" / "result.json").unlink()
+    assert main(["train", *lm_args(root), "--lm.tokenizer", "bpe", "--lm.vocab_size", "300", "--epochs", "1",
+                 "--out", str(root / "other-tokenizer")]) == 0
     return root
 
 
@@ -123,9 +129,16 @@ def test_a_run_learns_and_eval_rescores_it_exactly(trained, capsys):
     assert f"test perplexity {result['test_ppl']:.2f}" in capsys.readouterr().out
 
 
-def test_an_interrupted_run_resumes_to_the_same_model(trained, monkeypatch):
+GPT2 = "{n_embd: 32, n_layer: 2, n_head: 2}"  # dropout 0.1 by default: a resume must redraw it alike
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_an_interrupted_run_resumes_to_the_same_model(trained, monkeypatch, model):
     from tiedmask.training import lm
 
+    extra = ["--model", "hf:gpt2", "--model.args", GPT2] if model == "gpt2" else []
+    if model == "gpt2":
+        assert main(["train", *lm_args(trained), *extra, "--out", str(trained / "gpt2")]) == 0
     calls = {"n": 0}
     original = lm.lm_epoch
 
@@ -136,12 +149,12 @@ def test_an_interrupted_run_resumes_to_the_same_model(trained, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(lm, "lm_epoch", interrupt_second)
-    out = trained / "interrupted"
-    assert main(["train", *lm_args(trained), "--out", str(out)]) == 130
+    out = trained / f"interrupted-{model}"
+    assert main(["train", *lm_args(trained), *extra, "--out", str(out)]) == 130
     monkeypatch.setattr(lm, "lm_epoch", original)
     assert main(["train", "--resume", str(out)]) == 0
     again = json.loads((out / "result.json").read_text())
-    first = json.loads((trained / "base" / "result.json").read_text())
+    first = json.loads((trained / ("gpt2" if model == "gpt2" else "base") / "result.json").read_text())
     assert again["test_loss"] == first["test_loss"]
     assert again["final_train_loss"] == first["final_train_loss"]
 
@@ -157,6 +170,14 @@ def test_tying_each_block_to_itself_keeps_the_teachers_outputs(trained):
     ids = torch.randint(0, 200, (2, 16))
     with torch.no_grad():
         assert torch.allclose(student(ids), teacher(ids), atol=1e-5)
+
+
+def test_uptrain_keeps_the_runs_dense_weights_unless_asked_to_mask(trained):
+    from tiedmask.experiments.uptrain import uptrain_config
+
+    cfg = uptrain_config(str(trained / "base"), "{group: 2}", 1.0, 0, [])
+    assert cfg.model.masks.scope == "dense" and cfg.model.tie.group == 2 and cfg.model.tie.init == "mean"
+    assert uptrain_config(str(trained / "base"), "{scope: multi}", 0.0, 0, []).model.masks.scope == "multi"
 
 
 def test_uptrain_ties_distils_and_records_what_it_did(trained):
@@ -187,6 +208,12 @@ def test_a_hugging_face_folder_starts_a_run_with_its_own_weights(trained, tmp_pa
     ids = torch.randint(0, 200, (2, 16))
     with torch.no_grad():
         assert torch.allclose(student(ids), reloaded(input_ids=ids).logits, atol=1e-5)
+    # a run started from the folder trains, and is scored and analysed as any other
+    (folder / "tokenizer.json").write_bytes((trained / "base" / "tokenizer.json").read_bytes())
+    started = tmp_path / "from-folder"
+    assert main(["train", *lm_args(trained), "--finetune.init_from", str(folder), "--epochs", "1",
+                 "--model.args", "{}", "--out", str(started)]) == 0
+    assert main(["eval", str(started)]) == 0
     (folder / "model.safetensors").unlink()
     torch.save({}, folder / "pytorch_model.bin")
     with pytest.raises(Exception, match="safetensors"):
@@ -213,6 +240,11 @@ def _bad_lm_cases(root: str):
     yield ["uptrain", base, "--distill", "-1", "--out", f"{root}/u"]
     yield ["uptrain", base, "--tokens", "-3", "--out", f"{root}/u"]
     yield ["uptrain", f"{root}/no-such-run", "--out", f"{root}/u"]
+    yield ["train", *lm_args(Path(root)), "--lm.epoch_tokens", "10"]  # less than one window
+    yield ["uptrain", base, "--tokens", "5", "--out", f"{root}/u"]
+    yield ["uptrain", f"{root}/unfinished", "--out", f"{root}/u"]  # a teacher still training
+    yield ["train", *lm_args(Path(root)), "--finetune.init_from", base, "--execution", "unrolled",
+           "--lm.distill", "1", "--lm.teacher", f"{root}/other-tokenizer"]
     yield ["train", *lm_args(Path(root)), "--data", "binary"]  # a document that is not UTF-8
     yield ["train", *lm_args(Path(root)), "--data", "tiny"]  # too few documents for three splits
     yield ["train", *lm_args(Path(root)), "--lm.seq_len", "100000"]  # windows longer than the split

@@ -190,3 +190,14 @@ def test_a_results_record_of_the_wrong_kind_is_skipped_with_a_warning_naming_it(
     assert "line 2 is a damaged results record" in err.getvalue() and field in err.getvalue()
     assert "nan" not in out.getvalue().lower()
     assert (store / "results.jsonl").read_bytes() == before
+
+
+def test_a_result_written_before_fields_were_added_still_reads(trained, tmp_path):
+    """result.json of an earlier version (no language-model or data_epochs fields) resumes as finished."""
+    run = tmp_path / "old"
+    shutil.copytree(trained, run)
+    values = json.loads((run / "result.json").read_text())
+    for later in ("task", "test_loss", "test_ppl", "val_ppl", "tokens_per_s", "data_epochs"):
+        values.pop(later, None)
+    (run / "result.json").write_text(json.dumps(values))
+    assert main(["train", "--resume", str(run)]) == 0

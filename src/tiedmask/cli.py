@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                        usage="tiedmask uptrain RUN --tie MAPPING --out DIR [--distill W] [--tokens N] [--KEY VALUE ...]",
                        epilog="--tie takes mask keys (scope density kind seed) and model.tie keys (blocks group "
                               "strategy init relax relax_rank relax_density relax_init per_application); init "
-                              "defaults to mean. Overrides as for train, e.g. --optim.lr 3e-4 --epochs 4.")
+                              "defaults to mean, masks to the run's own (dense): --tie \"{scope: multi}\" masks. Overrides as for train, e.g. --optim.lr 3e-4 --epochs 4.")
     p.add_argument("run_dir", help="an untied language-model run (tiedmask train --task lm)")
     p.add_argument("--tie", default="{}", help='how to tie, e.g. "{group: 3, strategy: cycle, scope: multi, '
                    'density: 0.5, relax: lora, relax_rank: 16, relax_init: svd}"')

@@ -39,15 +39,16 @@ def layer_cka(model, stream: torch.Tensor, seq_len: int, tokens: int, precision:
     if windows < 1:
         raise ConfigError(f"the test split has {len(stream)} tokens, fewer than one window of {seq_len}")
     ids = stream[:windows * seq_len].view(windows, seq_len)
-    accumulator = None
+    accumulator, left = None, tokens
     for batch in ids.split(max(1, TOKENS_PER_BATCH // seq_len)):
         with autocast_context(torch.device("cpu"), precision):
             states = model.net(input_ids=batch, use_cache=False, output_hidden_states=True).hidden_states[1:]
-        flat = [s.float().reshape(-1, s.shape[-1])[:TOKENS_PER_BATCH] for s in states]
-        if len(flat[0]) < 4:
-            break
-        accumulator = accumulator or MinibatchCKA(len(flat))
-        accumulator.update(flat)
+        flat = [s.float().reshape(-1, s.shape[-1])[:left] for s in states]  # every token, up to `tokens`
+        left -= len(flat[0])
+        for chunk in zip(*(f.split(TOKENS_PER_BATCH) for f in flat)):  # long windows: several minibatches
+            if len(chunk[0]) >= 4:
+                accumulator = accumulator or MinibatchCKA(len(chunk))
+                accumulator.update(list(chunk))
     if accumulator is None:
         raise ConfigError(f"windows of {seq_len} tokens are too short for CKA; it needs 4 tokens a batch")
     return accumulator.compute()
@@ -62,5 +63,6 @@ def analyze_lm_run(run_dir, tokens: int = 4096, data_root: str = "") -> dict:
     data = prepare_text(cfg, run, resume=True)
     matrix = layer_cka(model, data.streams["test"], cfg.lm.seq_len, tokens, state.precision or "fp32")
     offdiag, adjacent = off_diagonal(matrix)
-    return {"images": min(tokens, len(data.streams["test"])), "samples": "tokens", "cka": [matrix.tolist()],
+    used = min(tokens, len(data.streams["test"]) // cfg.lm.seq_len * cfg.lm.seq_len)
+    return {"images": used, "samples": "tokens", "cka": [matrix.tolist()],
             "cka_offdiag_mean": [offdiag], "cka_adjacent_mean": [adjacent], "relative_change": [[]], "masks": {}}

@@ -13,7 +13,7 @@ import math
 
 import yaml
 
-from ..core.spec import MaskConfig, TieConfig
+from ..core.spec import TieConfig
 from ..errors import ConfigError
 from ..training.rundir import RunDir
 from ..training.settings import TrainConfig, config_from_dict, config_to_dict, merge, parse_overrides
@@ -53,7 +53,7 @@ def uptrain_config(run_dir: str, tie: str, distill: float, tokens: int, override
     masks, tie_values = parse_tie(tie)
     values = config_to_dict(base)
     values["model"]["execution"] = "unrolled"
-    values["model"]["masks"] = {**dataclasses.asdict(MaskConfig()), **masks}
+    values["model"]["masks"].update(masks)  # the run's own (dense: it is untied) unless --tie says
     values["model"]["tie"] = {**dataclasses.asdict(TieConfig()), **tie_values}
     values["finetune"]["init_from"] = str(run_dir)
     values["lm"].update(distill=float(distill), teacher="")

@@ -51,7 +51,8 @@ def _without_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     model's input embedding tied to its output layer), and {other name: name kept}."""
     kept, aliases, seen = {}, {}, {}
     for name, value in state.items():
-        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
+               value.dtype)
         if value.numel() and key in seen:
             aliases[name] = seen[key]
         else:
@@ -86,9 +87,9 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict | None
     except Exception as exc:
         raise TiedmaskError(f"cannot read checkpoint tensors {path} ({exc}); the run must restart") from None
     for name, kept in meta.get("aliases", {}).items():
-        if kept not in tensors:
-            raise TiedmaskError(f"{run_dir}/checkpoint.json names {kept} as stored, but {path} lacks it; "
-                                "the run must restart")
+        if kept not in tensors or name in tensors:
+            raise TiedmaskError(f"{run_dir}/checkpoint.json is damaged (alias {name} of {kept} does not match "
+                                f"the tensors of {path}); the run must restart")
         tensors[name] = tensors[kept]
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     optimizer_state = _join_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None

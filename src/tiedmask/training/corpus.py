@@ -103,7 +103,10 @@ def fetch_python_docs(root: Path, version: str = "") -> Path:
             last = (got.stderr.strip().splitlines() or ["no package"])[-1]
             raise TiedmaskError(f"apt-get download {package} failed ({last}); run `apt-get update` first")
         unpacked = Path(tmp) / "x"
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], check=True)
+        unpacking = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], capture_output=True, text=True)
+        if unpacking.returncode:
+            raise TiedmaskError(f"dpkg-deb cannot unpack {debs[0].name} ({unpacking.stderr.strip()[:120]}); "
+                                "fetch it again")
         sources = next(unpacked.glob("usr/share/doc/python3*/html/_sources"), None)
         if sources is None:
             raise TiedmaskError(f"{debs[0].name} holds no documentation sources; fetch another version")

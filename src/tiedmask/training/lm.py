@@ -61,7 +61,10 @@ def prepare_text(cfg: TrainConfig, run: RunDir | None, resume: bool) -> TokenDat
         cfg.lm.tokenizer, cfg.lm.vocab_size, corpus.documents["train"])
     data = tokenize(corpus, tokenizer)
     saved = run.path / CORPUS_FILE if run is not None else None
-    if resume and saved is not None and saved.exists() and read_json(saved).get("sha256") != corpus.digest:
+    recorded = read_json(saved) if resume and saved is not None and saved.exists() else {}
+    if not isinstance(recorded, dict):
+        raise TiedmaskError(f"{saved} is damaged (not a JSON object); delete it, the resume writes it again")
+    if recorded and recorded.get("sha256") != corpus.digest:
         raise ConfigError(f"{cfg.data.root or root}/{cfg.data.name} is not the text {run.path} was trained on "
                           f"(its sha256 differs from {saved}'s); point --data.root at that corpus")
     return data
@@ -98,31 +101,44 @@ def load_lm_run(run_dir: str | Path) -> tuple[CausalLM, TrainConfig, RunState]:
 
 
 def _build_for(cfg: TrainConfig, vocab: int, start: bool = True) -> CausalLM:
-    """`cfg`'s model; with `start`, from the trained values `finetune.init_from` names."""
-    source = cfg.finetune.init_from if start else ""
+    """`cfg`'s model; with `start`, from the trained values `finetune.init_from` names (a run
+    started from a Hugging Face folder takes its structure from that folder, started or not)."""
+    source = cfg.finetune.init_from
     if source and is_hf_folder(Path(source)):
         return build_causal_lm(cfg.model, vocab, cfg.lm.seq_len, hf_folder=Path(source))
     weights = None
-    if source:
-        teacher, _, _ = load_lm_run(source)
+    if source and start:
+        teacher, _, _ = load_lm_run(finished(source))
         if any("parametrizations" in k for k in teacher.state_dict()):
             raise ConfigError(f"{source} is a tied run; start from an untied one")
         weights = teacher.state_dict()
     return build_causal_lm(cfg.model, vocab, cfg.lm.seq_len, weights=weights)
 
 
-def load_teacher(cfg: TrainConfig, vocab: int, device: torch.device) -> CausalLM | None:
+def finished(source: str) -> str:
+    """`source`, a run that finished training: one still training would change under its students."""
+    if not RunDir(source).is_finished():
+        raise ConfigError(f"{source} has not finished training (no result.json); start from or distil a "
+                          "finished run (`tiedmask train --resume` it first)")
+    return source
+
+
+def load_teacher(cfg: TrainConfig, tokenizer, device: torch.device) -> CausalLM | None:
+    """The run (or Hugging Face folder) to distil from, when `lm.distill` asks for one; its
+    tokenizer must be the student's, token for token."""
     if not cfg.lm.distill:
         return None
     source = cfg.lm.teacher or cfg.finetune.init_from
+    vocab = tokenizer.get_vocab_size()
     if is_hf_folder(Path(source)):
         teacher = build_causal_lm(dataclasses.replace(cfg.model, execution="untied"), vocab, cfg.lm.seq_len,
                                   hf_folder=Path(source))
     else:
-        teacher, _, _ = load_lm_run(source)
-    if teacher.net.get_input_embeddings().num_embeddings != vocab:
-        raise ConfigError(f"the teacher {source} has another vocabulary than the student; distil from the run "
-                          "the student's tokenizer came from")
+        teacher, _, _ = load_lm_run(finished(source))
+    theirs = Path(source) / TOKENIZER_FILE
+    if not theirs.is_file() or load_tokenizer(theirs).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"the teacher {source} reads text with another tokenizer than the student; distil "
+                          "from the run the student's tokenizer came from")
     return teacher.to(device).eval().requires_grad_(False)
 
 
@@ -157,6 +173,8 @@ def score_tokens(model: torch.nn.Module, stream: torch.Tensor, seq_len: int, bat
     """(mean nats per token, next-token accuracy) over every token of `stream` after the first."""
     model.eval()
     targets = len(stream) - 1
+    if targets < 1:
+        raise ConfigError("a split of the corpus holds no text to score; its documents are empty")
     starts = torch.arange(0, targets, seq_len)
     nll, correct = 0.0, 0
     for chunk in starts.split(batch_size):
@@ -194,6 +212,7 @@ def lm_epoch(model, runner, teacher, optimizer, stream, cfg: TrainConfig, device
     model.train()
     total_steps, warmup = schedule
     gen = epoch_generator(cfg.seed, epoch, torch.device("cpu"))
+    torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout: a resumed epoch draws as an uninterrupted one
     starts = window_starts(len(stream), cfg.lm.seq_len, cfg.lm.epoch_tokens, gen)
     batches = max(1, len(starts) // cfg.batch_size)
     out = LmEpoch(step=state.step)
@@ -257,10 +276,13 @@ def train_lm(cfg: TrainConfig, out, resume: bool, log, device: torch.device) -> 
     data = prepare_text(cfg, run, resume)
     torch.manual_seed(cfg.seed)
     model = _build_for(cfg, data.vocab_size).to(device)
-    teacher = load_teacher(cfg, data.vocab_size, device)
+    teacher = load_teacher(cfg, data.tokenizer, device)
     optimizer = make_optimizer(cfg, model)
     train_stream = data.streams["train"]
-    per_epoch = (cfg.lm.epoch_tokens or len(train_stream)) // cfg.lm.seq_len // cfg.batch_size
+    # steps an epoch takes at the least (the windows' random offset can cost one): so the
+    # schedule reaches its end; a step more runs at the last rate
+    windows = cfg.lm.epoch_tokens // cfg.lm.seq_len or (len(train_stream) - cfg.lm.seq_len) // cfg.lm.seq_len
+    per_epoch = windows // cfg.batch_size
     total_steps = max(1, per_epoch) * cfg.epochs
     warmup = max(1, round(cfg.optim.warmup_epochs * max(1, per_epoch)))
 

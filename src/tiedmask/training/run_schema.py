@@ -168,9 +168,11 @@ RESULT_FIELDS = {  # the fields a caller reads; others of Result are optional or
     "train_time_s": (_seconds, "a finite number of seconds >= 0"),
     "img_per_s": (_seconds, "a finite number >= 0"),
     "config_hash": (lambda v: isinstance(v, str), "a hash"),
-    "test_loss": (_loss, "a loss >= 0, or NaN"),  # language-model runs
-    "test_ppl": (_seconds, "a finite number >= 0"),
-    "val_ppl": (_seconds, "a finite number >= 0"),
+}
+OPTIONAL_RESULT_FIELDS = {  # added later: results written before them lack them; checked where present
+    "test_loss": (_loss, "a loss >= 0, or NaN"),  # language-model runs (NaN: a diverged run's)
+    "test_ppl": (_loss, "a number >= 0, or NaN"),
+    "val_ppl": (_loss, "a number >= 0, or NaN"),
     "tokens_per_s": (_seconds, "a finite number >= 0"),
     "data_epochs": (_seconds, "a finite number >= 0"),
 }
@@ -195,7 +197,7 @@ def check_result(values, path: Path) -> dict:
         raise TiedmaskError(f"{where} is damaged (unknown field {unknown[0]!r}); {fix}")
     if missing := [f for f in RESULT_FIELDS if f not in values]:
         raise TiedmaskError(f"{where} is damaged (no {missing[0]}); {fix}")
-    _check_fields(values, RESULT_FIELDS, where, fix)
+    _check_fields(values, {**RESULT_FIELDS, **OPTIONAL_RESULT_FIELDS}, where, fix)
     return values
 
 
@@ -209,7 +211,7 @@ def _check_fields(values: dict, fields: dict, where: str, fix: str) -> None:
 def record_problem(record: dict) -> str:
     """Why a results-store record cannot be used ("" if it can): a field of the wrong type, or
     a finished run's number out of range (a NaN accuracy would pass into tables unseen)."""
-    fields = {**RECORD_FIELDS, **(RESULT_FIELDS if record.get("status") == "ok" else {})}
+    fields = {**RECORD_FIELDS, **(RESULT_FIELDS if record.get("status") == "ok" else {}), **OPTIONAL_RESULT_FIELDS}
     for field, (check, what) in fields.items():
         if field in record and not check(record[field]):
             return f"{field} is {_shown(record[field])}, not {what}"

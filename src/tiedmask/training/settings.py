@@ -160,6 +160,9 @@ class LmConfig:
         _choose("lm.tokenizer", self.tokenizer, ("bpe", "bytes"))
         _at_least("lm.", self, 2, "seq_len")
         _at_least("lm.", self, 0, "epoch_tokens", "distill")
+        if 0 < self.epoch_tokens < self.seq_len:
+            raise ConfigError(f"lm.epoch_tokens {self.epoch_tokens} is less than one window of lm.seq_len "
+                              f"{self.seq_len}; give 0 (a pass over the training split) or at least {self.seq_len}")
         if self.tokenizer == "bpe" and not 258 <= self.vocab_size <= 1_000_000:
             raise ConfigError(f"lm.vocab_size must be in [258, 1000000] for a BPE tokenizer, got {self.vocab_size}")
         if not self.temperature > 0:
