@@ -19,7 +19,7 @@ import torch
 
 from channel_masks import model_step, round_medians  # this folder's sibling script
 from tiedmask.errors import ArgumentParser, run_script
-from tiedmask.training.train import hardware_name
+from tiedmask.training.runtime import hardware_name
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from tiedmask.core.flops import count_macs
 from tiedmask.core.layers import MaskedConv2d, masked_layers
 from tiedmask.core.presets import create_model
 from tiedmask.errors import ArgumentParser, run_script
-from tiedmask.training.train import hardware_name
+from tiedmask.training.runtime import hardware_name
 
 VARIANTS = {"dense": {"scope": "dense"}, "unstructured multi": {"scope": "multi", "kind": "unstructured"},
             "channel multi": {"scope": "multi", "kind": "channel"}}

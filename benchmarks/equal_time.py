@@ -31,7 +31,8 @@ from tiedmask.core.spec import DataShape
 from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.experiments.sweep import grid_jobs
 from tiedmask.training.settings import config_from_dict, read_yaml
-from tiedmask.training.train import hardware_name, make_optimizer, place, use_channels_last
+from tiedmask.training.runtime import hardware_name, place, use_channels_last
+from tiedmask.training.train import make_optimizer
 
 
 def variant_step(config: dict):

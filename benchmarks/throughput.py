@@ -32,7 +32,7 @@ from tiedmask.core.flops import count_macs
 from tiedmask.core.presets import MODEL_PRESETS, create_model
 from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.training.precision import has_amx
-from tiedmask.training.train import hardware_name
+from tiedmask.training.runtime import hardware_name
 
 BATCH = 128
 

@@ -25,7 +25,7 @@ import torch
 from tiedmask.core.tie import tie
 from tiedmask.core.untie import untie
 from tiedmask.errors import ArgumentParser, run_script
-from tiedmask.training.train import hardware_name
+from tiedmask.training.runtime import hardware_name
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # label: tie options (None: the untied model)

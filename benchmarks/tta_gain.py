@@ -18,7 +18,8 @@ import torch
 from paper_claims import mean_interval  # this folder's sibling script
 from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.experiments.store import ResultsStore
-from tiedmask.training.train import hardware_name, score_run
+from tiedmask.training.evaluate import score_run
+from tiedmask.training.runtime import hardware_name
 
 VIEWS = ("flip", "flip_translate")
 

@@ -19,7 +19,7 @@ from tiedmask.core.layers import masked_weights_built_once
 from tiedmask.core.masks import make_mask
 from tiedmask.core.backbones import count_params
 from tiedmask.core.presets import create_model
-from tiedmask.training.train import evaluate
+from tiedmask.training.evaluate import evaluate
 from tiedmask.core.execution import Unrolled
 from tiedmask.core.whitening import whitening_filters
 

@@ -189,7 +189,7 @@ def test_multimask_lora_on_a_convolution_merges_exactly_and_not_into_masked_weig
 def test_conv_adapters_train_in_channels_last_as_in_nchw():
     """Training puts 32x32 models in channels_last (`place`); a 5-D mask stack used to make
     that fail for every fine-tuning run of a conv model."""
-    from tiedmask.training.train import place
+    from tiedmask.training.runtime import place
 
     net = randomize(apply_multimask_lora(conv_net(), targets=r"^\d$", rank=2, n_masks=2, density=0.5))
     x = torch.randn(2, 3, 9, 9)

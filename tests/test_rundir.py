@@ -10,7 +10,7 @@ from tiedmask.cli import main
 from tiedmask.errors import ConfigError
 from tiedmask.training.rundir import RunDir, load_trained
 from tiedmask.training.settings import config_hash
-from tiedmask.training.train import evaluate
+from tiedmask.training.evaluate import evaluate
 
 QUIET = ["--progress", "false", "--epochs", "1"]
 

@@ -179,7 +179,7 @@ def test_scoring_every_other_epoch_trains_the_same_run(tmp_path, digits):
 def test_hardware_name_tells_apart_cpus_of_one_model_name():
     """Records name the vector instructions in use, read against the kernel's CPU flags: two
     machines both called "AMD EPYC" (one with AVX-512, one without) must not look alike."""
-    from tiedmask.training.train import hardware_name
+    from tiedmask.training.runtime import hardware_name
 
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists() or "ATEN_CPU_CAPABILITY" in os.environ:

@@ -89,7 +89,7 @@ def cmd_finetune(args, overrides) -> int:
 
 
 def cmd_eval(args, overrides) -> int:
-    from .training.train import score_run
+    from .training.evaluate import score_run
 
     if overrides:
         raise TiedmaskError(f"eval scores a run as it was trained and takes no overrides "

@@ -34,8 +34,8 @@ from .precision import autocast_context
 from .rundir import CORPUS_FILE, TOKENIZER_FILE, RunDir, RunState
 from .settings import TrainConfig, config_hash
 from .tokens import TokenData, load_tokenizer, tokenize, train_tokenizer
-from .train import (Result, choose_precision, epoch_generator, hardware_name, lr_at, make_optimizer, open_run,
-                    peak_memory_mb, resolve_device, wrap_for_training)
+from .runtime import hardware_name, peak_memory_mb, resolve_device
+from .train import Result, choose_precision, epoch_generator, lr_at, make_optimizer, open_run, wrap_for_training
 
 
 # ---------------------------------------------------------------- data and models

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -30,15 +29,17 @@ from ..core.deq.equilibrium import SolverDiverged
 from ..core.flops import count_macs
 from ..core.presets import build_model
 from ..errors import ConfigError
-from .data import RunData, alternating_flips, augment, normalize, prepare_data
+from .data import alternating_flips, augment, normalize, prepare_data
 from .datasets import Dataset
+from .evaluate import evaluate
 from .distributed import Dist, setup as setup_distributed, teardown as teardown_distributed
 from .finetune import prepare_finetune
 from .lookahead import Lookahead
 from .muon import MuonSGD
-from .precision import autocast_context, cpu_isa, legacy_auto, resolve_precision
-from .rundir import RunDir, RunState, load_trained
-from .settings import TTAS, TrainConfig, check_whitening_stem, config_hash
+from .precision import autocast_context, legacy_auto, resolve_precision
+from .rundir import RunDir, RunState
+from .runtime import hardware_name, peak_memory_mb, place, resolve_device, use_channels_last
+from .settings import TrainConfig, check_whitening_stem, config_hash
 
 
 @dataclass
@@ -80,21 +81,6 @@ class Result:
 
 # ---------------------------------------------------------------- runtime settings
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def use_channels_last(cfg: TrainConfig, image_size: int) -> bool:
-    # Measured on the 2-core Xeon (docs/results.md §6): 1.2-1.6x the NCHW training throughput
-    # at 32x32. Smaller images stay NCHW, where the layout conversions weigh more against
-    # small convolutions (not measured in the tables).
-    return cfg.channels_last == "true" or (cfg.channels_last == "auto" and image_size >= 32)
-
-
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
     """Linear warm-up to `peak`, then cosine decay to 0."""
     if step < warmup_steps:
@@ -130,60 +116,6 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 
 
 # ---------------------------------------------------------------- loops
-
-@torch.no_grad()
-def evaluate(model, x_all, y_all, mean, std, cfg: TrainConfig, device,
-             ctx: Dist = Dist(), channels_last: bool = False) -> tuple[float, float]:
-    """(accuracy, mean loss) over a uint8 image tensor; each process takes a slice of it."""
-    model.eval()
-    ctx.average_buffers(model)
-    mine = range(ctx.rank, math.ceil(len(x_all) / cfg.eval_batch_size), ctx.world)
-    correct, loss_sum = 0, 0.0
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    for start in (b * cfg.eval_batch_size for b in mine):
-        x = normalize(x_all[start:start + cfg.eval_batch_size].to(device), mean, std)
-        x = x.contiguous(memory_format=layout)
-        y = y_all[start:start + cfg.eval_batch_size].to(device)
-        with autocast_context(device, cfg.precision):
-            logits = tta_logits(model, x, cfg.eval_tta, layout)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    correct, loss_sum = ctx.sum(correct, loss_sum)
-    return correct / len(x_all), loss_sum / len(x_all)
-
-
-def score_run(run_dir, data_root: str = "", tta: str | None = None) -> tuple[float, float, TrainConfig, RunData]:
-    """(accuracy, loss, settings, data) of a saved run on its evaluation images, as its training
-    scored them, or with the test-time views `tta` (the run itself is not changed)."""
-    if tta is not None and tta not in TTAS:  # before anything is loaded
-        raise ConfigError(f"test-time augmentation {tta!r} is not one of {list(TTAS)}")
-    model, cfg, data = load_trained(run_dir, data_root)
-    if tta is not None:
-        cfg = dataclasses.replace(cfg, eval_tta=tta)
-    device = resolve_device(cfg)
-    if cfg.precision == "auto":  # a run from before runs recorded their precision
-        cfg = dataclasses.replace(cfg, precision=legacy_auto(device))
-    mean, std = data.stats.tensors(device)
-    channels_last = use_channels_last(cfg, data.shape.size)
-    acc, loss = evaluate(place(model, device, channels_last), data.test_x, data.test_y, mean, std, cfg,
-                         device, channels_last=channels_last)
-    return acc, loss, cfg, data
-
-
-def tta_logits(model, x: torch.Tensor, tta: str, layout=torch.contiguous_format) -> torch.Tensor:
-    """The model's logits for a batch in memory `layout`, averaged over the views of `tta`."""
-    def mirrored(views: torch.Tensor) -> torch.Tensor:
-        out = model(views).float()
-        return out if tta == "none" else (out + model(views.flip(3)).float()) / 2
-
-    logits = mirrored(x)
-    if tta == "flip_translate":  # and the image shifted one pixel down-right and up-left
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        h, w = x.shape[-2:]
-        shifted = (padded[..., :h, :w], padded[..., 2:, 2:])
-        logits = logits / 2 + sum(mirrored(v.contiguous(memory_format=layout)) for v in shifted) / 4
-    return logits
-
 
 @dataclass
 class EpochStats:
@@ -310,29 +242,6 @@ def chance_warning(test_acc: float, classes: int) -> str:
     if test_acc <= 1.5 / classes:
         return f"test accuracy {test_acc:.1%} is at chance level (1/{classes}): the run learned nothing"
     return ""
-
-
-def hardware_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name, the vector instructions torch's kernels use
-    (two CPUs of one model name can differ: AVX-512 on one machine, AVX2 on the next) and the
-    threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or platform.machine()
-    return f"{cpu} ({cpu_isa()}), {torch.get_num_threads()} threads"
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max allocated; CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
@@ -495,13 +404,6 @@ def choose_precision(state: RunState, cfg: TrainConfig, ctx: Dist, device: torch
         chosen = legacy_auto(device) if older_run else resolve_precision(cfg.precision, device)
         # Rank 0's choice on every process: the timed check could tip differently on each.
         state.precision = "bf16" if ctx.from_main(float(chosen == "bf16")) else "fp32"
-
-
-def place(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    """The model on `device` in the memory layout training used (so evaluation of a saved run
-    computes exactly what training's evaluation computed)."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def wrap_for_training(model, cfg: TrainConfig, ctx: Dist, device: torch.device):
