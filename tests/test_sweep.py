@@ -267,3 +267,14 @@ def test_plan_says_what_a_sweep_would_do_and_changes_nothing(tmp_path, capsys):
     assert lines[-1] == "6 runs: 2 finished or reusable, 1 running elsewhere, 3 to train"
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
     assert set(tmp_path.rglob("*")) == paths  # no folder or claim file made for the other runs
+
+
+def test_a_sweep_can_run_some_variants_first(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"base": BASE, "seeds": [0, 1],
+                                    "variants": [{"label": f"d{d}", "model.depth": d} for d in (1, 2, 3)]}))
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "s"), "--plan", "--variants", "d3", "d1"]) == 0
+    planned = [line.split()[:3] for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert planned == [["d1", "seed", "0"], ["d3", "seed", "0"], ["d1", "seed", "1"], ["d3", "seed", "1"]]
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "s"), "--plan", "--variants", "d9"]) == 2
+    assert "no variant 'd9'" in capsys.readouterr().err

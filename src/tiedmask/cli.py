@@ -210,7 +210,7 @@ def cmd_sweep(args, overrides) -> int:
     from .experiments.sweep import plan_sweep, run_sweep
 
     if args.plan:
-        rows = plan_sweep(args.grid, args.out)
+        rows = plan_sweep(args.grid, args.out, variants=args.variants)
         for row in rows:
             print(f"  {row['variant']:<28} seed {row['seed']:<3} {row['config_hash']}  {row['plan']}")
         done = sum(row["state"] in ("finished", "reuse") for row in rows)
@@ -218,7 +218,7 @@ def cmd_sweep(args, overrides) -> int:
         print(f"{len(rows)} runs: {done} finished or reusable, {held} running elsewhere, "
               f"{len(rows) - done - held} to train")
         return 0
-    records = run_sweep(args.grid, args.out)
+    records = run_sweep(args.grid, args.out, variants=args.variants)
     print(write_sweep_report(records, Path(args.out), Path(args.grid).stem))
     return exit_status(records)
 
@@ -332,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results store directory")
     p.add_argument("--plan", action="store_true",
                    help="list what the sweep would do with each run (finished, running, reuse, resume, run); run nothing")
+    p.add_argument("--variants", nargs="+", metavar="LABEL",
+                   help="run only these variants of the grid, for every seed (default: all)")
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("advise", help="best measured depth/width/density/scope for a budget")

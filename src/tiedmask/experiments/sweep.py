@@ -127,8 +127,21 @@ def grid_jobs(spec: dict) -> tuple[list[Job], dict]:
     return jobs, options
 
 
-def run_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
+def only_variants(jobs: list, labels: list[str] | None) -> list:
+    """The jobs of the variants `labels` names (all when None), in the grid's order: a sweep can
+    run the runs it needs first for every seed, and the rest later into the same store."""
+    if labels is None:
+        return jobs
+    known = list(dict.fromkeys(job.variant for job in jobs))
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise ConfigError(f"--variants: the grid has no variant {unknown[0]!r}; its variants: {', '.join(known)}")
+    return [job for job in jobs if job.variant in labels]
+
+
+def run_sweep(grid_file: str | Path, out: str | Path, log=print, variants: list[str] | None = None) -> list[dict]:
     jobs, options = grid_jobs(read_yaml(grid_file))
+    jobs = only_variants(jobs, variants)
     reuse = reuse_stores(options, log)
     store = ResultsStore.for_writing(out)
     launcher = options.get("launcher", "local")
@@ -160,16 +173,17 @@ def reuse_stores(options: dict, log=print) -> list[ResultsStore]:
     return reuse
 
 
-def plan_sweep(grid_file: str | Path, out: str | Path, log=print) -> list[dict]:
+def plan_sweep(grid_file: str | Path, out: str | Path, log=print, variants: list[str] | None = None) -> list[dict]:
     """What `run_sweep` would do with each run of the grid, in its order, reading only:
     {variant, seed, config_hash, state, plan}; state is finished, running (another process
     holds it), reuse, resume or run, and plan says it in words (the store reused, the epoch
     resumed after, why an earlier attempt failed). For a grid continued over several sessions:
     what is left, before the cores are committed to it."""
     jobs, options = grid_jobs(read_yaml(grid_file))
+    jobs = only_variants(jobs, variants)
     if options.get("launcher", "local") != "local":
-        log("note: the plan follows the local launcher; slurm resumes from checkpoint.json alone "
-            "and submits runs held elsewhere, to be skipped when they start")
+        log("note: the plan follows the local launcher; slurm submits runs held elsewhere, to be "
+            "skipped when they start")
     if options.get("analyze"):
         log("note: analyze is on: finished runs without CKA are analysed too (no training)")
     store = ResultsStore(out)
