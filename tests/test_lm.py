@@ -204,6 +204,7 @@ def test_a_hugging_face_folder_starts_a_run_with_its_own_weights(trained, tmp_pa
     teacher.net.save_pretrained(folder, safe_serialization=True)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     cfg.finetune.init_from = str(folder)
+    cfg.model.args = {}  # the folder's configuration
     student = _build_for(cfg, 257).eval()
     ids = torch.randint(0, 200, (2, 16))
     with torch.no_grad():
@@ -214,6 +215,10 @@ def test_a_hugging_face_folder_starts_a_run_with_its_own_weights(trained, tmp_pa
     assert main(["train", *lm_args(trained), "--finetune.init_from", str(folder), "--epochs", "1",
                  "--model.args", "{}", "--out", str(started)]) == 0
     assert main(["eval", str(started)]) == 0
+    assert main(["train", *lm_args(trained), "--finetune.init_from", str(folder), "--out", str(tmp_path / "x"),
+                 "--model.args", "{hidden_size: 64}"]) == 2  # the folder's configuration, not model.args
+    assert main(["train", *lm_args(trained), "--finetune.init_from", str(folder), "--out", str(tmp_path / "y"),
+                 "--model.args", "{}", "--lm.seq_len", "4096"]) == 2  # longer than its positions
     (folder / "model.safetensors").unlink()
     torch.save({}, folder / "pytorch_model.bin")
     with pytest.raises(Exception, match="safetensors"):
@@ -241,6 +246,12 @@ def _bad_lm_cases(root: str):
     yield ["uptrain", base, "--tokens", "-3", "--out", f"{root}/u"]
     yield ["uptrain", f"{root}/no-such-run", "--out", f"{root}/u"]
     yield ["train", *lm_args(Path(root)), "--lm.epoch_tokens", "10"]  # less than one window
+    yield ["train", *lm_args(Path(root)), "--data.train_subset", "100"]  # an image setting: not read
+    yield ["train", "--data", "digits", "--lm.distill", "1"]  # an lm setting on an image run
+    yield ["train", *lm_args(Path(root)), "--lm.teacher", base]  # a teacher with nothing to distil
+    yield ["train", *lm_args(Path(root)), "--finetune.init_from", base, "--lm.tokenizer", "bpe"]  # not its tokenizer
+    yield ["uptrain", base, "--tie", "{group: 2}", "--model.tie.group", "4", "--out", f"{root}/u"]
+    yield ["uptrain", base, "--tokens", "4000", "--lm.epoch_tokens", "2000", "--out", f"{root}/u"]
     yield ["uptrain", base, "--tokens", "5", "--out", f"{root}/u"]
     yield ["uptrain", f"{root}/unfinished", "--out", f"{root}/u"]  # a teacher still training
     yield ["train", *lm_args(Path(root)), "--finetune.init_from", base, "--execution", "unrolled",

@@ -43,7 +43,7 @@ def build_causal_lm(cfg: ModelConfig, vocab_size: int, seq_len: int,
                     weights: dict[str, torch.Tensor] | None = None, hf_folder: Path | None = None) -> CausalLM:
     """The model `cfg` describes for a vocabulary and window length; `weights` (a CausalLM's
     state dict) or `hf_folder` give it trained values before `cfg.execution: unrolled` ties it."""
-    net = _from_folder(hf_folder, cfg) if hf_folder else _from_config(cfg, vocab_size, seq_len)
+    net = _from_folder(hf_folder, cfg, seq_len) if hf_folder else _from_config(cfg, vocab_size, seq_len)
     if net.get_input_embeddings().num_embeddings < vocab_size:
         raise ConfigError(f"{cfg.name} embeds {net.get_input_embeddings().num_embeddings} tokens, fewer than "
                           f"the tokenizer's {vocab_size}")
@@ -80,8 +80,11 @@ def _from_config(cfg: ModelConfig, vocab_size: int, seq_len: int) -> nn.Module:
         raise ConfigError(f"hf:{model_type}: {first}; check model.args") from None
 
 
-def _from_folder(folder: Path, cfg: ModelConfig) -> nn.Module:
+def _from_folder(folder: Path, cfg: ModelConfig, seq_len: int) -> nn.Module:
     transformers = _transformers()
+    if cfg.args:
+        raise ConfigError(f"model.args {cfg.args} would configure a model built from its config; the model of "
+                          f"{folder} keeps the folder's own configuration: drop model.args")
     if not list(Path(folder).glob("*.safetensors")):
         raise ConfigError(f"{folder} holds no safetensors weights; tiedmask never loads pickled weights "
                           "(save the model with safe_serialization=True)")
@@ -93,4 +96,8 @@ def _from_folder(folder: Path, cfg: ModelConfig) -> nn.Module:
         raise TiedmaskError(f"cannot load the Hugging Face checkpoint {folder} ({first}); check the folder") from None
     if net.config.model_type != cfg.name.partition(":")[2]:
         raise ConfigError(f"{folder} holds a {net.config.model_type} model; set --model hf:{net.config.model_type}")
+    positions = getattr(net.config, "max_position_embeddings", None)
+    if positions is not None and seq_len > positions:
+        raise ConfigError(f"lm.seq_len {seq_len} is longer than the {positions} positions the model of {folder} "
+                          "knows; lower lm.seq_len")
     return net

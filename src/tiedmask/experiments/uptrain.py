@@ -39,6 +39,19 @@ def parse_tie(text: str) -> tuple[dict, dict]:
     return masks, tie
 
 
+def _refuse_twice(extra: dict, masks: dict, tie: dict, tokens: int) -> None:
+    """A setting given by `--tie` (or `--tokens`) and again by an override: one would win silently."""
+    model = extra.get("model", {}) if isinstance(extra.get("model"), dict) else {}
+    for section, given in (("masks", masks), ("tie", tie)):
+        again = model.get(section, {}) if isinstance(model.get(section), dict) else {}
+        for key in sorted(set(again) & set(given)):
+            if again[key] != given[key]:
+                raise ConfigError(f"--tie sets {key} {given[key]!r} and --model.{section}.{key} sets {again[key]!r}; "
+                                  "give it once")
+    if tokens and isinstance(extra.get("lm"), dict) and "epoch_tokens" in extra["lm"]:
+        raise ConfigError("--tokens and --lm.epoch_tokens both set the tokens of an epoch; give one")
+
+
 def uptrain_config(run_dir: str, tie: str, distill: float, tokens: int, overrides: list[str]) -> TrainConfig:
     """The settings of uptraining the untied language-model run `run_dir` tied as `tie` says,
     for `tokens` training tokens (0: the run's own epochs), distilling with weight `distill`."""
@@ -57,7 +70,9 @@ def uptrain_config(run_dir: str, tie: str, distill: float, tokens: int, override
     values["model"]["tie"] = {**dataclasses.asdict(TieConfig()), **tie_values}
     values["finetune"]["init_from"] = str(run_dir)
     values["lm"].update(distill=float(distill), teacher="")
-    values = merge(values, parse_overrides(overrides))
+    extra = parse_overrides(overrides)
+    _refuse_twice(extra, masks, tie_values, tokens)
+    values = merge(values, extra)
     epochs = values.get("epochs", base.epochs)
     if tokens and isinstance(epochs, int) and epochs >= 1:
         values["lm"]["epoch_tokens"] = math.ceil(tokens / epochs)

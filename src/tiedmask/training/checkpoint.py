@@ -14,13 +14,9 @@ from safetensors.torch import load_file, save
 
 from ..errors import TiedmaskError
 from ..files import atomic_write, atomic_write_json, read_json
-from .run_schema import check_checkpoint
+from .run_schema import check_checkpoint, tensor_file_name
 
 CHECKPOINT_FILE = "checkpoint.json"
-
-
-def tensor_file_name(epoch: int) -> str:
-    return f"checkpoint-{epoch}.safetensors"
 
 
 def _split_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:

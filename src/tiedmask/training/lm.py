@@ -33,7 +33,7 @@ from .distributed import Dist
 from .precision import autocast_context
 from .rundir import CORPUS_FILE, TOKENIZER_FILE, RunDir, RunState
 from .settings import TrainConfig, config_hash
-from .tokens import TokenData, load_tokenizer, tokenize, train_tokenizer
+from .tokens import BYTES_VOCAB, TokenData, load_tokenizer, tokenize, train_tokenizer
 from .runtime import hardware_name, peak_memory_mb, resolve_device
 from .train import Result, choose_precision, epoch_generator, lr_at, make_optimizer, open_run, wrap_for_training
 
@@ -59,6 +59,10 @@ def prepare_text(cfg: TrainConfig, run: RunDir | None, resume: bool) -> TokenDat
     source = _tokenizer_source(cfg, run, resume)
     tokenizer = load_tokenizer(source) if source else train_tokenizer(
         cfg.lm.tokenizer, cfg.lm.vocab_size, corpus.documents["train"])
+    asked = BYTES_VOCAB if cfg.lm.tokenizer == "bytes" else cfg.lm.vocab_size
+    if source and not is_hf_folder(source.parent) and tokenizer.get_vocab_size() != asked:
+        raise ConfigError(f"{source} has {tokenizer.get_vocab_size()} tokens, not the {asked} lm.tokenizer and "
+                          "lm.vocab_size ask for; a run started from another takes its tokenizer: set them as it has")
     data = tokenize(corpus, tokenizer)
     saved = run.path / CORPUS_FILE if run is not None else None
     recorded = read_json(saved) if resume and saved is not None and saved.exists() else {}
@@ -270,9 +274,9 @@ def train_lm(cfg: TrainConfig, out, resume: bool, log, device: torch.device) -> 
     """Train a language-model config on `device` (`training.train.train` calls this); write the
     run to `out` when given (resuming it when `resume`)."""
     ctx = Dist()  # one process
-    run, finished = open_run(cfg, out, resume, ctx, log)
-    if finished is not None:
-        return finished
+    run, done = open_run(cfg, out, resume, ctx, log)
+    if done is not None:
+        return done
     data = prepare_text(cfg, run, resume)
     torch.manual_seed(cfg.seed)
     model = _build_for(cfg, data.vocab_size).to(device)

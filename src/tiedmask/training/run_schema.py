@@ -75,6 +75,11 @@ CHECKPOINT_FIELDS = {  # field: (check, what it must be)
 REQUIRED = ("config_hash", "epoch", "tensor_file")
 
 
+def tensor_file_name(epoch: int) -> str:
+    """The tensor file of a checkpoint of `epoch`, a plain name inside the run folder."""
+    return f"checkpoint-{epoch}.safetensors"
+
+
 def check_checkpoint(meta, path: Path) -> dict:
     """checkpoint.json's values, each checked; its tensor file named as this epoch's, inside the folder."""
     where = f"{path}/checkpoint.json"
@@ -84,9 +89,9 @@ def check_checkpoint(meta, path: Path) -> dict:
         if field not in meta:
             raise TiedmaskError(f"{where} is damaged (no {field}); {RESTART}")
     _check_fields(meta, CHECKPOINT_FIELDS, where, RESTART)
-    if meta["tensor_file"] != f"checkpoint-{meta['epoch']}.safetensors":
+    if meta["tensor_file"] != tensor_file_name(meta["epoch"]):
         raise TiedmaskError(f"{where} is damaged (tensor_file is {_shown(meta['tensor_file'])}, not "
-                            f"'checkpoint-{meta['epoch']}.safetensors' of its epoch); {RESTART}")
+                            f"'{tensor_file_name(meta['epoch'])}' of its epoch); {RESTART}")
     if "optimizer" in meta:
         _check_optimizer(meta["optimizer"], where)
     return meta

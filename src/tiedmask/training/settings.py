@@ -204,6 +204,8 @@ class TrainConfig:
         _choose("task", self.task, TASKS)
         if self.task == "lm":
             self._validate_lm()
+        elif self.lm != LmConfig():
+            raise ConfigError("the lm section is read by language-model runs only; set task lm or drop it")
         _choose("device", self.device, DEVICES)
         _choose("precision", self.precision, PRECISIONS)
         _choose("channels_last", self.channels_last, ("auto", "true", "false"))
@@ -222,6 +224,22 @@ class TrainConfig:
                               "relax a tied model with model.tie.relax instead")
         if self.lm.distill and not (self.lm.teacher or self.finetune.init_from):
             raise ConfigError("lm.distill needs a teacher: set lm.teacher (or finetune.init_from) to a trained run")
+        if self.lm.teacher and not self.lm.distill:
+            raise ConfigError("lm.teacher is set but lm.distill is 0, so nothing would be distilled; set "
+                              "lm.distill > 0 or drop lm.teacher")
+        ignored = [key for key, value, default in self._image_settings() if value != default]
+        if ignored:
+            raise ConfigError(f"{ignored[0]} is a setting of image runs, which task lm does not read; drop it")
+
+    def _image_settings(self):
+        """(key, value, default) of every setting that only image runs read."""
+        sections = (("data.", self.data, DataConfig(), ("augment", "train_subset", "test_subset", "channels",
+                                                           "image_size", "val_split", "classes")),
+                    ("optim.", self.optim, OptimConfig(), ("lookahead_every", "muon_lr", "whiten_bias_epochs")),
+                    ("", self, TrainConfig, ("eval_tta", "channels_last")))
+        for prefix, section, defaults, keys in sections:
+            for key in keys:
+                yield prefix + key, getattr(section, key), getattr(defaults, key)
 
 
 SECTIONS = ("model", "data", "optim", "finetune", "lm")
