@@ -32,7 +32,7 @@ from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.experiments.sweep import grid_jobs
 from tiedmask.training.settings import config_from_dict, read_yaml
 from tiedmask.training.runtime import hardware_name, place, use_channels_last
-from tiedmask.training.train import make_optimizer
+from tiedmask.training.trainer import make_optimizer
 
 
 def variant_step(config: dict):

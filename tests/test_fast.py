@@ -107,7 +107,7 @@ def test_flip_tta_averages_the_logits_of_an_image_and_its_mirror():
     labels = torch.randint(0, 3, (10,))
     mean, std = torch.tensor([100.0 / 255]), torch.tensor([0.3])
     cfg = load_config(overrides=["--eval_tta", "flip", "--eval_batch_size", "4", "--precision", "fp32"])
-    acc, loss = evaluate(model, images, labels, mean, std, cfg, torch.device("cpu"))
+    acc, loss = evaluate(model, images, labels, (mean, std), cfg, torch.device("cpu"))
     with torch.no_grad():
         x = (images.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
         logits = (model(x) + model(x.flip(3))) / 2
@@ -122,7 +122,7 @@ def test_flip_translate_tta_averages_six_views_with_weights_half_and_quarters():
     labels = torch.randint(0, 3, (6,))
     mean, std = torch.tensor([0.5]), torch.tensor([0.25])
     cfg = load_config(overrides=["--eval_tta", "flip_translate", "--precision", "fp32"])
-    _, loss = evaluate(model, images, labels, mean, std, cfg, torch.device("cpu"))
+    _, loss = evaluate(model, images, labels, (mean, std), cfg, torch.device("cpu"))
     x = (images.float() / 255 - 0.5) / 0.25
     # Shifts built by index: row/column i of the shifted image is i - 1 (down-right) or i + 1
     # (up-left) of the original, mirrored at the border (-1 -> 1, 8 -> 6).

@@ -134,24 +134,24 @@ GPT2 = "{n_embd: 32, n_layer: 2, n_head: 2}"  # dropout 0.1 by default: a resume
 
 @pytest.mark.parametrize("model", ["llama", "gpt2"])
 def test_an_interrupted_run_resumes_to_the_same_model(trained, monkeypatch, model):
-    from tiedmask.training import lm
+    from tiedmask.training.trainer import Trainer
 
     extra = ["--model", "hf:gpt2", "--model.args", GPT2] if model == "gpt2" else []
     if model == "gpt2":
         assert main(["train", *lm_args(trained), *extra, "--out", str(trained / "gpt2")]) == 0
     calls = {"n": 0}
-    original = lm.lm_epoch
+    original = Trainer.run_epoch
 
-    def interrupt_second(*args, **kwargs):
+    def interrupt_second(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return original(*args, **kwargs)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(lm, "lm_epoch", interrupt_second)
+    monkeypatch.setattr(Trainer, "run_epoch", interrupt_second)
     out = trained / f"interrupted-{model}"
     assert main(["train", *lm_args(trained), *extra, "--out", str(out)]) == 130
-    monkeypatch.setattr(lm, "lm_epoch", original)
+    monkeypatch.setattr(Trainer, "run_epoch", original)
     assert main(["train", "--resume", str(out)]) == 0
     again = json.loads((out / "result.json").read_text())
     first = json.loads((trained / ("gpt2" if model == "gpt2" else "base") / "result.json").read_text())

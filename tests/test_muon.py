@@ -7,7 +7,7 @@ import torch
 from tiedmask.errors import ConfigError
 from tiedmask.training.muon import MuonSGD, orthogonalize
 from tiedmask.training.settings import load_config
-from tiedmask.training.train import make_optimizer
+from tiedmask.training.trainer import make_optimizer
 
 
 def run_steps(optimizer, params, grads_per_step):

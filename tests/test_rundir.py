@@ -53,7 +53,7 @@ def test_eval_scores_with_other_test_time_views_on_request(tmp_path, capsys):
     # the score of the model under six views, computed here from the checkpoint
     model, cfg, data = load_trained(run)
     cfg.eval_tta = "flip_translate"
-    _, loss = evaluate(model, data.test_x, data.test_y, *data.stats.tensors(), cfg, torch.device("cpu"))
+    _, loss = evaluate(model, data.test_x, data.test_y, data.stats.tensors(), cfg, torch.device("cpu"))
     assert f"test loss {loss:.4f}" in printed and "test-time views: flip_translate" in printed
     assert main(["eval", str(run)]) == 0  # the run itself is untouched
     assert f"test acc {plain}%" in capsys.readouterr().out

@@ -126,14 +126,14 @@ def test_masks_differ_per_application_and_regenerate_in_a_new_process():
             "torch.manual_seed(1)\n"
             "net = nn.Sequential(*[nn.Linear(6, 6) for _ in range(3)])\n"
             "t = tie(nn.Sequential(net), blocks='0', density=0.5, seed=7)\n"
-            "print(t[0].shared.parametrizations.weight[0].masks.int().flatten().tolist())")
+            "print(t[0].shared.parametrizations.weight[0].mask_bank.flat.int().flatten().tolist())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     net = nn.Sequential(*[nn.Linear(6, 6) for _ in range(3)])
-    here = tie(nn.Sequential(net), blocks="0", density=0.5, seed=7)[0].shared.parametrizations.weight[0].masks
+    here = tie(nn.Sequential(net), blocks="0", density=0.5, seed=7)[0].shared.parametrizations.weight[0].mask_bank.flat
     assert out.strip() == str(here.int().flatten().tolist())
     assert len({tuple(m.tolist()) for m in here}) == 3  # a distinct mask per application
     same = tie(nn.Sequential(copy.deepcopy(net)), blocks="0", scope="same").get_submodule("0.shared")
-    assert same.parametrizations.weight[0].masks.shape[0] == 1
+    assert len(same.parametrizations.weight[0].mask_bank) == 1
 
 
 def test_lora_relaxation_of_full_rank_restores_the_untied_blocks():
@@ -207,7 +207,7 @@ def test_blocks_that_differ_in_a_setting_are_refused():
 
 def test_stacked_biases_are_exempt_from_weight_decay():
     from tiedmask.training.settings import load_config
-    from tiedmask.training.train import make_optimizer
+    from tiedmask.training.trainer import make_optimizer
 
     tied = tie(mlp(), blocks="1", per_application=["norms", "biases"])
     groups = make_optimizer(load_config(None, []), tied).param_groups

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from tiedmask.training.settings import load_config
 from tiedmask.training.datasets import load_dataset
-from tiedmask.training.train import lr_at, train
+from tiedmask.training.train import train
+from tiedmask.training.trainer import Trainer, lr_at
 
 QUICK = ["--data", "digits", "--model", "tied-resnet-xs", "--width", "8", "--depth", "2",
          "--batch_size", "64", "--progress", "false"]
@@ -27,10 +28,11 @@ def test_training_learns_the_digits(digits):
 
 
 def test_run_directory_contents(tmp_path, digits):
-    out = tmp_path / "run"
-    train(load_config(overrides=QUICK + ["--epochs", "2"]), out=out, dataset=digits)
+    out, handed = tmp_path / "run", []
+    train(load_config(overrides=QUICK + ["--epochs", "2"]), out=out, dataset=digits, on_epoch=handed.append)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+    assert handed == rows  # the caller's hook gets each epoch's row as the run directory keeps it
     result = json.loads((out / "result.json").read_text())
     assert {"test_acc", "params", "train_time_s", "img_per_s", "seed"} <= set(result)
     meta = json.loads((out / "checkpoint.json").read_text())
@@ -59,19 +61,18 @@ def test_resume_reaches_the_uninterrupted_result(tmp_path, digits, monkeypatch, 
     full, part = tmp_path / "full", tmp_path / "part"
     train(cfg, out=full, dataset=digits)
 
-    train_module = importlib.import_module("tiedmask.training.train")
-    real_epoch, calls = train_module.train_epoch, []
+    real_epoch, calls = Trainer.run_epoch, []
 
-    def interrupted_in_epoch_two(*args, **kwargs):
+    def interrupted_in_epoch_two(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
+        return real_epoch(self, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_epoch", interrupted_in_epoch_two)
+    monkeypatch.setattr(Trainer, "run_epoch", interrupted_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, out=part, dataset=digits)
-    monkeypatch.setattr(train_module, "train_epoch", real_epoch)
+    monkeypatch.setattr(Trainer, "run_epoch", real_epoch)
     assert not (part / "result.json").exists()
     assert json.loads((part / "checkpoint.json").read_text())["epoch"] == 1
 
@@ -125,17 +126,17 @@ def test_lookahead_moves_the_slow_weights_part_of_the_way_every_k_steps():
 
 
 def test_the_whitening_bias_trains_for_its_epochs_then_stays(digits, monkeypatch):
-    train_module = importlib.import_module("tiedmask.training.train")
-    real_epoch, seen = train_module.train_epoch, []
+    real_epoch, seen = Trainer.run_epoch, []
 
-    def recording(model, *args, **kwargs):
+    def recording(self, *args, **kwargs):
+        model = self.model
         if not seen:
             seen.append((model.whitening_bias().detach().clone(), model.head.weight.detach().clone()))
-        stats = real_epoch(model, *args, **kwargs)
+        stats = real_epoch(self, *args, **kwargs)
         seen.append((model.whitening_bias().detach().clone(), model.head.weight.detach().clone()))
         return stats
 
-    monkeypatch.setattr(train_module, "train_epoch", recording)
+    monkeypatch.setattr(Trainer, "run_epoch", recording)
     overrides = ["--data", "digits", "--data.image_size", "32", "--model", "tied-fast", "--width", "8",
                  "--batch_size", "64", "--optim.name", "sgd", "--optim.lr", "0.05", "--epochs", "3",
                  "--optim.whiten_bias_epochs", "1", "--progress", "false"]
@@ -151,7 +152,7 @@ def test_whitening_bias_epochs_without_a_whitening_stem_is_refused_with_the_conf
     from tiedmask.errors import ConfigError
 
     for name in MODEL_PRESETS:  # what the config check reads agrees with the built model
-        _, backbone = resolve_model({"name": name})
+        backbone = resolve_model({"name": name}).backbone
         assert backbone.has_whitening_stem == (create_model(name).whitening_bias() is not None), name
     with pytest.raises(ConfigError, match="whitening stem"):  # before any data is read
         load_config(overrides=QUICK + ["--epochs", "1", "--optim.whiten_bias_epochs", "2"])

@@ -33,11 +33,6 @@ def run_demo(out: str | Path = "runs/demo", epochs: int = 10, seeds=(0, 1), log=
         results, curves[scope] = [], []
         for seed in seeds:
             history: list[float] = []
-
-            def capture(line: str, history=history) -> None:
-                if line.startswith("epoch"):
-                    history.append(float(line.split("test")[1].split("%")[0]) / 100)
-
             cfg = config_from_dict({
                 "model": {"name": "tied-resnet-xs", "width": 16, "depth": 8,
                           "masks": {"scope": scope, "density": 0.5}},
@@ -45,7 +40,8 @@ def run_demo(out: str | Path = "runs/demo", epochs: int = 10, seeds=(0, 1), log=
                 "batch_size": 32,  # 1437 training images: 44 steps an epoch
                 "optim": {"lr": 3e-3, "warmup_epochs": 1},
             })
-            results.append(train(cfg, dataset=dataset, log=capture))
+            results.append(train(cfg, dataset=dataset, log=lambda line: None,
+                                 on_epoch=lambda row, history=history: history.append(row["test_acc"])))
             curves[scope].append(history)
             log(f"  {scope:<6} seed {seed}: test acc {results[-1].test_acc:.2%}")
         rows[scope] = results

@@ -19,9 +19,11 @@ from .settings import TTAS, TrainConfig
 
 
 @torch.no_grad()
-def evaluate(model, x_all, y_all, mean, std, cfg: TrainConfig, device,
+def evaluate(model, x_all, y_all, normalization: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, device,
              ctx: Dist = Dist(), channels_last: bool = False) -> tuple[float, float]:
-    """(accuracy, mean loss) over a uint8 image tensor; each process takes a slice of it."""
+    """(accuracy, mean loss) over a uint8 image tensor, normalised by (mean, std) per channel;
+    each process takes a slice of it."""
+    mean, std = normalization
     model.eval()
     ctx.average_buffers(model)
     mine = range(ctx.rank, math.ceil(len(x_all) / cfg.eval_batch_size), ctx.world)
@@ -52,7 +54,7 @@ def score_run(run_dir, data_root: str = "", tta: str | None = None) -> tuple[flo
         cfg = dataclasses.replace(cfg, precision=legacy_auto(device))
     mean, std = data.stats.tensors(device)
     channels_last = use_channels_last(cfg, data.shape.size)
-    acc, loss = evaluate(place(model, device, channels_last), data.test_x, data.test_y, mean, std, cfg,
+    acc, loss = evaluate(place(model, device, channels_last), data.test_x, data.test_y, (mean, std), cfg,
                          device, channels_last=channels_last)
     return acc, loss, cfg, data
 

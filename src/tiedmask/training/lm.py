@@ -14,13 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..core.backbones import count_params
 from ..core.causal_lm import CausalLM, build_causal_lm
@@ -32,10 +29,12 @@ from .datasets import default_root
 from .distributed import Dist
 from .precision import autocast_context
 from .rundir import CORPUS_FILE, TOKENIZER_FILE, RunDir, RunState
-from .settings import TrainConfig, config_hash
+from .settings import TrainConfig
 from .tokens import BYTES_VOCAB, TokenData, load_tokenizer, tokenize, train_tokenizer
 from .runtime import hardware_name, peak_memory_mb, resolve_device
-from .train import Result, choose_precision, epoch_generator, lr_at, make_optimizer, open_run, wrap_for_training
+from .train import Result
+from .trainer import (EpochHook, Schedule, Trainer, choose_precision, epoch_generator, epoch_printer, make_optimizer,
+                      open_run, start_state, wrap_for_training)
 
 
 # ---------------------------------------------------------------- data and models
@@ -200,162 +199,114 @@ def perplexity(loss: float) -> float:
 
 # ---------------------------------------------------------------- training
 
-@dataclasses.dataclass
-class LmEpoch:
-    loss: float = math.nan
-    tokens: int = 0
-    seconds: float = 0.0
-    step: int = 0
-    failure: str = ""
-    out_of_time: bool = False
+class LmTask:
+    """Next-token prediction for the `Trainer`: each epoch windows of `seq_len + 1` tokens at
+    random offsets seeded by (seed, epoch); cross-entropy, plus the T² KL to a teacher's logits
+    when distilling; perplexity on the validation split."""
+
+    unit, rate_key, score_keys, counts_correct = "tok", "tokens_per_s", ("val_loss", "val_acc", "val_ppl"), False
+
+    def __init__(self, cfg: TrainConfig, data: TokenData, teacher: CausalLM | None, device: torch.device):
+        self.cfg, self.data, self.teacher, self.device = cfg, data, teacher, device
+        self.stream = data.streams["train"]
+        self.precision = "fp32"  # what scoring computes in: the run's, once chosen
+        self.val_loss: float | None = None  # of the last epoch, if it was scored
+
+    def start_epoch(self, model, epoch: int) -> int:
+        cfg = self.cfg
+        gen = epoch_generator(cfg.seed, epoch, "cpu")
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout: a resumed epoch draws as an uninterrupted one
+        self.starts = window_starts(len(self.stream), cfg.lm.seq_len, cfg.lm.epoch_tokens, gen)
+        return max(1, len(self.starts) // cfg.batch_size)
+
+    def set_deadline(self, model, deadline: float | None) -> None:
+        pass  # a decoder's forward pass is not iterative
+
+    def batch(self, index: int):
+        size = self.cfg.batch_size
+        windows = gather_windows(self.stream, self.starts[index * size:(index + 1) * size],
+                                 self.cfg.lm.seq_len + 1).to(self.device)
+        return windows[:, :-1], windows[:, 1:]
+
+    def losses(self, model, runner, inputs, targets):
+        logits = runner(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                               label_smoothing=self.cfg.optim.label_smoothing)
+        if self.teacher is None:
+            return loss, loss, logits
+        with torch.no_grad():
+            teacher_logits = self.teacher(inputs)
+        lm = self.cfg.lm
+        return loss, loss + lm.distill * distillation_kl(logits, teacher_logits, lm.temperature), logits
+
+    def after_backward(self, model) -> None:
+        pass
+
+    def tally(self, model, logits, targets) -> tuple[int, int]:
+        return targets.numel(), 0
+
+    def end_epoch(self, model) -> dict:
+        return {}
+
+    def score(self, model) -> dict:
+        loss, acc = score_tokens(model, self.data.streams["val"], self.cfg.lm.seq_len, self.cfg.eval_batch_size,
+                                 self.device, self.precision)
+        return {"val_loss": loss, "val_acc": acc, "val_ppl": perplexity(loss)}
+
+    def describe(self, row: dict) -> str:
+        return "val ppl " + ("    –   " if row["val_ppl"] is None else f"{row['val_ppl']:8.2f}")
+
+    def record(self, state: RunState, row: dict) -> None:
+        self.val_loss = row["val_loss"]
 
 
-def lm_epoch(model, runner, teacher, optimizer, stream, cfg: TrainConfig, device, epoch: int,
-             state: RunState, schedule: tuple[int, int], time_left: float) -> LmEpoch:
-    """One epoch of next-token steps (and distillation when a teacher is given)."""
-    model.train()
-    total_steps, warmup = schedule
-    gen = epoch_generator(cfg.seed, epoch, torch.device("cpu"))
-    torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # dropout: a resumed epoch draws as an uninterrupted one
-    starts = window_starts(len(stream), cfg.lm.seq_len, cfg.lm.epoch_tokens, gen)
-    batches = max(1, len(starts) // cfg.batch_size)
-    out = LmEpoch(step=state.step)
-    loss_sum, start = 0.0, time.perf_counter()
-    terminal = sys.stderr.isatty()
-    bar = tqdm(range(batches), leave=False, desc=f"epoch {epoch}", disable=not (cfg.progress and terminal))
-    # Not a terminal (a log file, a job's output): a plain line every tenth of an epoch.
-    report_every = max(1, batches // 10) if cfg.progress and not terminal else 0
-    for b in bar:
-        windows = gather_windows(stream, starts[b * cfg.batch_size:(b + 1) * cfg.batch_size],
-                                 cfg.lm.seq_len + 1).to(device)
-        inputs, targets = windows[:, :-1], windows[:, 1:]
-        progress = out.step
-        if cfg.time_budget_s:  # the schedule follows the clock, so it anneals when time runs out
-            spent = state.train_time_s + time.perf_counter() - start
-            progress = max(out.step, int(spent / cfg.time_budget_s * total_steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(progress, total_steps, warmup, cfg.optim.lr)
-        with autocast_context(device, state.precision):
-            logits = runner(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                   label_smoothing=cfg.optim.label_smoothing)
-            total = loss
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(inputs)
-                total = loss + cfg.lm.distill * distillation_kl(logits, teacher_logits, cfg.lm.temperature)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        out.step += 1
-        value = loss.item()
-        if not math.isfinite(value):
-            out.failure = f"non-finite training loss at epoch {epoch}"
-            break
-        loss_sum += value * targets.numel()
-        out.tokens += targets.numel()
-        bar.set_postfix(loss=f"{value:.3f}")
-        if report_every and (b + 1) % report_every == 0 and b + 1 < batches:
-            spent = time.perf_counter() - start
-            print(f"epoch {epoch}: {b + 1}/{batches} batches, loss {value:.3f}, {out.tokens / spent:.0f} tok/s, "
-                  f"epoch ends in {spent / (b + 1) * (batches - b - 1) / 60:.1f} min", file=sys.stderr, flush=True)
-        if time.perf_counter() - start >= time_left:
-            out.out_of_time = True
-            break
-    out.seconds = time.perf_counter() - start
-    if out.tokens:
-        out.loss = loss_sum / out.tokens
-    return out
-
-
-def train_lm(cfg: TrainConfig, out, resume: bool, log, device: torch.device) -> Result:
+def train_lm(cfg: TrainConfig, out, resume: bool, log, device: torch.device, hooks: list[EpochHook] = ()) -> Result:
     """Train a language-model config on `device` (`training.train.train` calls this); write the
     run to `out` when given (resuming it when `resume`)."""
     ctx = Dist()  # one process
-    run, done = open_run(cfg, out, resume, ctx, log)
-    if done is not None:
-        return done
+    run, finished = open_run(cfg, out, resume, ctx, log)
+    if finished is not None:
+        return Result(**finished)
     data = prepare_text(cfg, run, resume)
     torch.manual_seed(cfg.seed)
     model = _build_for(cfg, data.vocab_size).to(device)
-    teacher = load_teacher(cfg, data.tokenizer, device)
+    task = LmTask(cfg, data, load_teacher(cfg, data.tokenizer, device), device)
     optimizer = make_optimizer(cfg, model)
-    train_stream = data.streams["train"]
-    # steps an epoch takes at the least (the windows' random offset can cost one): so the
-    # schedule reaches its end; a step more runs at the last rate
-    windows = cfg.lm.epoch_tokens // cfg.lm.seq_len or (len(train_stream) - cfg.lm.seq_len) // cfg.lm.seq_len
-    per_epoch = windows // cfg.batch_size
-    total_steps = max(1, per_epoch) * cfg.epochs
-    warmup = max(1, round(cfg.optim.warmup_epochs * max(1, per_epoch)))
-
-    state = RunState(config_hash=config_hash(cfg))
+    state = start_state(run, resume, model, optimizer, cfg, ctx, log)
     if run is not None:
-        if resume and run.has_checkpoint():
-            state = run.restore(model, optimizer, cfg)
-            log(f"resuming {run.path} after epoch {state.epoch}")
-        run.keep_metrics_until(state.epoch)
-        run.write_config(cfg)
         data.tokenizer.save(str(run.path / TOKENIZER_FILE))
         atomic_write_json(run.path / CORPUS_FILE, data.summary())
+        hooks = [run.epoch_keeper(model, optimizer, state, cfg), *hooks]
     choose_precision(state, cfg, ctx, device)
-    runner = wrap_for_training(model, cfg, ctx, device)
-    params, trainable = count_params(model), count_params(model, trainable_only=True)
-    log(f"model {cfg.model.name} ({cfg.model.execution}): {params:,} params ({trainable:,} trained), "
-        f"vocab {data.vocab_size}, {len(train_stream):,} training tokens, on {device} in {state.precision}"
-        + (f", distilling from {cfg.lm.teacher or cfg.finetune.init_from}" if teacher is not None else ""))
-    status, reason, val_loss = "ok", "", None
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        time_left = cfg.time_budget_s - state.train_time_s if cfg.time_budget_s else math.inf
-        if time_left <= 0:
-            break
-        ep = lm_epoch(model, runner, teacher, optimizer, train_stream, cfg, device, epoch, state,
-                      (total_steps, warmup), time_left)
-        # RunState.images counts the training tokens of a language-model run
-        state.step, state.train_time_s, state.images = ep.step, state.train_time_s + ep.seconds, \
-            state.images + ep.tokens
-        if ep.failure:
-            status, reason, state.last_train_loss = "diverged", ep.failure, ep.loss
-            log(f"epoch {epoch}: {reason}")
-            break
-        last = epoch == cfg.epochs or ep.out_of_time or bool(cfg.time_budget_s) and state.train_time_s >= cfg.time_budget_s
-        val_loss = val_acc = None
-        if last or (cfg.eval_every and epoch % cfg.eval_every == 0):
-            val_loss, val_acc = score_tokens(model, data.streams["val"], cfg.lm.seq_len, cfg.eval_batch_size,
-                                             device, state.precision)
-        state.epoch, state.last_train_loss = epoch, ep.loss
-        row = {"epoch": epoch, "train_loss": ep.loss, "val_loss": val_loss, "val_acc": val_acc,
-               "val_ppl": None if val_loss is None else perplexity(val_loss), "lr": optimizer.param_groups[0]["lr"],
-               "epoch_time_s": ep.seconds, "train_time_s": state.train_time_s,
-               "tokens_per_s": ep.tokens / ep.seconds}
-        eta = (cfg.epochs - epoch) * state.train_time_s / epoch
-        scored = "    –   " if val_loss is None else f"{perplexity(val_loss):8.2f}"
-        log(f"epoch {epoch:>3}/{cfg.epochs}  loss {ep.loss:.4f}  val ppl {scored}  {ep.seconds:6.1f}s  "
-            f"{ep.tokens / ep.seconds:7.0f} tok/s  eta {eta / 60:.1f} min")
-        if run is not None:
-            run.append_metrics(row)
-            run.save_checkpoint(model, optimizer, state, cfg)
-        if ep.out_of_time:
-            log(f"time budget of {cfg.time_budget_s:.0f}s spent after epoch {epoch}")
-            break
+    task.precision = state.precision
+    # steps an epoch takes at the least (the windows' random offset can cost one): so the
+    # schedule reaches its end; a step more runs at the last rate
+    windows = cfg.lm.epoch_tokens // cfg.lm.seq_len or (len(task.stream) - cfg.lm.seq_len) // cfg.lm.seq_len
+    trainer = Trainer(model, optimizer, task, cfg, Schedule.of(cfg, windows // cfg.batch_size), state, device, ctx,
+                      runner=wrap_for_training(model, cfg, ctx, device),
+                      on_epoch=[epoch_printer(cfg, task, log), *hooks], log=log)
+    counts = count_params(model), count_params(model, trainable_only=True)
+    log(f"model {cfg.model.name} ({cfg.model.execution}): {counts[0]:,} params ({counts[1]:,} trained), "
+        f"vocab {data.vocab_size}, {len(task.stream):,} training tokens, on {device} in {state.precision}"
+        + (f", distilling from {cfg.lm.teacher or cfg.finetune.init_from}" if task.teacher is not None else ""))
+    status, reason = trainer.fit()
+    val_loss = task.val_loss
     if val_loss is None or status != "ok":  # the last epoch was not scored, or none finished
-        val_loss, _ = score_tokens(model, data.streams["val"], cfg.lm.seq_len, cfg.eval_batch_size, device,
-                                   state.precision)
-    return _finish(cfg, run, model, data, state, device, status, reason, (params, trainable, val_loss), log)
+        val_loss = task.score(model)["val_loss"]
+    return _finish(trainer, run, data, (status, reason), (*counts, val_loss), log)
 
 
-def _finish(cfg, run, model, data: TokenData, state: RunState, device, status: str, reason: str,
-            counts: tuple[int, int, float], log) -> Result:
+def _finish(trainer: Trainer, run, data: TokenData, outcome: tuple[str, str], counts: tuple[int, int, float],
+            log) -> Result:
     """Score the test split at the end and write the result."""
-    val_loss = counts[2]
-    test_loss, test_acc = score_tokens(model, data.streams["test"], cfg.lm.seq_len, cfg.eval_batch_size, device,
-                                       state.precision)
+    cfg, state, device, val_loss = trainer.cfg, trainer.state, trainer.device, counts[2]
+    test_loss, test_acc = score_tokens(trainer.model, data.streams["test"], cfg.lm.seq_len, cfg.eval_batch_size,
+                                       device, state.precision)
     log(f"test perplexity {perplexity(test_loss):.2f} (validation {perplexity(val_loss):.2f}), "
         f"next-token accuracy {test_acc:.2%}")
     seconds = state.train_time_s
     result = Result(
-        status=status, reason=reason, task="lm", test_acc=test_acc, best_test_acc=test_acc,
+        status=outcome[0], reason=outcome[1], task="lm", test_acc=test_acc, best_test_acc=test_acc,
         test_loss=test_loss, test_ppl=perplexity(test_loss), val_ppl=perplexity(val_loss),
         final_train_loss=state.last_train_loss, params=counts[0], trainable_params=counts[1],
         macs_dense=0, macs_effective=0, train_time_s=seconds, img_per_s=0.0,

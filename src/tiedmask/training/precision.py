@@ -12,6 +12,8 @@ second, once per process) so that a machine whose AMX is slow for another reason
 that hides the tiles' state, an old oneDNN) keeps fp32. `TIEDMASK_PRECISION_CHECK=0` skips it
 and lets the instruction set decide alone.
 
+The measurements behind these choices: docs/architecture.md, "What `auto` picks on each machine".
+
 A run records the precision it resolved to (`Result.precision`, the checkpoint's state), so
 `eval` and `--resume` compute as training did on any machine.
 """

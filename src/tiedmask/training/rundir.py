@@ -164,6 +164,16 @@ class RunDir:
         that a resume can name what changed in config.json since."""
         save_checkpoint(self.path, model, optimizer, {**dataclasses.asdict(state), "config": config_to_dict(cfg)})
 
+    def epoch_keeper(self, model: torch.nn.Module, optimizer, state: RunState, cfg: TrainConfig):
+        """The `Trainer` hook that keeps each finished epoch: its metrics row, then the checkpoint
+        of the state that row ends (so the rows never run ahead of a checkpoint for long)."""
+
+        def keep(row: dict) -> None:
+            self.append_metrics(row)
+            self.save_checkpoint(model, optimizer, state, cfg)
+
+        return keep
+
     def restore(self, model: torch.nn.Module, optimizer, cfg: TrainConfig) -> RunState:
         """Load the checkpoint into `model` and `optimizer` after checking that it belongs to
         `cfg`: settings changed since (named), or weights that do not fit, are errors."""

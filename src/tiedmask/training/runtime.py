@@ -22,9 +22,7 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 
 def use_channels_last(cfg: TrainConfig, image_size: int) -> bool:
-    # Measured on the 2-core Xeon (docs/results.md §6): 1.2-1.6x the NCHW training throughput
-    # at 32x32. Smaller images stay NCHW, where the layout conversions weigh more against
-    # small convolutions (not measured in the tables).
+    # auto: docs/architecture.md's table of per-machine choices (measured in docs/results.md §6)
     return cfg.channels_last == "true" or (cfg.channels_last == "auto" and image_size >= 32)
 
 

@@ -185,7 +185,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda when present, else cpu
     precision: str = "auto"  # auto = bf16 on cuda and on cpus with AMX tiles, else fp32 (training/precision.py)
     channels_last: str = "auto"  # auto = on for inputs of 32x32 and up (measured faster), else off
-    compile: bool = False  # torch.compile the model (measured no faster on this 2-core cpu)
+    compile: bool = False  # torch.compile the model (off: docs/architecture.md, per-machine choices)
     # flip: average the logits of each test image and its mirror image; flip_translate: also of
     # both shifted by one pixel either way along the diagonal (weights 1/2, 1/4, 1/4)
     eval_tta: str = "none"
@@ -261,9 +261,10 @@ def config_from_dict(values: dict) -> TrainConfig:
     if isinstance(data, str):  # `data: digits`
         values["data"] = {"name": data}
     cfg = from_dict(TrainConfig, values)
-    cfg.model, backbone = resolve_model(migrate_model(model))
+    model_spec = resolve_model(migrate_model(model))
+    cfg.model = model_spec.config
     cfg.validate()
-    check_whitening_stem(cfg, backbone.has_whitening_stem)  # before any run of a sweep starts
+    check_whitening_stem(cfg, model_spec.backbone.has_whitening_stem)  # before any run of a sweep starts
     return cfg
 
 
