@@ -19,7 +19,7 @@ TINY = {"model": {"name": "tied-resnet-xs", "width": 4, "depth": 1}, "data": {"n
 def test_bench_variants_share_parameters_and_differ_only_in_execution():
     jobs = bench_jobs("cifar10", seeds=[0], budgets=("epochs",))
     assert [j.variant for j in jobs] == list(VARIANTS)
-    models = {j.variant: resolve_model(j.config["model"])[0] for j in jobs}
+    models = {j.variant: resolve_model(j.config["model"]).config for j in jobs}
     for m in models.values():
         assert (m.name, m.width, m.depth, m.masks.density) == ("tied-resnet-s", 16, 4, 0.5)
     counts = {v: count_params(build_model(m)) for v, m in models.items()}

@@ -183,5 +183,42 @@ def test_channel_masked_models_equal_their_multiply_by_mask_version():
         x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
         ours = fast(x)
         for _, layer in masked_layers(fast):
-            layer.kept_rows = None  # back to weight * mask
+            layer.mask_bank.kept_rows = None  # back to weight * mask
         assert torch.allclose(ours, fast(x), atol=1e-5), name
+
+
+def test_resolving_a_config_never_builds_a_model(monkeypatch):
+    """A sweep resolves every grid point: presets return typed specs; only `build` builds."""
+    from tiedmask.core.backbones import Backbone
+    from tiedmask.training.settings import load_config
+
+    def no_building(self, *args, **kwargs):
+        raise AssertionError("a model was built while resolving a config")
+
+    monkeypatch.setattr(Backbone, "__init__", no_building)
+    for name in MODEL_PRESETS:
+        cfg = load_config(overrides=["--model", name, "--width", "8"])
+        assert (cfg.model.name, cfg.model.width) == (name, 8)
+
+
+def test_a_registered_preset_builds_what_its_spec_says_and_a_preset_without_a_spec_is_refused():
+    from tiedmask.core.backbones import TiedNet
+    from tiedmask.core.presets import register_model, spec
+
+    @register_model
+    def my_test_net(**settings):
+        return spec(TiedNet, settings, name="my-test-net", cell="resnet", width=12, depth=3, stages=1)
+
+    @register_model
+    def my_broken_net(**settings):
+        return TiedNet  # a class, not a spec
+
+    try:
+        model = create_model("my-test-net", masks={"scope": "same"})
+        assert isinstance(model, TiedNet)
+        assert (model.config.width, model.config.depth, model.config.masks.scope) == (12, 3, "same")
+        with pytest.raises(ConfigError, match="not a ModelSpec"):
+            create_model("my-broken-net")
+    finally:
+        MODEL_PRESETS.pop("my-test-net")
+        MODEL_PRESETS.pop("my-broken-net")

@@ -10,10 +10,8 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 from typing import Callable
-
 
 from ..errors import ConfigError
 from ..typed import from_dict
@@ -21,78 +19,97 @@ from .backbones import Backbone, TiedFastNet, TiedNet, TiedViT
 from .external import ExternalNet
 from .spec import DataShape, ModelConfig
 
-MODEL_PRESETS: dict[str, Callable[..., Backbone]] = {}
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What a preset returns: the backbone class and its checked settings. Resolving a config
+    (every grid point of a sweep) stops here; only `build` builds (masks, initialisation:
+    0.1-0.5 s a model)."""
+
+    backbone: type[Backbone]
+    config: ModelConfig
+
+    def build(self, shape: DataShape = DataShape()) -> Backbone:
+        return self.backbone(self.config, shape)
 
 
-def register_model(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
-    """Register a preset ``fn(shape, **settings) -> Backbone`` under its name (``_`` -> ``-``)."""
+MODEL_PRESETS: dict[str, Callable[..., ModelSpec]] = {}
+
+
+def register_model(fn: Callable[..., ModelSpec]) -> Callable[..., ModelSpec]:
+    """Register a preset ``fn(**settings) -> ModelSpec`` under its name (``_`` -> ``-``)."""
     MODEL_PRESETS[fn.__name__.replace("_", "-")] = fn
     return fn
 
 
-# Set by `resolve_model`: `build` then records its backbone class here instead of building
-_resolving: contextvars.ContextVar[list[type[Backbone]] | None] = contextvars.ContextVar(
-    "resolving", default=None)
-
-
-def build(backbone: type[Backbone], shape: DataShape, settings: dict, **preset) -> Backbone:
-    """`backbone` for `shape` from the preset's numbers with the caller's `settings` on top.
-
-    Under `resolve_model` it returns the checked config, and records `backbone`, instead of
-    building: a sweep resolves every grid point, and building (masks, initialisation) would cost
-    0.1-0.5 s each.
-    """
+def spec(backbone: type[Backbone], settings: dict, **preset) -> ModelSpec:
+    """`backbone` with the preset's numbers and the caller's `settings` on top (sections merge
+    key by key), checked as far as it can be before the data's shape is known."""
     values = dict(preset)
-    for key, value in settings.items():  # sections merge key by key
+    for key, value in settings.items():
         both_dicts = isinstance(value, dict) and isinstance(values.get(key), dict)
         values[key] = {**values[key], **value} if both_dicts else value
     cfg = from_dict(ModelConfig, values, "model.")
-    resolving = _resolving.get()
-    if resolving is not None:
-        backbone.check(cfg, None)  # the data's shape is not known yet: checked at build
-        resolving.append(backbone)
-        return cfg
-    return backbone(cfg, shape)
+    backbone.check(cfg, None)  # what depends on the data's shape is checked at build
+    return ModelSpec(backbone, cfg)
 
 
 @register_model
-def tied_resnet_xs(shape: DataShape = DataShape(), **settings) -> Backbone:
+def tied_resnet_xs(**settings) -> ModelSpec:
     """One stage, width 32, depth 4: small inputs such as 8x8 digits (the demo)."""
-    return build(TiedNet, shape, settings, name="tied-resnet-xs", cell="resnet", width=32, depth=4, stages=1)
+    return spec(TiedNet, settings, name="tied-resnet-xs", cell="resnet", width=32, depth=4, stages=1)
 
 
 @register_model
-def tied_resnet_s(shape: DataShape = DataShape(), **settings) -> Backbone:
+def tied_resnet_s(**settings) -> ModelSpec:
     """Two stages of width 32/64, depth 4: CIFAR-scale benchmarks on a CPU."""
-    return build(TiedNet, shape, settings, name="tied-resnet-s", cell="resnet", width=32, depth=4, stages=2)
+    return spec(TiedNet, settings, name="tied-resnet-s", cell="resnet", width=32, depth=4, stages=2)
 
 
 @register_model
-def tied_resnet_deep(shape: DataShape = DataShape(), **settings) -> Backbone:
+def tied_resnet_deep(**settings) -> ModelSpec:
     """Deep and narrow: two stages of width 24/48, depth 8, where tied weights show their limit."""
-    return build(TiedNet, shape, settings, name="tied-resnet-deep", cell="resnet", width=24, depth=8,
-                 stages=2)
+    return spec(TiedNet, settings, name="tied-resnet-deep", cell="resnet", width=24, depth=8, stages=2)
 
 
 @register_model
-def tied_resnet_m(shape: DataShape = DataShape(), **settings) -> Backbone:
+def tied_resnet_m(**settings) -> ModelSpec:
     """Two stages of width 64/128, depth 4: closer to the paper's CIFAR-10 setting."""
-    return build(TiedNet, shape, settings, name="tied-resnet-m", cell="resnet", width=64, depth=4, stages=2)
+    return spec(TiedNet, settings, name="tied-resnet-m", cell="resnet", width=64, depth=4, stages=2)
 
 
 @register_model
-def tied_vit_s(shape: DataShape = DataShape(), **settings) -> Backbone:
+def tied_vit_s(**settings) -> ModelSpec:
     """Transformer-like: patch 4, width 96, 4 heads, one tied block applied 6 times."""
-    return build(TiedViT, shape, settings, name="tied-vit-s", cell="transformer", width=96, depth=6,
-                 stages=1, heads=4, patch_size=4, mlp_ratio=2.0, norm="auto")
+    return spec(TiedViT, settings, name="tied-vit-s", cell="transformer", width=96, depth=6,
+                stages=1, heads=4, patch_size=4, mlp_ratio=2.0, norm="auto")
 
 
 @register_model
-def tied_fast(shape: DataShape = DataShape(), **settings) -> Backbone:
+def tied_fast(**settings) -> ModelSpec:
     """airbench-style (whitened stem, conv-pool-BN-GELU stages, max-pooled head) with one
     masked conv per stage applied twice; widths 56/112/224, 0.89M parameters: `--recipe cifar10-fast`."""
-    return build(TiedFastNet, shape, settings, name="tied-fast", cell="conv", width=56, depth=2, stages=3,
-                 masks={"density": 0.5})
+    return spec(TiedFastNet, settings, name="tied-fast", cell="conv", width=56, depth=2, stages=3,
+                masks={"density": 0.5})
+
+
+def resolve_model(values: dict) -> ModelSpec:
+    """The spec of what `values` (a config's model section, in today's keys) asks for: every
+    number as its preset fills them in, checked, nothing built."""
+    values = dict(values)
+    name = values.pop("name", ModelConfig.name)
+    if not isinstance(name, str):
+        raise ConfigError(f"model.name is {name!r}; it must be a preset name (`tiedmask models` lists them), "
+                          "timm:NAME or hf:TYPE")
+    if ":" in name:  # timm:NAME, hf:TYPE
+        return spec(ExternalNet, values, name=name)
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model {name!r}; `tiedmask models` lists: {sorted(MODEL_PRESETS)}")
+    found = MODEL_PRESETS[name](**values)
+    if not isinstance(found, ModelSpec):
+        raise ConfigError(f"model preset {name!r} returned {type(found).__name__}, not a ModelSpec; "
+                          "a registered preset must return spec(...)")
+    return found
 
 
 def create_model(name: str = ModelConfig.name, shape: DataShape = DataShape(), **settings) -> Backbone:
@@ -102,32 +119,9 @@ def create_model(name: str = ModelConfig.name, shape: DataShape = DataShape(), *
     >>> create_model("tied-resnet-s", width=16, masks={"scope": "same"}).config.masks.scope
     'same'
     """
-    if ":" in name:  # timm:NAME, hf:TYPE
-        return build(ExternalNet, shape, settings, name=name)
-    if name not in MODEL_PRESETS:
-        raise ConfigError(f"unknown model {name!r}; `tiedmask models` lists: {sorted(MODEL_PRESETS)}")
-    return MODEL_PRESETS[name](shape, **settings)
+    return resolve_model({"name": name, **settings}).build(shape)
 
 
 def build_model(cfg: ModelConfig, shape: DataShape = DataShape()) -> Backbone:
     """The model a resolved config describes (its preset, every number as in `cfg`)."""
-    values = dataclasses.asdict(cfg)
-    return create_model(values.pop("name"), shape, **values)
-
-
-def resolve_model(values: dict) -> tuple[ModelConfig, type[Backbone]]:
-    """Every number of the model that `values` (a config's model section) asks for, as its
-    preset fills them in, checked as the backbone checks them, and the backbone class that
-    would build it, without building the model."""
-    values = dict(values)
-    name = values.pop("name", ModelConfig.name)
-    backbones: list[type[Backbone]] = []
-    token = _resolving.set(backbones)
-    try:
-        cfg = create_model(name, **values)
-    finally:
-        _resolving.reset(token)
-    if not backbones:
-        raise ConfigError(f"model preset {name!r} builds its model without `build`; a registered "
-                          "preset must return build(...)")
-    return cfg, backbones[0]
+    return create_model(**dataclasses.asdict(cfg), shape=shape)
