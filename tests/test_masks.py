@@ -89,3 +89,34 @@ def test_density_outside_unit_interval_is_refused(density):
 def test_unknown_kind_is_refused():
     with pytest.raises(ConfigError, match="unknown mask kind"):
         make_mask("random", (4, 4), 0.5, 0, "w", 0)
+
+
+def test_one_mask_bank_holds_the_masks_of_layers_ties_and_lora_factors():
+    """Every masked weight keeps its masks in a MaskBank: mask i is make_mask(..., i) in the
+    weight's shape (made for (out, in) and transposed for a weight stored (in, out)), channel
+    masks name their kept rows, and nothing of it is stored in a checkpoint."""
+    from torch import nn
+
+    from tiedmask.core.layers import MaskedConv2d
+    from tiedmask.core.lora import MultiMaskLoRALinear
+    from tiedmask.core.masks import MaskBank
+    from tiedmask.core.tie import tie
+
+    bank = MaskBank("unstructured", (6, 4), 3, 0.5, 1, "w")
+    for i in range(3):
+        assert torch.equal(bank.mask(i), make_mask("unstructured", (6, 4), 0.5, 1, "w", i))
+    flipped = MaskBank("nm", (8, 6), 2, 0.5, 1, "c", transposed=True)
+    assert torch.equal(flipped.stack()[1], make_mask("nm", (6, 8), 0.5, 1, "c", 1).t())
+    channel = MaskBank("channel", (5, 3, 3, 3), 2, 0.6, 0, "k")
+    for i in range(2):
+        rows = make_mask("channel", (5, 3, 3, 3), 0.6, 0, "k", i)[:, 0, 0, 0].nonzero().flatten()
+        assert torch.equal(channel.kept_rows[i], rows)
+    conv = MaskedConv2d(3, 5, 3)
+    conv.build_masks("unstructured", 2, 0.5, 0, "conv.weight")
+    lora = MultiMaskLoRALinear(nn.Linear(4, 4), "fc", rank=2, n_masks=2)
+    tied = tie(nn.Sequential(nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)])), blocks="0")
+    weight_chain = tied[0].shared.parametrizations.weight[0]
+    for owner in (conv, lora.lora_A, weight_chain):
+        assert isinstance(owner.mask_bank, MaskBank)
+    for module in (conv, lora, tied):
+        assert not any("mask" in key for key in module.state_dict())

@@ -1,7 +1,7 @@
 """Conv and Linear layers whose shared weight is masked per application.
 
-The masks are a non-persistent buffer: they are regenerated from the model config (see
-`tiedmask.core.masks`), so checkpoints hold only the dense shared weights.
+The masks are a `MaskBank` of non-persistent buffers: they are regenerated from the model
+config (see `tiedmask.core.masks`), so checkpoints hold only the dense shared weights.
 """
 
 from __future__ import annotations
@@ -12,41 +12,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masks import make_mask
+from .masks import MaskBank
 
 
 class MaskedWeight:
-    """Mixin: a stack of boolean masks and the masked weight for one index.
+    """Mixin: the layer's weight under the mask of an application index, from its `MaskBank`
+    (None: dense)."""
 
-    The stack is kept flat, ``[n, out, rest]``: a 5-D buffer would break
-    ``model.to(memory_format=torch.channels_last)``, which converts every 4-D/5-D tensor.
-    """
-
-    masks: torch.Tensor | None
-    kept_rows: torch.Tensor | None  # channel masks: [n, k] indices of the kept output rows
+    mask_bank: MaskBank | None
     placements: torch.Tensor | None  # channel-masked convs: [n, out, k] 0/1, kept row j -> output row
     _built: torch.Tensor | None = None  # every masked weight of this forward pass, [n, *shape]
 
     def _init_masks(self) -> None:
-        self.register_buffer("masks", None, persistent=False)
-        self.register_buffer("kept_rows", None, persistent=False)
+        self.register_module("mask_bank", None)
         self.register_buffer("placements", None, persistent=False)
+
+    @property
+    def kept_rows(self) -> torch.Tensor | None:
+        """Channel masks: [n, k] indices of the kept output rows (None otherwise)."""
+        return None if self.mask_bank is None else self.mask_bank.kept_rows
 
     def build_masks(self, kind: str, count: int, density: float, seed: int, name: str, **opts) -> None:
         """Create `count` masks for this layer's weight, named `name` in the model."""
-        self.kept_rows = self.placements = None
+        self.placements = None
         if count == 0:
-            self.masks = None
+            self.mask_bank = None
             return
         shape = tuple(self.weight.shape)
-        stack = [make_mask(kind, shape, density, seed, name, i, **opts) for i in range(count)]
-        self.masks = torch.stack(stack).flatten(2).to(self.weight.device)
-        if kind == "channel":  # whole output rows: compute only the kept ones (see `_kept`)
-            rows = [m.reshape(shape[0], -1)[:, 0].nonzero().flatten() for m in stack]
-            self.kept_rows = torch.stack(rows).to(self.weight.device)
-            if len(shape) > 2:  # convolutions place by a product (see MaskedConv2d)
-                eye = torch.eye(shape[0])
-                self.placements = torch.stack([eye[:, r] for r in rows]).to(self.weight.device)
+        self.mask_bank = MaskBank(kind, shape, count, density, seed, name, **opts).to(self.weight.device)
+        if kind == "channel" and len(shape) > 2:  # convolutions place by a product (see MaskedConv2d)
+            eye = torch.eye(shape[0], device=self.weight.device)
+            self.placements = torch.stack([eye[:, r] for r in self.mask_bank.kept_rows])
 
     def _kept(self, x: torch.Tensor, index: int, compute, place) -> torch.Tensor:
         """The output of a channel-masked layer from its kept rows alone: `compute(x, weight)`
@@ -56,25 +52,25 @@ class MaskedWeight:
         return place(compute(x, self.weight.index_select(0, self.kept_rows[index])), index)
 
     def masked_weight(self, index: int | None) -> torch.Tensor:
-        if index is None or self.masks is None:
+        if index is None or self.mask_bank is None:
             return self.weight
         if self._built is not None:
             return self._built[index]
-        return self.weight * self.masks[index].view(self.weight.shape)
+        return self.mask_bank.apply(self.weight, index)
 
     def build_all(self) -> None:
         """Mask the weight with every mask in one operation, for reuse by every application."""
-        if self.masks is not None and self.kept_rows is None:
-            self._built = self.weight.unsqueeze(0) * self.masks.view(-1, *self.weight.shape)
+        if self.mask_bank is not None and self.kept_rows is None:
+            self._built = self.weight.unsqueeze(0) * self.mask_bank.stack()
 
     def mask_density(self, index: int | None) -> float:
-        if index is None or self.masks is None:
+        if index is None or self.mask_bank is None:
             return 1.0
-        return float(self.masks[index].float().mean())
+        return self.mask_bank.density(index)
 
     def mask_stack(self) -> torch.Tensor | None:
         """All masks in the weight's shape, ``[n, *weight.shape]`` (None when dense)."""
-        return None if self.masks is None else self.masks.view(-1, *self.weight.shape)
+        return None if self.mask_bank is None else self.mask_bank.stack()
 
 
 class MaskedConv2d(nn.Conv2d, MaskedWeight):

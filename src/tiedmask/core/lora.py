@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save
 
 from ..files import atomic_write
 from ..errors import ConfigError, TiedmaskError
-from .masks import check_mask_settings, make_mask
+from .masks import MaskBank, check_mask_settings
 
 
 class MaskedFactor(torch.nn.Module):
@@ -46,15 +46,16 @@ class MaskedFactor(torch.nn.Module):
         super().__init__()
         self.shared = torch.nn.Parameter(torch.zeros(shape))
         self.stack_dim = stack_dim
-        masks = [make_mask(kind, tuple(shape), density, seed, name, i) for i in range(n_masks)]
-        # Kept flat, [n, numel]: a conv factor's stack would be 5-D, and `model.to(memory_format=
-        # torch.channels_last)` fails on 5-D tensors.
-        self.register_buffer("flat_masks", torch.stack(masks).flatten(1), persistent=False)
+        self.mask_bank = MaskBank(kind, tuple(shape), n_masks, density, seed, name)
 
     @property
     def masks(self) -> torch.Tensor:
         """The masks, [n, *shared.shape]."""
-        return self.flat_masks.view(-1, *self.shared.shape)
+        return self.mask_bank.stack()
+
+    def masked(self, index: int) -> torch.Tensor:
+        """The shared factor under mask `index`."""
+        return self.mask_bank.apply(self.shared, index)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -105,7 +106,7 @@ class MultiMaskLoRA(torch.nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        if getattr(self.base, "masks", None) is not None:
+        if getattr(self.base, "mask_bank", None) is not None:
             raise TiedmaskError("the update is added outside the base layer's masks, so merging it into the "
                                 "masked shared weight would mask it too; keep this adapter unmerged")
         if not self.merged:

@@ -26,6 +26,7 @@ import math
 from typing import Callable
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 
@@ -108,6 +109,51 @@ def make_mask(
     """The boolean mask of `kind` for one parameter at one application index (on the CPU)."""
     check_mask_settings(kind, "multi", density)
     return MASK_KINDS[kind](mask_scores(tuple(shape), seed, name, index), density, options)
+
+
+class MaskBank(nn.Module):
+    """The static masks of one weight, one per mask index, as every masked weight keeps them:
+    built-in layers (`core.layers`), weights tied by `core.tie` and multi-mask LoRA factors.
+
+    Made from (kind, seed, name, index), never stored: the buffers are not persistent, so
+    checkpoints hold weights only. Kept flat, ``[n, numel]``: a conv weight's stack would be
+    5-D, and ``model.to(memory_format=torch.channels_last)`` fails on 5-D tensors. Channel
+    masks also keep the indices of their kept output rows (``kept_rows``, ``[n, k]``), so a
+    layer can compute those rows alone. `transposed`: the weight is stored (in, out) (GPT-2's
+    Conv1D); masks are made for (out, in), as for a Linear, so that channel masks drop output
+    features and N:M groups run along the reduction axis.
+    """
+
+    def __init__(self, kind: str, shape: tuple[int, ...], count: int, density: float, seed: int, name: str,
+                 nm_m: int = 4, transposed: bool = False):
+        super().__init__()
+        self.shape = tuple(shape)
+        made_shape = self.shape[::-1] if transposed else self.shape
+        made = [make_mask(kind, made_shape, density, seed, name, i, nm_m=nm_m) for i in range(count)]
+        rows = None
+        if kind == "channel":
+            rows = torch.stack([m.reshape(made_shape[0], -1)[:, 0].nonzero().flatten() for m in made])
+        stack = torch.stack([m.t() if transposed else m for m in made])
+        self.register_buffer("flat", stack.flatten(1), persistent=False)
+        self.register_buffer("kept_rows", rows, persistent=False)
+
+    def __len__(self) -> int:
+        return self.flat.shape[0]
+
+    def mask(self, index: int) -> torch.Tensor:
+        """Mask `index` in the weight's shape."""
+        return self.flat[index].view(self.shape)
+
+    def stack(self) -> torch.Tensor:
+        """Every mask, ``[n, *shape]``."""
+        return self.flat.view(-1, *self.shape)
+
+    def apply(self, weight: torch.Tensor, index: int) -> torch.Tensor:
+        """`weight` under mask `index`."""
+        return weight * self.flat[index].view_as(weight)
+
+    def density(self, index: int) -> float:
+        return float(self.flat[index].float().mean())
 
 
 def check_mask_settings(kind: str, scope: str, density: float) -> None:

@@ -62,7 +62,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, TiedmaskError
 from ..typed import from_dict
-from .masks import make_mask, num_masks
+from .masks import MaskBank, num_masks
 from .spec import MaskConfig, TieConfig
 from .tied_block import (ApplicationIndex, LoRARelaxation, MultiMaskLoRARelaxation, PerApplication,
                          PerApplicationModule, SharedWeight, TiedBlocks)
@@ -89,14 +89,21 @@ def tie(model: nn.Module, blocks: str = "", scope: str = "multi", density: float
     return tie_with(model, masks, cfg, strict=strict)
 
 
-def tie_with(model: nn.Module, masks: MaskConfig, cfg: TieConfig, strict: bool = False) -> nn.Module:
-    path, span = _parse_blocks(cfg.blocks) if cfg.blocks else _longest_run(model)
+def select_blocks(model: nn.Module, blocks: str = "") -> tuple[str, nn.Module, int, int]:
+    """(path, container, start, stop) of the blocks `blocks` names ('' = the longest run of
+    identical blocks): what `tie` ties, and what an untied model's CKA traces."""
+    path, span = _parse_blocks(blocks) if blocks else _longest_run(model)
     container = _container(model, path)
+    start, stop, _ = span.indices(len(container))
+    if start >= stop:
+        raise ConfigError(f"{path}[{start}:{stop}] selects no block; {path} has {len(container)}")
+    return path, container, start, stop
+
+
+def tie_with(model: nn.Module, masks: MaskConfig, cfg: TieConfig, strict: bool = False) -> nn.Module:
+    path, container, start, stop = select_blocks(model, cfg.blocks)
     originals = list(container)
-    start, stop, _ = span.indices(len(originals))
     chosen = originals[start:stop]
-    if not chosen:
-        raise ConfigError(f"{path}[{start}:{stop}] selects no block; {path} has {len(originals)}")
     _check_identical(chosen, path, start)
     positions = loop_positions(len(chosen), cfg.group, cfg.strategy, f"{path}[{start}:{stop}]")
     check_cache_mapping(chosen[0], path)
@@ -406,15 +413,10 @@ def _mask_one(module: nn.Module, attr: str, name: str, blocks: list[nn.Module], 
     """Parametrize `module.attr`: application i's mask over the shared value, plus its relaxation."""
     weight = getattr(module, attr)
     full_name = ".".join(filter(None, (path, name, attr)))
-    stack = None
-    if n_masks:
-        # GPT-2's Conv1D stores (in, out): masks are made for (out, in), as for a Linear, so that
-        # channel masks drop output features and N:M groups run along the reduction axis.
-        transposed = _is_transformers_conv1d(module)
-        shape = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
-        made = [make_mask(masks.kind, shape, masks.density, masks.seed, full_name, i, nm_m=masks.nm_m)
-                for i in range(n_masks)]
-        stack = torch.stack([(m.t() if transposed else m).flatten() for m in made]).to(weight.device)
+    bank = None
+    if n_masks:  # GPT-2's Conv1D stores (in, out): its masks are made for (out, in) (MaskBank)
+        bank = MaskBank(masks.kind, tuple(weight.shape), n_masks, masks.density, masks.seed, full_name,
+                        nm_m=masks.nm_m, transposed=_is_transformers_conv1d(module)).to(weight.device)
     rows, cols = weight.shape[0], weight[0].numel()
     rank = min(cfg.relax_rank, rows, cols)  # a weight thinner than the rank gets its full rank
     relaxation = None
@@ -425,7 +427,7 @@ def _mask_one(module: nn.Module, attr: str, name: str, blocks: list[nn.Module], 
                                              cfg.relax_density, masks.seed, full_name)
     if relaxation is not None:
         relaxation.to(device=weight.device, dtype=weight.dtype)
-    parametrization = SharedWeight(state, masks.scope, stack, relaxation)
+    parametrization = SharedWeight(state, masks.scope, bank, relaxation)
     parametrize.register_parametrization(module, attr, parametrization, unsafe=True)
     if isinstance(relaxation, LoRARelaxation) and cfg.relax_init == "svd":
         with torch.no_grad():

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import TiedmaskError
 from .lora import MaskedFactor
-from .masks import mask_index
+from .masks import MaskBank, mask_index
 
 
 class ApplicationIndex:
@@ -45,22 +45,20 @@ class ApplicationIndex:
 class SharedWeight(nn.Module):
     """Parametrization: the shared weight under application i's mask, plus i's relaxation."""
 
-    def __init__(self, state: ApplicationIndex, scope: str, masks: torch.Tensor | None,
+    def __init__(self, state: ApplicationIndex, scope: str, mask_bank: MaskBank | None,
                  relaxation: nn.Module | None):
         super().__init__()
-        self.state, self.scope, self.relaxation = state, scope, relaxation
-        # Flat [n, numel]: 5-D buffers would break model.to(memory_format=channels_last).
-        self.register_buffer("masks", masks, persistent=False)
+        self.state, self.scope, self.mask_bank, self.relaxation = state, scope, mask_bank, relaxation
 
     def density(self) -> float:
         """The kept share of the weight in the running application."""
         which = mask_index(self.scope, self.state.current())
-        return 1.0 if self.masks is None or which is None else float(self.masks[which].float().mean())
+        return 1.0 if self.mask_bank is None or which is None else self.mask_bank.density(which)
 
     def masked(self, shared: torch.Tensor, i: int) -> torch.Tensor:
         """The shared weight under application i's mask (no relaxation)."""
         which = mask_index(self.scope, i)
-        return shared if self.masks is None or which is None else shared * self.masks[which].view_as(shared)
+        return shared if self.mask_bank is None or which is None else self.mask_bank.apply(shared, which)
 
     def forward(self, shared: torch.Tensor) -> torch.Tensor:
         if self.state.index is None:  # read outside any position: its shape, dtype and device
@@ -171,7 +169,7 @@ class MultiMaskLoRARelaxation(nn.Module):
         nn.init.kaiming_uniform_(self.A.shared, a=math.sqrt(5))  # B = 0: starts as the tied block
 
     def delta(self, i: int) -> torch.Tensor:
-        return (self.B.shared * self.B.masks[i]) @ (self.A.shared * self.A.masks[i])
+        return self.B.masked(i) @ self.A.masked(i)
 
 
 class Application(nn.Module):
