@@ -87,3 +87,30 @@ def test_analysis_leaves_a_deq_model_as_it_found_it():
         model(torch.randn(2, 3, 16, 16))
     forward, _ = model.pop_solver_stats()
     assert all(s.iterations == 1 for s in forward)  # the tolerance holds again afterwards
+
+
+@pytest.mark.parametrize("execution", ["unrolled", "untied"])
+def test_a_library_model_traces_its_blocks_as_the_library_reports_them(execution):
+    """A Hugging Face ViT, tied or as it is: the states CKA compares are the outputs of its
+    encoder layers, as transformers' own `output_hidden_states` gives them."""
+    pytest.importorskip("transformers")
+    from tiedmask.analysis.analyze import analyze_model
+    from tiedmask.core.spec import DataShape
+
+    args = {"hidden_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 32,
+            "patch_size": 4}
+    model = create_model("hf:vit", DataShape(3, 16, 5), args=args, execution=execution,
+                         masks={"scope": "multi" if execution == "unrolled" else "dense"}).eval()
+    x = torch.randn(8, 3, 16, 16)
+    states = stage_states(model, x)
+    with torch.no_grad():
+        reference = model.net(pixel_values=x, output_hidden_states=True).hidden_states[1:]
+    assert len(states) == 1 and len(states[0]) == 3
+    for ours, theirs in zip(states[0], reference):
+        torch.testing.assert_close(ours, theirs)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    result = analyze_model(model, images, torch.zeros(3), torch.ones(3), batch_size=8)
+    with torch.no_grad():
+        hidden = model.net(pixel_values=images.float() / 255, output_hidden_states=True).hidden_states[1:]
+    expected = linear_cka(list(hidden))
+    torch.testing.assert_close(torch.tensor(result["cka"][0], dtype=torch.float64), expected.double())

@@ -204,6 +204,25 @@ def test_analyze_command_writes_heatmaps_and_summary(tmp_path, capsys):
     assert len(cka) == 3 and all(abs(cka[i][i] - 1) < 1e-6 for i in range(3))
 
 
+def test_a_sweep_analyses_a_tied_library_model_run(tmp_path, capsys):
+    """analyze: true on an hf: run (a Hugging Face ViT tied by `tie`): CKA between its tied
+    positions lands in the store's record (it once found no stages and divided by zero)."""
+    pytest.importorskip("transformers")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "base": {"data": "digits", "epochs": 1, "progress": False, "batch_size": 64,
+                 "model": {"name": "hf:vit", "args": {"hidden_size": 16, "num_hidden_layers": 3,
+                                                     "num_attention_heads": 2, "intermediate_size": 32,
+                                                     "patch_size": 4}}},
+        "seeds": [0], "analyze": True, "workers": 1}))
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "store")]) == 0
+    record = ResultsStore(tmp_path / "store").records()[0]
+    assert record["status"] == "ok" and 0 < record["cka_offdiag_mean"] <= 1
+    cka = json.loads((ResultsStore(tmp_path / "store").run_dir_of(record) / "analysis" / "analysis.json")
+                     .read_text())["cka"]
+    assert len(cka) == 1 and len(cka[0]) == 3  # one tied run of three positions
+
+
 def test_advise_never_averages_one_setting_across_budgets_or_training_regimes(tmp_path):
     store = ResultsStore(tmp_path / "store")
     model = {"name": "tied-resnet-xs", "width": 8, "depth": 2}

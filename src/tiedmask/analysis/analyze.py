@@ -52,6 +52,9 @@ def analyze_model(model, x_uint8: torch.Tensor, mean, std, batch_size: int = 250
     if len(x_uint8) < 4:
         raise ConfigError(f"CKA needs at least 4 images, got {len(x_uint8)}; raise --images")
     accumulators, changes = _accumulate(model, x_uint8, mean, std, batch_size)
+    if not accumulators:
+        raise ConfigError("this model traces no states to compare (no tied stage or run of blocks); "
+                          "name its repeated blocks with model.tie.blocks")
     cka = [acc.compute() for acc in accumulators]
     masks = {}
     for name, layer in masked_layers(model):
@@ -86,7 +89,7 @@ def analyze_run(run_dir: str | Path, images: int = 1000, data_root: str = "") ->
         x, _ = fixed_subset(data.test_x, data.test_y, images)  # of the run's own test images
         mean, std = data.stats.tensors()
         result = analyze_model(model, x, mean, std)
-        label = "solver iteration" if cfg.model.execution == "equilibrium" else "application"
+        label = {"equilibrium": "solver iteration", "untied": "block"}.get(cfg.model.execution, "application")
     m = cfg.model
     for s, matrix in enumerate(result["cka"]):
         plot_heatmap(matrix, out / f"cka_stage{s}.png",

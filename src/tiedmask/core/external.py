@@ -15,13 +15,16 @@ they fail to load. Install torchvision from the CPU index that matches your torc
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from .backbones import Backbone
 from .spec import DataShape, ModelConfig
-from .tie import tie_with
+from .tie import select_blocks, tie_with
+from .tied_block import tied_containers
 
 LIBRARIES = ("timm", "hf")
 
@@ -34,7 +37,7 @@ class ExternalNet(Backbone):
         self.net = build_external(cfg.name, shape, cfg.args)
         if cfg.execution == "unrolled":
             tie_with(self.net, cfg.masks, cfg.tie)
-        self.stages = nn.ModuleList()  # no runners of tiedmask's own: no solver stats, no traces
+        self.stages = nn.ModuleList()  # no runners of tiedmask's own (no solver stats); `tracing` hooks its blocks
 
     @classmethod
     def check(cls, cfg: ModelConfig, shape: DataShape | None) -> None:
@@ -52,6 +55,31 @@ class ExternalNet(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
         return getattr(out, "logits", out)
+
+    def traced_blocks(self) -> list[list[nn.Module]]:
+        """Per run of blocks, the modules whose outputs are its states: each tied run's
+        positions, or, untied, the blocks `tie` would tie with these settings (so CKA compares
+        the same positions either way)."""
+        tied = tied_containers(self.net)
+        if tied:
+            return [list(container.applications) for _, container in tied]
+        _, container, start, stop = select_blocks(self.net, self.config.tie.blocks)
+        return [list(container)[start:stop]]
+
+    @contextlib.contextmanager
+    def tracing(self):
+        """Within the block, yields [run][position] lists of block outputs that every forward
+        pass fills (the first tensor of a block that returns a tuple, as Hugging Face's do)."""
+        traces = []
+        with contextlib.ExitStack() as stack:
+            for blocks in self.traced_blocks():
+                trace: list[torch.Tensor] = []
+                traces.append(trace)
+                for block in blocks:
+                    handle = block.register_forward_hook(lambda module, args, out, trace=trace: trace.append(
+                        out[0] if isinstance(out, (tuple, list)) else out))
+                    stack.callback(handle.remove)
+            yield traces
 
 
 def build_external(name: str, shape: DataShape, args: dict) -> nn.Module:
