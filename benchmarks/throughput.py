@@ -6,6 +6,7 @@ channel) against dense, and the layouts against each other.
     python benchmarks/throughput.py            # ~6 min on 2 CPU cores; run it alone
     python benchmarks/throughput.py --bf16 on  # bf16 rows on a CPU without AMX too (+13 min; slow there)
     python benchmarks/throughput.py --compile tied-fast  # adds torch.compile rows (slow to build)
+    python benchmarks/throughput.py --out benchmarks/results/throughput_amx.json  # another machine's file
 
 Batch 128 of 3x32x32 inputs, AdamW steps. The variants of one model are timed in alternating
 rounds (3 rounds of 2 steps each, after 2 warm-up steps), so that drift in the machine's speed
@@ -13,7 +14,7 @@ falls on all of them alike; medians are reported. Training FLOPs are taken as 3x
 (effective, masked) FLOPs. Layouts: `fast` is fp32 channels_last (what `tiedmask train` does on
 a CPU without AMX); `naive` is fp32 NCHW eager; `bf16` is bf16 autocast + channels_last (what it
 does on a CPU with AMX).
-Writes benchmarks/results/throughput.json.
+Writes benchmarks/results/throughput.json (or `--out`), checked writable before anything is timed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tiedmask.core.backbones import count_params
 from tiedmask.core.flops import count_macs
 from tiedmask.core.presets import MODEL_PRESETS, create_model
 from tiedmask.errors import ArgumentParser, run_script
+from tiedmask.files import writable_folder
 from tiedmask.training.precision import has_amx
 from tiedmask.training.runtime import hardware_name
 
@@ -102,10 +104,13 @@ def main() -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compile", nargs="*", default=[], metavar="MODEL",
                         help="also time these models under torch.compile (minutes to build each)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.json"),
+                        help="where to write the rows (JSON); keep each machine's file apart")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="time bf16 autocast rows: auto = where the CPU has AMX tiles (elsewhere "
                              "bf16 is emulated and slow, and the rows are skipped, saying so)")
     args = parser.parse_args()
+    writable_folder(Path(args.out).parent, "choose another --out")
     with_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and has_amx())
     layouts = ("naive", "bf16") if with_bf16 else ("naive",)
     peaks = {"fp32": matmul_peak_gflops(), "bf16": matmul_peak_gflops(dtype=torch.bfloat16)}
@@ -145,7 +150,7 @@ def main() -> None:
         print(f"| {name} | {ratio(dense, multi)} | {ratio(dense, img_s(name, 'multi/channel', 'fast'))} "
               f"| {ratio(multi, img_s(name, 'multi', 'naive'))} | {ratio(img_s(name, 'multi', 'bf16'), multi)} "
               f"| {ratio(img_s(name, 'multi', 'fast+compile'), multi)} |")
-    out = Path(__file__).parent / "results" / "throughput.json"
+    out = Path(args.out)
     out.write_text(json.dumps({"hardware": hardware_name(torch.device("cpu")), "matmul_peak_gflops": peaks["fp32"],
                                "matmul_peak_gflops_bf16": peaks["bf16"],
                                "threads": torch.get_num_threads(), "batch": BATCH,
