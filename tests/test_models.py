@@ -207,7 +207,7 @@ def test_a_registered_preset_builds_what_its_spec_says_and_a_preset_without_a_sp
 
     @register_model
     def my_test_net(**settings):
-        return spec(TiedNet, settings, name="my-test-net", cell="resnet", width=12, depth=3, stages=1)
+        return spec(TiedNet, settings, cell="resnet", width=12, depth=3, stages=1)  # no name: its own
 
     @register_model
     def my_broken_net(**settings):
@@ -217,6 +217,7 @@ def test_a_registered_preset_builds_what_its_spec_says_and_a_preset_without_a_sp
         model = create_model("my-test-net", masks={"scope": "same"})
         assert isinstance(model, TiedNet)
         assert (model.config.width, model.config.depth, model.config.masks.scope) == (12, 3, "same")
+        assert model.config.name == "my-test-net"  # what resume and eval rebuild through
         with pytest.raises(ConfigError, match="not a ModelSpec"):
             create_model("my-broken-net")
     finally:

@@ -5,7 +5,7 @@ presets, and `tie` for the repeated blocks of any model); one run's settings, da
 reports and the demo are `tiedmask.experiments`; CKA analysis is `tiedmask.analysis`.
 """
 
-from .core.presets import create_model, register_model
+from .core.presets import ModelSpec, create_model, register_model, spec
 from .core.spec import DataShape, DeqConfig, MaskConfig, ModelConfig, TieConfig
 from .core.tie import tie
 from .core.tie_io import load_tied, save_tied
@@ -17,5 +17,5 @@ from .training.train import Result, train
 
 __all__ = ["ConfigError", "DataError", "DataShape", "DeqConfig", "MaskConfig", "ModelConfig", "Result",
            "TieConfig", "TiedmaskError", "TrainConfig", "create_model", "load_config", "load_tied",
-           "register_model", "save_tied", "tie", "tie_summary", "train", "untie"]
+           "ModelSpec", "register_model", "spec", "save_tied", "tie", "tie_summary", "train", "untie"]
 __version__ = "0.2.0"

@@ -77,7 +77,7 @@ class ExternalNet(Backbone):
                 traces.append(trace)
                 for block in blocks:
                     handle = block.register_forward_hook(lambda module, args, out, trace=trace: trace.append(
-                        out[0] if isinstance(out, (tuple, list)) else out))
+                        (out[0] if isinstance(out, (tuple, list)) else out).detach()))
                     stack.callback(handle.remove)
             yield traces
 

@@ -109,7 +109,8 @@ def resolve_model(values: dict) -> ModelSpec:
     if not isinstance(found, ModelSpec):
         raise ConfigError(f"model preset {name!r} returned {type(found).__name__}, not a ModelSpec; "
                           "a registered preset must return spec(...)")
-    return found
+    # the config records the preset it came from, so that resume and eval rebuild through it
+    return dataclasses.replace(found, config=dataclasses.replace(found.config, name=name))
 
 
 def create_model(name: str = ModelConfig.name, shape: DataShape = DataShape(), **settings) -> Backbone:

@@ -139,9 +139,9 @@ class ImageTask:
         acc, loss = evaluate(model, self.data.test_x, self.data.test_y, (self.mean, self.std), cfg, self.device,
                              self.ctx, self.channels_last)
         eval_forward, _ = model.pop_solver_stats()
-        scoring = {f"eval_{k}": v for k, v in summarize_solver(eval_forward, []).items()}
-        self.solver.update(scoring)
-        return {"test_loss": loss, "test_acc": acc, **scoring}
+        # the epoch's statistics (the row's last fields, as before) gain the scoring solves'
+        self.solver.update({f"eval_{k}": v for k, v in summarize_solver(eval_forward, []).items()})
+        return {"test_loss": loss, "test_acc": acc}
 
     def describe(self, row: dict) -> str:
         scored = "   –   " if row["test_acc"] is None else f"{row['test_acc']:6.2%}"
@@ -175,7 +175,7 @@ def chance_warning(test_acc: float, classes: int) -> str:
 def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
           dataset: Dataset | None = None, log=print, on_epoch: EpochHook | None = None) -> Result:
     """Train `cfg`; write the run to `out` when given (resuming it when `resume`); call
-    `on_epoch(row)` with each finished epoch's metrics row.
+    `on_epoch(row)` with each finished epoch's metrics row (on rank 0 only under torchrun).
 
     Started by torchrun (WORLD_SIZE > 1), the processes train one model data-parallel
     (see `tiedmask.training.distributed`); rank 0 writes the run and logs.

@@ -90,7 +90,9 @@ def epoch_generator(seed: int, epoch: int, device: torch.device | str) -> torch.
 
 
 class Task(Protocol):
-    """What a kind of training owns; the Trainer calls these in this order each epoch."""
+    """What a kind of training owns; the Trainer calls `start_epoch`, `set_deadline`, then per
+    step `batch`, `losses`, `after_backward`, `tally`; at the epoch's end `end_epoch`, `score`
+    (when the epoch is scored), `record`, and `describe` from the printer hook."""
 
     unit: str  # what one training example is, for rates: "img" | "tok"
     rate_key: str  # the row's field of examples per training second
@@ -225,7 +227,7 @@ class Trainer:
                 ep.failure = f"non-finite training loss at epoch {epoch}"
                 break
             loss_sum, correct, ep.examples = loss_sum + value * examples, correct + right, ep.examples + examples
-            progress.show(index, value, ep.examples, time.perf_counter() - start)
+            progress.show(index, value, ep.examples * ctx.world, time.perf_counter() - start)  # all processes'
             # One process: its clock after the step. Several: rank 0's clock before it (all agree).
             if (spent if ctx.enabled else time.perf_counter() - start) >= time_left:
                 ep.out_of_time = True
