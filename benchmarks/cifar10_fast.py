@@ -2,7 +2,7 @@
 of 0.89M parameters) on CPU cores, beside untied networks trained the same way.
 
     python benchmarks/cifar10_fast.py --data-root ../shared/data     # ~33 min a run; run alone
-    python benchmarks/cifar10_fast.py --variants tied untied-equal-params untied-equal-flops
+    python benchmarks/cifar10_fast.py --variants tied tied-channel untied-equal-params untied-equal-flops
     python benchmarks/cifar10_fast.py --minutes 20 --seeds 0 --variants ...   # a shorter budget
     python benchmarks/cifar10_fast.py --minutes 20 --set optim.muon_lr=0      # the recipe, changed
     python benchmarks/cifar10_fast.py --minutes 20 --versus optim.muon_lr=0   # and what a change gained
@@ -11,7 +11,8 @@ Each run is one `tiedmask train --recipe cifar10-fast` (29 minutes of training, 
 the recipe's cap of 16 epochs lifted so that the clock decides for every variant; evaluation,
 with the recipe's TTA on the full 10k test set after every epoch, is excluded from the clock,
 as in airbench), with `--set KEY=VALUE` changes for every variant. Variants: `tied` (the
-recipe), `untied-equal-flops` (the same shape with every application its own weights: the dense
+recipe), `tied-channel` (the recipe with channel masks: each application keeps whole output
+channels, so it computes only those), `untied-equal-flops` (the same shape with every application its own weights: the dense
 FLOPs of the tied model, more parameters) and `untied-equal-params` (untied, at the width whose
 parameter count is nearest the tied model's, found here by building the models). Runs go seed
 by seed, so a stopped benchmark leaves paired sets; finished runs are kept and skipped,
@@ -20,8 +21,8 @@ benchmarks/results/cifar10_fast_runs/ (commit it) so that a later session on ano
 skips it too; a kept run trained with another recipe than today's (its config hash) is refused.
 
 `--seeds` and `--variants` say what to train; the report covers every kept run of the budget
-and recipe change: each variant's final test accuracy (mean ± std over seeds), the tied model's
-difference from each untied one (paired by the seeds both have, with a 95% t-interval from 2
+and recipe change: each variant's final test accuracy (mean ± std over seeds), the recipe's
+difference from each other variant and channel masks' from each untied one (paired by the seeds both have, with a 95% t-interval from 2
 pairs on), the training time at which each target was first reached, and the
 accuracy-against-time curves; with `--versus KEY=VALUE`, each variant minus its own kept runs
 of the recipe with that change instead, paired by seed. Writes benchmarks/results/cifar10_fast.json and
@@ -58,8 +59,9 @@ from paper_claims import interval, mean_interval  # noqa: E402  (this folder's s
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = (0.80, 0.85, 0.90, 0.92, 0.93, 0.94)
-VARIANTS = ("tied", "untied-equal-flops", "untied-equal-params")
+VARIANTS = ("tied", "tied-channel", "untied-equal-flops", "untied-equal-params")
 UNTIED = ["--model.execution", "untied", "--model.masks.scope", "dense"]
+CHANNEL = ["--model.masks.kind", "channel"]
 # The recipe stops at 29 minutes or 16 epochs. An untied network of equal parameters steps in
 # about half the time, so it would stop at 16 epochs well before 29 minutes; lifting the epoch cap
 # lets the clock decide for every variant (equal time; the schedule anneals with the clock).
@@ -71,7 +73,8 @@ KEPT_FILES = ("config.json", "metrics.jsonl", "result.json")
 
 
 # Keys this script sets per run or per variant: a `--set` of one would quietly undo the comparison.
-OWN_KEYS = {"seed", "epochs", "time_budget_s", "model.execution", "model.masks.scope", "model.width", *RUNTIME_ONLY}
+OWN_KEYS = {"seed", "epochs", "time_budget_s", "model.execution", "model.masks.scope", "model.masks.kind",
+            "model.width", *RUNTIME_ONLY}
 
 
 def params_of(overrides: list[str]) -> int:
@@ -83,6 +86,8 @@ def variant_overrides(variant: str, changes: tuple[str, ...]) -> list[str]:
     """The `tiedmask train` overrides of a variant on top of the (changed) recipe."""
     if variant == "tied":
         return []
+    if variant == "tied-channel":
+        return CHANNEL
     if variant == "untied-equal-flops":
         return UNTIED
     changed = recipe_changes(changes)
@@ -200,6 +205,14 @@ def paired_minus(first: dict[int, float], second: dict[int, float]) -> dict | No
     return {**interval, "seeds": seeds, "per_seed": per_seed}
 
 
+def compared(summary: dict) -> list[tuple[str, str]]:
+    """The pairs the report compares: the recipe against each other variant, and channel masks
+    against each untied network."""
+    pairs = [("tied", v) for v in summary if v != "tied"]
+    pairs += [("tied-channel", v) for v in summary if v.startswith("untied")]
+    return [(a, b) for a, b in pairs if a in summary]
+
+
 def print_difference(label: str, diff: dict | None) -> None:
     if diff is None:
         print(f"{label}: no seed in common")
@@ -279,17 +292,17 @@ def main() -> None:
     precisions = {(r.get("precision") or "fp32", r.get("hardware")) for r in results.values()}
     if len(precisions) > 1:
         print("note: these runs differ in precision or machine; compare times only within one")
-    for variant in (v for v in summary if v != "tied" and "tied" in summary):
-        summary[variant]["tied_minus_variant_pp"] = diff = paired_minus(finals_by_seed(summary, "tied"),
-                                                                        finals_by_seed(summary, variant))
-        print_difference(f"tied - {variant}", diff)
+    for tied, other in compared(summary):
+        summary[tied].setdefault("minus_pp", {})[other] = diff = paired_minus(finals_by_seed(summary, tied),
+                                                                              finals_by_seed(summary, other))
+        print_difference(f"{tied} - {other}", diff)
     for variant in summary if versus else ():
         theirs = {s: 100 * json.loads((d / "result.json").read_text())["test_acc"] for (v, s), d in versus.items() if v == variant}
         summary[variant]["minus_versus_pp"] = diff = paired_minus(finals_by_seed(summary, variant), theirs)
         print_difference(f"{variant} - {variant} with {', '.join(args.versus)}", diff)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    colors = dict(zip(VARIANTS, ("C0", "C1", "C2")))
+    colors = dict(zip(VARIANTS, ("C0", "C3", "C1", "C2")))
     styles = {seed: ("-", "--", ":", "-.")[i % 4] for i, seed in enumerate(sorted({s for _, s in run_dirs}))}
     for (variant, seed), points in curves.items():
         ax.plot([t / 60 for t, _ in points], [100 * a for _, a in points], marker="o", ms=3,
