@@ -21,7 +21,7 @@ def machine(monkeypatch):
     """Pretend this CPU has AMX tiles or not, and that bf16 measures `speedup` times fp32."""
     def pretend(amx: bool, speedup: float = 2.0):
         monkeypatch.setattr(precision, "has_amx", lambda: amx)
-        monkeypatch.setattr(precision, "bf16_speedup", lambda: speedup)
+        monkeypatch.setattr(precision, "bf16_speedup", lambda step: speedup)
     return pretend
 
 
@@ -33,12 +33,29 @@ def test_auto_is_fp32_without_amx_and_bf16_on_cuda(machine):
 
 
 def test_auto_on_amx_follows_the_timed_check_unless_it_is_turned_off(machine, monkeypatch):
+    step = lambda bf16: None  # noqa: E731  (the run's training step; timed by bf16_speedup)
     machine(amx=True, speedup=2.4)
-    assert resolve_precision("auto", CPU) == "bf16"
-    machine(amx=True, speedup=0.9)  # tiles present but slow (a hypervisor, an old oneDNN)
-    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("auto", CPU, step) == "bf16"
+    machine(amx=True, speedup=0.9)  # slower for this model, or tiles present but slow (a hypervisor)
+    assert resolve_precision("auto", CPU, step) == "fp32"
     monkeypatch.setenv(precision.CHECK_VARIABLE, "0")
-    assert resolve_precision("auto", CPU) == "bf16"
+    assert resolve_precision("auto", CPU, step) == "bf16"
+
+
+def test_the_check_times_the_runs_own_step_without_touching_the_model_or_its_random_stream():
+    """bf16_speedup divides the fp32 time by the bf16 time of the step it is given (a step that
+    sleeps 3x as long in fp32 measures ~3x), on a copy: the model's norm statistics, gradients and
+    the global random stream are as before."""
+    import time
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5))
+    step = precision.training_step(model, torch.randn(8, 4))
+    before = ({k: v.clone() for k, v in model.state_dict().items()}, torch.random.get_rng_state())
+    speedup = precision.bf16_speedup(lambda bf16: (step(bf16), time.sleep(0.01 if bf16 else 0.03)))
+    assert 2.0 < speedup < 4.0
+    assert all(torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.random.get_rng_state(), before[1])
 
 
 def test_bf16_autocast_computes_in_bf16_and_fp32_does_not(machine):

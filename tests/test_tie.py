@@ -106,6 +106,55 @@ def test_outputs_and_gradients_equal_hand_built_masked_copies():
     assert not any(b.requires_grad for b in tied.buffers())
 
 
+@pytest.mark.parametrize("per_application", [["norms"], ["norms", "biases"]])
+def test_channel_masked_convs_and_linears_compute_only_kept_rows_and_equal_masked_copies(per_application):
+    """Under channel masks a tied Conv2d or Linear computes its kept rows alone (torch's FLOP
+    counter: half the dense multiply-adds at density 0.5) and equals hand-built copies holding
+    block 0's weights times their own channel masks, outputs and gradients; untie restores the
+    layers' own forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tiedmask.core.untie import untie
+
+    torch.manual_seed(0)
+    conv_block = lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(2),  # noqa: E731
+                                       nn.Unflatten(2, (5, 5)))
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sequential(*[conv_block() for _ in range(3)]))
+    lin = mlp()
+    for model, x, names in ((net, torch.randn(2, 3, 5, 5), ["0.weight"]), (lin, torch.randn(6, 3), ["0.weight", "2.weight"])):
+        tied = tie(copy.deepcopy(model), blocks="1", kind="channel", density=0.5, init="first",
+                   per_application=per_application)
+        reference = copy.deepcopy(model)
+        masks = {}
+        with torch.no_grad():
+            for i, b in enumerate(reference[1]):  # norms per application: each block keeps its own
+                first = model[1][0]
+                for name in names:
+                    shape = tuple(b.get_parameter(name).shape)
+                    masks[name, i] = make_mask("channel", shape, 0.5, 0, f"1.{name}", i)
+                    b.get_parameter(name).copy_(first.get_parameter(name) * masks[name, i])
+                    if "biases" not in per_application:
+                        bias = name.replace("weight", "bias")
+                        b.get_parameter(bias).copy_(first.get_parameter(bias))
+        torch.testing.assert_close(tied(x), reference(x))
+        tied(x).square().sum().backward()
+        reference(x).square().sum().backward()
+        for name in names:
+            layer = tied[1].shared.get_submodule(name.rpartition(".")[0])
+            expected = sum(reference[1][i].get_parameter(name).grad * masks[name, i] for i in range(len(reference[1])))
+            torch.testing.assert_close(layer.parametrizations.weight.original.grad, expected)
+
+        def block_flops(m):  # of the run of blocks (module path 1), all ops
+            with FlopCounterMode(display=False) as counter:  # (under no_grad, torch's module tracker
+                m(x)                                            # fails on parametrized biases)
+            return sum(counter.get_flop_counts()["Sequential.1"].values())
+
+        placing = 2 * len(x) * 25 * 8 * 4 * 3 if model is net else 0  # a 1x1 conv placing 4 kept of 8 filters
+        assert block_flops(tied) == block_flops(reference) // 2 + placing
+        plain = untie(tied)
+        torch.testing.assert_close(plain(x), reference(x))
+
+
 def test_parameter_count_is_the_shared_block_plus_per_application_parts():
     net = mlp(depth=5)
     one = block()

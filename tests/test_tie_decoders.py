@@ -69,7 +69,7 @@ def is_projection(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def reference(original, path: str, group=1, strategy="cycle", density=0.5, seed=0):
+def reference(original, path: str, group=1, strategy="cycle", density=0.5, seed=0, kind="unstructured"):
     """The untied decoder that a tie with init 'first' stands for, written out by hand."""
     ref = copy.deepcopy(original)
     layers, sources = ref.get_submodule(path), original.get_submodule(path)
@@ -85,19 +85,19 @@ def reference(original, path: str, group=1, strategy="cycle", density=0.5, seed=
                 value = source.get_submodule(name).get_parameter(pname).clone()
                 if pname == "weight" and is_projection(module) and density < 1:
                     conv1d = type(module).__name__ == "Conv1D"  # stored (in, out): masked as (out, in)
-                    mask = make_mask("unstructured", tuple(value.shape[::-1] if conv1d else value.shape),
+                    mask = make_mask(kind, tuple(value.shape[::-1] if conv1d else value.shape),
                                      density, seed, f"{prefix}.{name}.weight", application)
                     value *= mask.t() if conv1d else mask
                 param.copy_(value)
     return ref
 
 
-def tied_pair(family, group=1, strategy="cycle", **options):
+def tied_pair(family, group=1, strategy="cycle", kind="unstructured", **options):
     original = decoder(family)
     path = layers_path(family)
     tied = tie(copy.deepcopy(original), blocks=path, density=0.5, init="first", group=group,
-               strategy=strategy, **options)
-    return tied, reference(original, path, group, strategy), original
+               strategy=strategy, kind=kind, **options)
+    return tied, reference(original, path, group, strategy, kind=kind), original
 
 
 PROMPT = torch.tensor([[5, 9, 13, 2, 40, 7], [3, 3, 17, 60, 11, 8]])
@@ -338,6 +338,34 @@ def test_conv1d_channel_masks_drop_output_features_and_biases_per_position_still
         kept_columns = (weight != 0).any(0)
         assert int(kept_columns.sum()) == weight.shape[1] // 2 and bool(((weight != 0) == kept_columns).all())
     assert tie_summary(tied)["runs"][0]["masked_weights"] == 4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_channel_masked_decoders_compute_only_kept_rows_and_equal_the_twin(family):
+    """Tied projections under channel masks compute their kept rows alone (torch's FLOP counter:
+    the projections' matmuls at half their dense count) and give the hand-written twin's logits
+    and gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tied, ref, _ = tied_pair(family, kind="channel")
+    torch.testing.assert_close(tied(PROMPT, use_cache=False).logits, ref(PROMPT, use_cache=False).logits)
+    torch.testing.assert_close(tied(PROMPT, use_cache=True).logits, ref(PROMPT, use_cache=False).logits)
+    tied(PROMPT).logits.square().mean().backward()
+    ref(PROMPT).logits.square().mean().backward()
+    layers = ref.get_submodule(layers_path(family))
+    for name, module in tied.get_submodule(layers_path(family)).shared.named_modules():
+        if is_projection(module):
+            twins = [layers[p].get_submodule(name).weight for p in range(len(layers))]
+            expected = sum((w != 0) * w.grad for w in twins)  # a masked-out entry is 0 in the twin
+            torch.testing.assert_close(module.parametrizations.weight.original.grad, expected, atol=1e-4, rtol=1e-4)
+
+    def flops(model):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(PROMPT, use_cache=False)
+        return counter.get_total_flops()
+
+    dense = sum(2 * PROMPT.numel() * m.weight.numel() for m in layers.modules() if is_projection(m))
+    assert flops(tied) == flops(ref) - dense // 2  # density 0.5: half of every projection's rows
 
 
 def test_reads_outside_a_position_give_shapes_but_no_values_and_views_are_read_only():

@@ -11,6 +11,7 @@ A backbone is built from a `ModelConfig` and the `DataShape` of its input; prese
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable
 
 import torch
@@ -25,6 +26,26 @@ from .layers import masked_layers, masked_weights_built_once
 from .masks import num_masks
 from .spec import DataShape, ModelConfig
 from .whitening import WHITEN_KERNEL, whitening_filters
+
+
+# The model settings every backbone of tiedmask's own reads (`Backbone.reads` adds its own).
+COMMON_SETTINGS = frozenset({"name", "cell", "execution", "width", "depth", "stages", "norm", "checkpointing",
+                             "weight_norm", "masks", "deq"})
+
+
+def refuse_unread(backbone: type, cfg: ModelConfig) -> None:
+    """Refuse a setting changed from its default that `backbone` never reads (`heads` on a
+    ResNet, `deq` on a model that cannot run to a fixed point, `width` on a library model): it
+    would be accepted and do nothing. Settings of one execution (`deq` under equilibrium,
+    `checkpointing` outside it) pass under the other, so that a grid can cross executions."""
+    reads = backbone.reads
+    defaults = ModelConfig()
+    for field in dataclasses.fields(ModelConfig):
+        key = field.name
+        if key in reads or getattr(cfg, key) == getattr(defaults, key):
+            continue
+        raise ConfigError(f"model.{key} is set, but {cfg.name} ({backbone.__name__}) never reads it, so it "
+                          f"would do nothing; remove it (this model reads: {', '.join(sorted(reads))})")
 
 
 def make_runner(make_cell: Callable[[], nn.Module], cfg: ModelConfig) -> Runner:
@@ -68,6 +89,7 @@ class Backbone(nn.Module):
     """
 
     cells: tuple[str, ...] = ()
+    reads: frozenset[str] = COMMON_SETTINGS  # the ModelConfig fields it builds from (refuse_unread)
     has_whitening_stem = False  # a stem whose filters are set from the data (`whitening_bias`)
     stages: nn.ModuleList
 
@@ -81,6 +103,7 @@ class Backbone(nn.Module):
         """Refuse settings this backbone cannot build, before anything is built (`shape`
         None: what does not depend on the data's shape)."""
         cfg.validate()
+        refuse_unread(cls, cfg)
         if cfg.cell not in cls.cells:
             raise ConfigError(f"{cls.__name__} runs cells {list(cls.cells)}, not "
                               f"{cfg.cell!r}; choose one of those or another model")
@@ -146,6 +169,7 @@ class TiedNet(Backbone):
     """
 
     cells = ("resnet",)
+    reads = COMMON_SETTINGS | {"head_pool"}
 
     def __init__(self, cfg: ModelConfig, shape: DataShape = DataShape()):
         super().__init__(cfg, shape)
@@ -186,6 +210,7 @@ class TiedFastNet(Backbone):
     """
 
     cells = ("conv",)
+    reads = COMMON_SETTINGS - {"deq"}  # never equilibrium (check)
     has_whitening_stem = True
     # Small logits keep high-lr SGD stable early; measured on a 10k-image CIFAR-10 subset, 2
     # epochs: scale 1 16%, 1/2 46%, 1/4 59%, 1/8 56%, 1/16 44% test accuracy.
@@ -235,6 +260,7 @@ class TiedViT(Backbone):
     """patch embedding + positions -> one tied Transformer stage -> LayerNorm, mean pool, head."""
 
     cells = ("transformer",)
+    reads = COMMON_SETTINGS | {"patch_size", "heads", "mlp_ratio"}
 
     @classmethod
     def check(cls, cfg: ModelConfig, shape: DataShape | None) -> None:

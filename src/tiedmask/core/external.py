@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .backbones import Backbone
+from .backbones import Backbone, refuse_unread
 from .spec import DataShape, ModelConfig
 from .tie import select_blocks, tie_with
 from .tied_block import tied_containers
@@ -39,9 +39,12 @@ class ExternalNet(Backbone):
             tie_with(self.net, cfg.masks, cfg.tie)
         self.stages = nn.ModuleList()  # no runners of tiedmask's own (no solver stats); `tracing` hooks its blocks
 
+    reads = frozenset({"name", "execution", "masks", "args", "tie"})
+
     @classmethod
     def check(cls, cfg: ModelConfig, shape: DataShape | None) -> None:
         cfg.validate()
+        refuse_unread(cls, cfg)
         library = cfg.name.partition(":")[0]
         if library not in LIBRARIES:
             raise ConfigError(f"model {cfg.name!r}: unknown library {library!r}; use timm:NAME or hf:TYPE")

@@ -20,12 +20,10 @@ class MaskedWeight:
     (None: dense)."""
 
     mask_bank: MaskBank | None
-    placements: torch.Tensor | None  # channel-masked convs: [n, out, k] 0/1, kept row j -> output row
     _built: torch.Tensor | None = None  # every masked weight of this forward pass, [n, *shape]
 
     def _init_masks(self) -> None:
         self.register_module("mask_bank", None)
-        self.register_buffer("placements", None, persistent=False)
 
     @property
     def kept_rows(self) -> torch.Tensor | None:
@@ -34,22 +32,18 @@ class MaskedWeight:
 
     def build_masks(self, kind: str, count: int, density: float, seed: int, name: str, **opts) -> None:
         """Create `count` masks for this layer's weight, named `name` in the model."""
-        self.placements = None
         if count == 0:
             self.mask_bank = None
             return
         shape = tuple(self.weight.shape)
         self.mask_bank = MaskBank(kind, shape, count, density, seed, name, **opts).to(self.weight.device)
-        if kind == "channel" and len(shape) > 2:  # convolutions place by a product (see MaskedConv2d)
-            eye = torch.eye(shape[0], device=self.weight.device)
-            self.placements = torch.stack([eye[:, r] for r in self.mask_bank.kept_rows])
 
-    def _kept(self, x: torch.Tensor, index: int, compute, place) -> torch.Tensor:
+    def _kept(self, x: torch.Tensor, index: int, compute) -> torch.Tensor:
         """The output of a channel-masked layer from its kept rows alone: `compute(x, weight)`
         runs on the kept rows' weights (density d of the arithmetic, forward and backward) and
-        `place(part, index)` puts the result back among zeros. The bias stays unmasked, as in
-        the dense layer: each layer adds it after."""
-        return place(compute(x, self.weight.index_select(0, self.kept_rows[index])), index)
+        the mask bank puts the result back among zeros. The bias stays unmasked, as in the dense
+        layer: each layer adds it after."""
+        return self.mask_bank.place(compute(x, self.weight.index_select(0, self.kept_rows[index])), index)
 
     def masked_weight(self, index: int | None) -> torch.Tensor:
         if index is None or self.mask_bank is None:
@@ -80,16 +74,9 @@ class MaskedConv2d(nn.Conv2d, MaskedWeight):
 
     def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         if index is not None and self.kept_rows is not None:
-            out = self._kept(x, index, lambda x, w: self._conv_forward(x, w, None), self._place)
+            out = self._kept(x, index, lambda x, w: self._conv_forward(x, w, None))
             return out if self.bias is None else out + self.bias.to(out.dtype).view(-1, 1, 1)
         return self._conv_forward(x, self.masked_weight(index), self.bias)
-
-    def _place(self, part: torch.Tensor, index: int) -> torch.Tensor:
-        """The kept filters' output among zeros, by a 1x1 convolution with the 0/1 placement
-        matrix [out, kept]: a scatter into channels_last memory cost more than the half-size
-        convolution itself (59 ms against 45 ms at 40 channels, 32x32, batch 64, one AMD EPYC
-        core); the product adds kept*out MACs per pixel, 1/9 of a 3x3 convolution's."""
-        return F.conv2d(part, self.placements[index].to(part.dtype)[:, :, None, None])
 
 
 class MaskedLinear(nn.Linear, MaskedWeight):
@@ -99,17 +86,9 @@ class MaskedLinear(nn.Linear, MaskedWeight):
 
     def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         if index is not None and self.kept_rows is not None:
-            out = self._kept(x, index, F.linear, self._place)
+            out = self._kept(x, index, F.linear)
             return out if self.bias is None else out + self.bias.to(out.dtype)
         return F.linear(x, self.masked_weight(index), self.bias)
-
-    def _place(self, part: torch.Tensor, index: int) -> torch.Tensor:
-        """The kept rows' output among zeros, by an index-add along the last (contiguous)
-        dimension: cheaper than a product with a placement matrix, which costs kept*out MACs
-        per token, as much as the half-size layer (9.6 against 11.9 ms forward + backward at
-        width 128 with half kept, against 13.9 dense; 128x64 tokens, one AMD EPYC core)."""
-        out = part.new_zeros(*part.shape[:-1], self.out_features)
-        return out.index_add(-1, self.kept_rows[index], part)
 
 
 @contextlib.contextmanager

@@ -102,7 +102,8 @@ class TieConfig:
 
 @dataclass
 class DeqConfig:
-    """Equilibrium execution; ignored unless model.execution is equilibrium."""
+    """Equilibrium execution; used only when model.execution is equilibrium (refused on models
+    that cannot run to a fixed point: `refuse_unread`)."""
 
     solver: str = "anderson"  # fixed_point | anderson | broyden
     grad: str = "implicit"  # implicit | phantom

@@ -62,6 +62,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, TiedmaskError
 from ..typed import from_dict
+from .channel_tie import compute_kept_rows_only
 from .masks import MaskBank, num_masks
 from .spec import MaskConfig, TieConfig
 from .tied_block import (ApplicationIndex, LoRARelaxation, MultiMaskLoRARelaxation, PerApplication,
@@ -429,6 +430,8 @@ def _mask_one(module: nn.Module, attr: str, name: str, blocks: list[nn.Module], 
         relaxation.to(device=weight.device, dtype=weight.dtype)
     parametrization = SharedWeight(state, masks.scope, bank, relaxation)
     parametrize.register_parametrization(module, attr, parametrization, unsafe=True)
+    if attr == "weight" and bank is not None and bank.kept_rows is not None and relaxation is None:
+        compute_kept_rows_only(module)  # channel masks: the kept rows alone, as the built-in layers
     if isinstance(relaxation, LoRARelaxation) and cfg.relax_init == "svd":
         with torch.no_grad():
             original = ".".join(filter(None, (name, attr)))

@@ -222,6 +222,11 @@ class LmTask:
     def set_deadline(self, model, deadline: float | None) -> None:
         pass  # a decoder's forward pass is not iterative
 
+    def probe_inputs(self) -> torch.Tensor:
+        """A batch of windows of the run's shape, for timing a step (`choose_precision`)."""
+        shape = (self.cfg.batch_size, self.cfg.lm.seq_len)
+        return torch.randint(self.data.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+
     def batch(self, index: int):
         size = self.cfg.batch_size
         windows = gather_windows(self.stream, self.starts[index * size:(index + 1) * size],
@@ -277,7 +282,7 @@ def train_lm(cfg: TrainConfig, out, resume: bool, log, device: torch.device, hoo
         data.tokenizer.save(str(run.path / TOKENIZER_FILE))
         atomic_write_json(run.path / CORPUS_FILE, data.summary())
         hooks = [run.epoch_keeper(model, optimizer, state, cfg), *hooks]
-    choose_precision(state, cfg, ctx, device)
+    choose_precision(state, cfg, ctx, device, model, task.probe_inputs())
     task.precision = state.precision
     # steps an epoch takes at the least (the windows' random offset can cost one): so the
     # schedule reaches its end; a step more runs at the last rate

@@ -1,15 +1,17 @@
 """The number format a run computes in, and what `precision: auto` picks on this machine.
 
     auto on CUDA                 bf16 autocast
-    auto on a CPU with AMX tiles bf16 autocast, if a one-time timed check agrees (below)
+    auto on a CPU with AMX tiles bf16 autocast, if a timed step of the run's model agrees (below)
     auto on any other CPU        fp32
 
 Why by instruction set: without AMX, bf16 matrix work on a CPU runs on AVX512-BF16 dot products
 or is emulated, and measured slower than fp32 (0.6x on a 2-core Xeon without AMX, torch 2.13);
-with AMX tiles (Intel Sapphire Rapids and later) the recipe's training step ran 2.4x faster
-(docs/results.md §9). The check times one convolution's forward and backward both ways (about a
-second, once per process) so that a machine whose AMX is slow for another reason (a hypervisor
-that hides the tiles' state, an old oneDNN) keeps fp32. `TIEDMASK_PRECISION_CHECK=0` skips it
+with AMX tiles (Intel Sapphire Rapids and later) the recipe's training step ran 2.3x faster
+(docs/results.md §9), but a small ViT's ran at 0.53x and small GroupNorm ResNets' at 0.9-1.15x
+on the same CPU. So the check times the run's own model, a training step of a copy of it both
+ways (alternating rounds, once when a run starts, outside its clock), and keeps fp32 unless bf16
+is at least 1.2x faster; that also covers a machine whose AMX is slow for another reason (a
+hypervisor that hides the tiles' state, an old oneDNN). `TIEDMASK_PRECISION_CHECK=0` skips it
 and lets the instruction set decide alone.
 
 The measurements behind these choices: docs/architecture.md, "What `auto` picks on each machine".
@@ -21,15 +23,17 @@ A run records the precision it resolved to (`Result.precision`, the checkpoint's
 from __future__ import annotations
 
 import contextlib
-import functools
+import copy
 import os
 import time
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 CHECK_VARIABLE = "TIEDMASK_PRECISION_CHECK"
 MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this much: it also costs a little accuracy per step
+PROBE_STEP_S = 2.0  # a timed step's iterative solves stop after this long
 
 
 def has_amx() -> bool:
@@ -48,39 +52,58 @@ def cpu_isa() -> str:
     return f"{isa}, AMX" if has_amx() else isa
 
 
-@functools.lru_cache(maxsize=None)
-def bf16_speedup() -> float:
-    """fp32 time / bf16-autocast time of a training step of one 3x3 convolution (112 channels,
-    16x16, batch 128, channels_last: the recipe's middle stage), best of 3 rounds each."""
-    with torch.random.fork_rng(devices=[]):  # the check must not move a run's random stream
-        x = torch.randn(128, 112, 16, 16).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(112, 112, 3, 3, requires_grad=True)
+def bf16_speedup(step: Callable[[bool], None]) -> float:
+    """fp32 time / bf16-autocast time of `step(bf16)`, a training step of the run's own model:
+    on one CPU bf16 paid 2.3x for the recipe's model and cost 0.53x for a small ViT
+    (docs/architecture.md), so no stand-in layer can decide. Alternating rounds, best of 3
+    each after a warm-up round; the random stream of the run is left where it was."""
 
-    def step(dtype) -> float:
+    def timed(bf16: bool) -> float:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            out = F.conv2d(x, w, padding=1)
-        out.float().square().mean().backward()
+        step(bf16)
         return time.perf_counter() - start
 
-    times = {"fp32": [], "bf16": []}
-    for _ in range(4):  # alternating rounds; the first of each warms the kernels up
-        for dtype in times:
-            times[dtype].append(step(dtype))
-    return min(times["fp32"][1:]) / min(times["bf16"][1:])
+    times: dict[bool, list[float]] = {False: [], True: []}
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(4):
+            for bf16 in times:
+                times[bf16].append(timed(bf16))
+    return min(times[False][1:]) / min(times[True][1:])
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"bf16" or "fp32": what `precision` (auto | bf16 | fp32) means on `device`."""
+def training_step(model: nn.Module, inputs: torch.Tensor) -> Callable[[bool], None]:
+    """A forward and backward pass of a copy of `model` on `inputs` (the model itself, its
+    gradients and its norm statistics stay untouched), under bf16 autocast or not; the copy is
+    made at the first call, so a run that never times costs nothing."""
+    copies: list[nn.Module] = []
+
+    def step(bf16: bool) -> None:
+        if not copies:
+            copies.append(copy.deepcopy(model).train())
+        probe = copies[0]
+        if hasattr(probe, "set_deadline"):  # an equilibrium solve stops there, so each step is bounded
+            probe.set_deadline(time.perf_counter() + PROBE_STEP_S)
+        probe.zero_grad(set_to_none=True)
+        with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = probe(inputs)
+        getattr(out, "logits", out).float().square().mean().backward()
+
+    return step
+
+
+def resolve_precision(precision: str, device: torch.device, step: Callable[[bool], None] | None = None) -> str:
+    """"bf16" or "fp32": what `precision` (auto | bf16 | fp32) means on `device`, for the model
+    whose training step is `step` (`training_step`; without one, on a CPU with AMX tiles, the
+    instruction set decides alone)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16"
     if not has_amx():
         return "fp32"
-    if os.environ.get(CHECK_VARIABLE, "1") == "0":
+    if step is None or os.environ.get(CHECK_VARIABLE, "1") == "0":
         return "bf16"
-    return "bf16" if bf16_speedup() >= MIN_SPEEDUP else "fp32"
+    return "bf16" if bf16_speedup(step) >= MIN_SPEEDUP else "fp32"
 
 
 def legacy_auto(device: torch.device) -> str:

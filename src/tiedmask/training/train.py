@@ -106,6 +106,14 @@ class ImageTask:
     def set_deadline(self, model, deadline: float | None) -> None:
         model.set_deadline(deadline)
 
+    def probe_inputs(self) -> torch.Tensor:
+        """A batch of the run's shape, for timing a step (`choose_precision`); random values
+        from a generator of its own, so the run's random stream does not move."""
+        shape, size = self.data.shape, min(self.cfg.batch_size, 256)
+        x = torch.randn(size, shape.channels, shape.size, shape.size, generator=torch.Generator().manual_seed(0))
+        x = x.to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def batch(self, index: int):
         idx = self.order[index * self.cfg.batch_size:(index + 1) * self.cfg.batch_size]
         flips = self.flips[idx] if self.flips is not None else None
@@ -216,7 +224,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     if run is not None and ctx.is_main:
         run.write_stats(data.stats)
         hooks = [run.epoch_keeper(model, optimizer, state, cfg), *hooks]
-    choose_precision(state, cfg, ctx, device)
+    choose_precision(state, cfg, ctx, device, model, task.probe_inputs())
     task.precision = state.precision
     trainer = Trainer(model, optimizer, task, cfg, Schedule.of(cfg, len(task.train_x) // cfg.batch_size), state,
                       device, ctx, runner=wrap_for_training(model, cfg, ctx, device),

@@ -25,7 +25,7 @@ from ..core.deq.equilibrium import SolverDiverged
 from .distributed import Dist
 from .lookahead import Lookahead
 from .muon import MuonSGD
-from .precision import autocast_context, legacy_auto, resolve_precision
+from .precision import autocast_context, legacy_auto, resolve_precision, training_step
 from .rundir import RunDir, RunState
 from .settings import TrainConfig, config_hash
 
@@ -128,6 +128,10 @@ class Task(Protocol):
 
     def record(self, state: RunState, row: dict) -> None:
         """Keep in the run's state what its result reports (the best score)."""
+
+    def probe_inputs(self) -> torch.Tensor:
+        """A batch of the run's shape (random values, the run's random stream unmoved), for
+        timing a training step before the run starts (`choose_precision`)."""
 
 
 @dataclasses.dataclass
@@ -337,11 +341,14 @@ def start_state(run: RunDir | None, resume: bool, model, optimizer, cfg: TrainCo
     return state
 
 
-def choose_precision(state: RunState, cfg: TrainConfig, ctx: Dist, device: torch.device) -> None:
-    """Set `state.precision` (what the run computes in) once, when the run starts."""
+def choose_precision(state: RunState, cfg: TrainConfig, ctx: Dist, device: torch.device, model: torch.nn.Module,
+                     inputs: torch.Tensor) -> None:
+    """Set `state.precision` (what the run computes in) once, when the run starts; `auto` may
+    time a training step of `model` on `inputs` (a batch of the run's shape) both ways."""
     if not state.precision:
         older_run = state.epoch > 0 and cfg.precision == "auto"  # resumed, from before it was recorded
-        chosen = legacy_auto(device) if older_run else resolve_precision(cfg.precision, device)
+        chosen = legacy_auto(device) if older_run else resolve_precision(
+            cfg.precision, device, training_step(model, inputs))
         # Rank 0's choice on every process: the timed check could tip differently on each.
         state.precision = "bf16" if ctx.from_main(float(chosen == "bf16")) else "fp32"
 
