@@ -92,3 +92,19 @@ def test_old_spellings_are_read_once_where_settings_are_read_and_the_core_takes_
     assert config_hash(old_cfg) == config_hash(new_cfg)
     with pytest.raises(ConfigError):
         create_model("tied-resnet-s", mask_scope="same")
+
+
+@pytest.mark.parametrize("old, new, first, second", [("mask_scope", "masks.scope", "same", "multi"),
+                                                      ("density", "masks.density", 0.3, 0.5)])
+def test_a_setting_under_its_old_and_new_spelling_with_different_values_is_refused(tmp_path, old, new, first, second):
+    """One setting given twice (0.1's flat key and today's) never lets one win silently: refused
+    where they differ, in a config file and on the command line; equal values are one request."""
+    path = tmp_path / "config.yaml"
+    section, key = new.split(".")
+    path.write_text(f"model: {{{old}: {first}, {section}: {{{key}: {second}}}}}\n")
+    with pytest.raises(ConfigError, match=f"model.{new}"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=f"model.{new}"):
+        load_config(overrides=[f"--model.{old}", str(first), f"--model.{new}", str(second)])
+    same = load_config(overrides=[f"--model.{old}", str(first), f"--model.{new}", str(first)])
+    assert getattr(getattr(same.model, section), key) == first

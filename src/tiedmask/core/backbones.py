@@ -114,7 +114,9 @@ class Backbone(nn.Module):
         if cfg.cell not in CELLS:
             raise ConfigError(f"unknown cell {cfg.cell!r}; choose one of {sorted(CELLS)}")
         applications = 1 if cfg.execution == "untied" else cfg.depth  # untied cells run once each
-        return lambda: CELLS[cfg.cell].from_config(width, cfg, applications)
+        cell = CELLS[cfg.cell]
+        own = {key: getattr(cfg, key) for key in cell.settings}  # a cell sees its own settings only
+        return lambda: cell.create(width, applications, **own)
 
     def runners(self) -> list[Runner]:
         return [stage.tied for stage in self.stages]

@@ -7,7 +7,7 @@ comparison differs only in how the cell is run.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +15,6 @@ from torch import nn
 
 from ..errors import ConfigError
 from .layers import MaskedConv2d, MaskedLinear
-
-if TYPE_CHECKING:
-    from .spec import ModelConfig
 
 CELLS: dict[str, Callable[..., "Cell"]] = {}
 NORMS = ("auto", "group", "batch", "layer", "none")  # auto: group for conv cells, layer for tokens
@@ -53,13 +50,16 @@ class Cell(nn.Module):
                                            application this is (0-based; for parts owned
                                            per application, such as a norm)
         extra_macs(state_shape) -> int     multiply-adds per image no Conv/Linear carries
-        from_config(width, cfg, applications)   the cell a model config asks for, for a
-                                           runner that applies it `applications` times
+        settings                           the model settings its constructor takes, by name
+        create(width, applications, **settings)   the cell for a runner that applies it
+                                           `applications` times, given only its settings
     """
 
+    settings: tuple[str, ...] = ("norm",)
+
     @classmethod
-    def from_config(cls, width: int, cfg: ModelConfig, applications: int) -> Cell:
-        return cls(width, norm=cfg.norm)
+    def create(cls, width: int, applications: int, **settings) -> Cell:
+        return cls(width, **settings)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor, index: int | None = None,
                 step: int = 0) -> torch.Tensor:
@@ -113,8 +113,8 @@ class ConvCell(Cell):
     """
 
     @classmethod
-    def from_config(cls, width: int, cfg: ModelConfig, applications: int) -> Cell:
-        return cls(width, norm=cfg.norm, depth=applications)
+    def create(cls, width: int, applications: int, **settings) -> Cell:
+        return cls(width, depth=applications, **settings)  # a norm per application
 
     def __init__(self, width: int, norm: str = "auto", depth: int = 1):
         super().__init__()
@@ -137,9 +137,7 @@ class TransformerCell(Cell):
     Every Linear weight (qkv, proj, fc1, fc2) is masked.
     """
 
-    @classmethod
-    def from_config(cls, width: int, cfg: ModelConfig, applications: int) -> Cell:
-        return cls(width, norm=cfg.norm, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio)
+    settings = ("norm", "heads", "mlp_ratio")
 
     def __init__(self, width: int, norm: str = "auto", heads: int = 4, mlp_ratio: float = 2.0):
         super().__init__()
