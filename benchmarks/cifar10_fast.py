@@ -6,6 +6,7 @@ of 0.89M parameters) on CPU cores, beside untied networks trained the same way.
     python benchmarks/cifar10_fast.py --minutes 20 --seeds 0 --variants ...   # a shorter budget
     python benchmarks/cifar10_fast.py --minutes 20 --set optim.muon_lr=0      # the recipe, changed
     python benchmarks/cifar10_fast.py --minutes 20 --versus optim.muon_lr=0   # and what a change gained
+    python benchmarks/cifar10_fast.py --minutes 15 --set model.width=32 ...   # another width (cifar10_pareto.py)
 
 Each run is one `tiedmask train --recipe cifar10-fast` (29 minutes of training, or `--minutes`;
 the recipe's cap of 16 epochs lifted so that the clock decides for every variant; evaluation,
@@ -73,8 +74,11 @@ KEPT_FILES = ("config.json", "metrics.jsonl", "result.json")
 
 
 # Keys this script sets per run or per variant: a `--set` of one would quietly undo the comparison.
+# (`model.width` is a change like any other: the untied network of equal parameters then matches
+# the tied model at that width, its own width replacing it: a point of the Pareto plot, cifar10_pareto.py)
 OWN_KEYS = {"seed", "epochs", "time_budget_s", "model.execution", "model.masks.scope", "model.masks.kind",
-            "model.width", *RUNTIME_ONLY}
+            *RUNTIME_ONLY}
+WIDTH = "--model.width"
 
 
 def params_of(overrides: list[str]) -> int:
@@ -93,15 +97,22 @@ def variant_overrides(variant: str, changes: tuple[str, ...]) -> list[str]:
     changed = recipe_changes(changes)
     tied = params_of(changed)
     widths = range(8, load_config(recipe_path("cifar10-fast"), changed).model.width + 1)
-    width = min(widths, key=lambda w: abs(params_of(changed + UNTIED + ["--model.width", str(w)]) - tied))
-    return UNTIED + ["--model.width", str(width)]
+    width = min(widths, key=lambda w: abs(params_of(without_width(changed) + UNTIED + [WIDTH, str(w)]) - tied))
+    return UNTIED + [WIDTH, str(width)]
 
 
 def settings_of(variant: str, seed: int, minutes: float | None, changes: tuple[str, ...]) -> list[str]:
     """The `tiedmask train` overrides of one run on top of the recipe."""
-    settings = ["--seed", str(seed), *EQUAL_TIME, *variant_overrides(variant, changes)]
+    own = variant_overrides(variant, changes)
+    settings = ["--seed", str(seed), *EQUAL_TIME, *own]
     settings += [] if minutes is None else ["--time_budget_s", str(60 * minutes)]
-    return settings + recipe_changes(changes)
+    return settings + without_width(recipe_changes(changes)) if WIDTH in own else settings + recipe_changes(changes)
+
+
+def without_width(overrides: list[str]) -> list[str]:
+    """The overrides less a `--model.width N` (a variant that sets its own width)."""
+    pairs = list(zip(overrides[::2], overrides[1::2]))
+    return [part for key, value in pairs if key != WIDTH for part in (key, value)]
 
 
 def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | None,

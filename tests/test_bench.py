@@ -1,3 +1,4 @@
+import sys
 import tempfile
 from pathlib import Path
 
@@ -122,3 +123,24 @@ def test_a_sweep_of_language_models_reports_perplexity(tmp_path):
     report = write_sweep_report(records, tmp_path, "lm")
     assert "test perplexity" in report and "21.00 ± 1.41" in report and "31.00 ± 1.41" in report
     assert (tmp_path / "ppl_by_variant.png").exists()
+
+
+def test_the_pareto_front_keeps_the_points_no_smaller_model_beats():
+    """benchmarks/cifar10_pareto.py: a point is on the front unless another stores at most as many
+    parameters and is more accurate; a beaten point names its best such rival."""
+    import importlib.util
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location("cifar10_pareto", folder / "cifar10_pareto.py")
+        pareto = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(pareto)
+    finally:
+        sys.path.remove(str(folder))
+    found = [{"variant": v, "width": w, "params": n, "mean": a} for v, w, n, a in
+             [("tied", 56, 900, 92.9), ("untied", 43, 880, 93.2), ("untied", 24, 300, 91.0),
+              ("tied", 24, 310, 91.5), ("tied", 16, 150, 89.0)]]
+    pareto.front(found)
+    assert [p["on_front"] for p in found] == [False, True, True, True, True]
+    assert found[0]["beaten_by"] == "untied w43"
