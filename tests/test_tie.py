@@ -377,3 +377,19 @@ def test_timm_names_reach_timm_create_model_with_the_data_shape(monkeypatch):
     assert calls[-1] == ("conv_like", False, 7, 1, {})  # retried without img_size
     with pytest.raises(ConfigError, match="timm has no model 'nope'"):
         create_model("timm:nope", shape)
+
+
+def test_channel_masks_on_grouped_convolutions_keep_computing_every_row():
+    """A depthwise convolution's filters belong to their groups: the kept-rows forward would
+    break them, so such a layer keeps its own forward (on the masked weight) and stays exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1, groups=8) for _ in range(3)]))
+    x = torch.randn(2, 3, 5, 5)
+    tied = tie(copy.deepcopy(net), blocks="1", kind="channel", density=0.5, init="first")
+    reference = copy.deepcopy(net)
+    with torch.no_grad():
+        for i, layer in enumerate(reference[1]):
+            layer.weight.copy_(net[1][0].weight * make_mask("channel", (8, 1, 3, 3), 0.5, 0, "1.weight", i))
+            layer.bias.copy_(net[1][0].bias)
+    assert "forward" not in vars(type(tied[1].shared))
+    torch.testing.assert_close(tied(x), reference(x))

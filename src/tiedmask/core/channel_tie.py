@@ -70,12 +70,13 @@ def _conv1d(module, x, shared, rows):  # transformers' Conv1D stores (in, out): 
 
 
 def compute_kept_rows_only(module: nn.Module) -> bool:
-    """Give a tied, channel-masked layer the kept-rows forward; False for a layer kind it does
-    not know (which keeps computing every row)."""
+    """Give a tied, channel-masked layer the kept-rows forward; False for a layer it does not
+    know (a subclass with a forward of its own, a grouped convolution, whose filters belong to
+    groups), which keeps computing every row."""
     base = type(module).__bases__[0]
-    if issubclass(base, nn.Linear):
+    if issubclass(base, nn.Linear) and base.forward is nn.Linear.forward:
         forward = _forward_of(_linear, -1)
-    elif issubclass(base, nn.Conv2d):
+    elif issubclass(base, nn.Conv2d) and base.forward is nn.Conv2d.forward and module.groups == 1:
         forward = _forward_of(_conv2d, 1)
     elif base.__name__ == "Conv1D" and base.__module__.startswith("transformers"):
         forward = _forward_of(_conv1d, -1)
