@@ -152,6 +152,7 @@ def test_channel_masked_convs_and_linears_compute_only_kept_rows_and_equal_maske
         placing = 2 * len(x) * 25 * 8 * 4 * 3 if model is net else 0  # a 1x1 conv placing 4 kept of 8 filters
         assert block_flops(tied) == block_flops(reference) // 2 + placing
         plain = untie(tied)
+        assert all(type(m) in (nn.Linear, nn.Conv2d) for m in plain.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
         torch.testing.assert_close(plain(x), reference(x))
 
 

@@ -28,6 +28,8 @@ def _kept_rows(module: nn.Module) -> tuple[MaskBank, torch.Tensor, int] | None:
     found = shared_weight(module)
     if found is None or found.relaxation is not None or found.state.index is None:
         return None
+    if list(module.parametrizations.weight) != [found]:  # another parametrization of the weight
+        return None                                      # (weight or spectral norm): the masked-weight path
     which = mask_index(found.scope, found.state.index)
     if which is None or found.mask_bank is None or found.mask_bank.kept_rows is None:
         return None
@@ -46,12 +48,12 @@ def _with_bias(module: nn.Module, out: torch.Tensor, channel_dim: int) -> torch.
 def _forward_of(compute: Callable, channel_dim: int) -> Callable:
     """A layer forward: `compute(module, x, weight_part, rows)` on the kept rows, else the layer's own."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # torch's name: layer(input=...) works
         found = _kept_rows(self)
         if found is None:
-            return type(self).__bases__[0].forward(self, x)
+            return type(self).__bases__[0].forward(self, input)
         bank, rows, which = found
-        part = compute(self, x, self.parametrizations.weight.original, rows)
+        part = compute(self, input, self.parametrizations.weight.original, rows)
         return _with_bias(self, bank.place(part, which), channel_dim)
 
     return forward

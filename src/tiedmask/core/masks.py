@@ -139,7 +139,7 @@ class MaskBank(nn.Module):
         self.register_buffer("kept_rows", rows, persistent=False)
         self.outputs = made_shape[0]
         # convolutions place their kept filters by a product with a 0/1 matrix [out, kept] (`place`)
-        placements = None if rows is None or len(made_shape) <= 2 else torch.eye(self.outputs)[:, rows].permute(1, 0, 2)
+        placements = None if rows is None or len(made_shape) != 4 else torch.eye(self.outputs)[:, rows].permute(1, 0, 2)
         self.register_buffer("placements", placements, persistent=False)
 
     def __len__(self) -> int:

@@ -282,7 +282,7 @@ def train_lm(cfg: TrainConfig, out, resume: bool, log, device: torch.device, hoo
         data.tokenizer.save(str(run.path / TOKENIZER_FILE))
         atomic_write_json(run.path / CORPUS_FILE, data.summary())
         hooks = [run.epoch_keeper(model, optimizer, state, cfg), *hooks]
-    choose_precision(state, cfg, ctx, device, model, task.probe_inputs())
+    choose_precision(state, cfg, ctx, device, model, task.probe_inputs)
     task.precision = state.precision
     # steps an epoch takes at the least (the windows' random offset can cost one): so the
     # schedule reaches its end; a step more runs at the last rate

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import os
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -33,7 +34,7 @@ from torch import nn
 
 CHECK_VARIABLE = "TIEDMASK_PRECISION_CHECK"
 MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this much: it also costs a little accuracy per step
-PROBE_STEP_S = 2.0  # a timed step's iterative solves stop after this long
+PROBE_STEP_S = 2.0  # a timed step's forward solves stop after this long (both ways alike)
 
 
 def has_amx() -> bool:
@@ -71,17 +72,17 @@ def bf16_speedup(step: Callable[[bool], None]) -> float:
     return min(times[False][1:]) / min(times[True][1:])
 
 
-def training_step(model: nn.Module, inputs: torch.Tensor) -> Callable[[bool], None]:
-    """A forward and backward pass of a copy of `model` on `inputs` (the model itself, its
-    gradients and its norm statistics stay untouched), under bf16 autocast or not; the copy is
-    made at the first call, so a run that never times costs nothing."""
-    copies: list[nn.Module] = []
+def training_step(model: nn.Module, make_inputs: Callable[[], torch.Tensor]) -> Callable[[bool], None]:
+    """A forward and backward pass of a copy of `model` on `make_inputs()` (the model itself, its
+    gradients and its norm statistics stay untouched), under bf16 autocast or not; the copy and
+    the inputs are made at the first call, so a run that never times costs nothing."""
+    made: list = []
 
     def step(bf16: bool) -> None:
-        if not copies:
-            copies.append(copy.deepcopy(model).train())
-        probe = copies[0]
-        if hasattr(probe, "set_deadline"):  # an equilibrium solve stops there, so each step is bounded
+        if not made:
+            made.extend((copy.deepcopy(model).train(), make_inputs()))
+        probe, inputs = made
+        if hasattr(probe, "set_deadline"):  # an equilibrium model's forward solves stop there
             probe.set_deadline(time.perf_counter() + PROBE_STEP_S)
         probe.zero_grad(set_to_none=True)
         with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -103,7 +104,13 @@ def resolve_precision(precision: str, device: torch.device, step: Callable[[bool
         return "fp32"
     if step is None or os.environ.get(CHECK_VARIABLE, "1") == "0":
         return "bf16"
-    return "bf16" if bf16_speedup(step) >= MIN_SPEEDUP else "fp32"
+    try:
+        speedup = bf16_speedup(step)
+    except Exception as exc:  # noqa: BLE001  (a step that fails in bf16, a copy that does not fit)
+        warnings.warn(f"precision auto: the timed bf16 check failed ({type(exc).__name__}: {exc}); "
+                      "training in fp32", stacklevel=2)
+        return "fp32"
+    return "bf16" if speedup >= MIN_SPEEDUP else "fp32"
 
 
 def legacy_auto(device: torch.device) -> str:

@@ -183,7 +183,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     seed: int = 0
     device: str = "auto"  # auto = cuda when present, else cpu
-    precision: str = "auto"  # auto = bf16 on cuda and on cpus with AMX tiles, else fp32 (training/precision.py)
+    precision: str = "auto"  # auto = bf16 on cuda, and on cpus with AMX tiles where a timed step of the model agrees; else fp32 (training/precision.py)
     channels_last: str = "auto"  # auto = on for inputs of 32x32 and up (measured faster), else off
     compile: bool = False  # torch.compile the model (off: docs/architecture.md, per-machine choices)
     # flip: average the logits of each test image and its mirror image; flip_translate: also of

@@ -224,7 +224,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     if run is not None and ctx.is_main:
         run.write_stats(data.stats)
         hooks = [run.epoch_keeper(model, optimizer, state, cfg), *hooks]
-    choose_precision(state, cfg, ctx, device, model, task.probe_inputs())
+    choose_precision(state, cfg, ctx, device, model, task.probe_inputs)
     task.precision = state.precision
     trainer = Trainer(model, optimizer, task, cfg, Schedule.of(cfg, len(task.train_x) // cfg.batch_size), state,
                       device, ctx, runner=wrap_for_training(model, cfg, ctx, device),

@@ -342,13 +342,13 @@ def start_state(run: RunDir | None, resume: bool, model, optimizer, cfg: TrainCo
 
 
 def choose_precision(state: RunState, cfg: TrainConfig, ctx: Dist, device: torch.device, model: torch.nn.Module,
-                     inputs: torch.Tensor) -> None:
+                     make_inputs: Callable[[], torch.Tensor]) -> None:
     """Set `state.precision` (what the run computes in) once, when the run starts; `auto` may
-    time a training step of `model` on `inputs` (a batch of the run's shape) both ways."""
+    time a training step of `model` on `make_inputs()` (a batch of the run's shape) both ways."""
     if not state.precision:
         older_run = state.epoch > 0 and cfg.precision == "auto"  # resumed, from before it was recorded
         chosen = legacy_auto(device) if older_run else resolve_precision(
-            cfg.precision, device, training_step(model, inputs))
+            cfg.precision, device, training_step(model, make_inputs))
         # Rank 0's choice on every process: the timed check could tip differently on each.
         state.precision = "bf16" if ctx.from_main(float(chosen == "bf16")) else "fp32"
 
