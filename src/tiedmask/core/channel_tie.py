@@ -36,16 +36,7 @@ def _kept_rows(module: nn.Module) -> tuple[MaskBank, torch.Tensor, int] | None:
     return found.mask_bank, found.mask_bank.kept_rows[which], which
 
 
-def _with_bias(module: nn.Module, out: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """The unmasked bias (as the dense layer adds it), in the output's dtype (autocast)."""
-    if module.bias is None:
-        return out
-    shape = [1] * out.dim()
-    shape[channel_dim] = -1
-    return out + module.bias.to(out.dtype).view(shape)
-
-
-def _forward_of(compute: Callable, channel_dim: int) -> Callable:
+def _forward_of(compute: Callable) -> Callable:
     """A layer forward: `compute(module, x, weight_part, rows)` on the kept rows, else the layer's own."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # torch's name: layer(input=...) works
@@ -54,7 +45,7 @@ def _forward_of(compute: Callable, channel_dim: int) -> Callable:
             return type(self).__bases__[0].forward(self, input)
         bank, rows, which = found
         part = compute(self, input, self.parametrizations.weight.original, rows)
-        return _with_bias(self, bank.place(part, which), channel_dim)
+        return bank.place(part, which, self.bias)
 
     return forward
 
@@ -77,11 +68,11 @@ def compute_kept_rows_only(module: nn.Module) -> bool:
     groups), which keeps computing every row."""
     base = type(module).__bases__[0]
     if issubclass(base, nn.Linear) and base.forward is nn.Linear.forward:
-        forward = _forward_of(_linear, -1)
+        forward = _forward_of(_linear)
     elif issubclass(base, nn.Conv2d) and base.forward is nn.Conv2d.forward and module.groups == 1:
-        forward = _forward_of(_conv2d, 1)
+        forward = _forward_of(_conv2d)
     elif base.__name__ == "Conv1D" and base.__module__.startswith("transformers"):
-        forward = _forward_of(_conv1d, -1)
+        forward = _forward_of(_conv1d)
     else:
         return False
     type(module).forward = forward

@@ -41,9 +41,9 @@ class MaskedWeight:
     def _kept(self, x: torch.Tensor, index: int, compute) -> torch.Tensor:
         """The output of a channel-masked layer from its kept rows alone: `compute(x, weight)`
         runs on the kept rows' weights (density d of the arithmetic, forward and backward) and
-        the mask bank puts the result back among zeros. The bias stays unmasked, as in the dense
-        layer: each layer adds it after."""
-        return self.mask_bank.place(compute(x, self.weight.index_select(0, self.kept_rows[index])), index)
+        the mask bank puts the result back among zeros, with the (unmasked) bias."""
+        part = compute(x, self.weight.index_select(0, self.kept_rows[index]))
+        return self.mask_bank.place(part, index, self.bias)
 
     def masked_weight(self, index: int | None) -> torch.Tensor:
         if index is None or self.mask_bank is None:
@@ -74,8 +74,7 @@ class MaskedConv2d(nn.Conv2d, MaskedWeight):
 
     def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         if index is not None and self.kept_rows is not None:
-            out = self._kept(x, index, lambda x, w: self._conv_forward(x, w, None))
-            return out if self.bias is None else out + self.bias.to(out.dtype).view(-1, 1, 1)
+            return self._kept(x, index, lambda x, w: self._conv_forward(x, w, None))
         return self._conv_forward(x, self.masked_weight(index), self.bias)
 
 
@@ -86,8 +85,7 @@ class MaskedLinear(nn.Linear, MaskedWeight):
 
     def forward(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         if index is not None and self.kept_rows is not None:
-            out = self._kept(x, index, F.linear)
-            return out if self.bias is None else out + self.bias.to(out.dtype)
+            return self._kept(x, index, F.linear)
         return F.linear(x, self.masked_weight(index), self.bias)
 
 
