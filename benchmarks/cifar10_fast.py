@@ -55,6 +55,7 @@ from tiedmask.core.backbones import count_params  # noqa: E402
 from tiedmask.core.presets import build_model  # noqa: E402
 from tiedmask.errors import ArgumentParser, TiedmaskError, run_script  # noqa: E402
 from tiedmask.experiments.report import fmt  # noqa: E402
+from tiedmask.training.rundir import CONFIG_FILE, METRICS_FILE, RESULT_FILE, RunDir  # noqa: E402
 from tiedmask.training.settings import RUNTIME_ONLY, config_hash, load_config, recipe_path, resolve_key  # noqa: E402
 from paper_claims import interval, mean_interval  # noqa: E402  (this folder's sibling script)
 
@@ -70,7 +71,7 @@ EQUAL_TIME = ["--epochs", "100"]
 # Each finished run's record and curve, committed: a later session (often a fresh machine) adds
 # seeds without training the finished ones again.
 KEPT = ROOT / "benchmarks" / "results" / "cifar10_fast_runs"
-KEPT_FILES = ("config.json", "metrics.jsonl", "result.json")
+KEPT_FILES = (CONFIG_FILE, METRICS_FILE, RESULT_FILE)
 
 
 # Keys this script sets per run or per variant: a `--set` of one would quietly undo the comparison.
@@ -122,13 +123,13 @@ def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | No
     settings = settings_of(variant, seed, minutes, changes)
     name = Path(variant + run_tag(minutes, changes)) / f"seed{seed}"
     run_dir, kept = runs / name, KEPT / name
-    if (run_dir / "result.json").exists():
+    if RunDir(run_dir).is_finished():
         check_recipe(run_dir, settings)
         keep(run_dir, kept)
         return
-    if (kept / "result.json").exists():  # checked against today's recipe by kept_runs, before training
+    if RunDir(kept).is_finished():  # checked against today's recipe by kept_runs, before training
         return
-    if (run_dir / "checkpoint.json").exists():
+    if RunDir(run_dir).resumable():  # the one resume rule of every launcher
         cmd = ["--resume", str(run_dir)]
     else:
         cmd = ["--recipe", "cifar10-fast", "--data.root", data_root, "--progress", "false",
@@ -146,7 +147,7 @@ def kept_runs(minutes: float | None, changes: tuple[str, ...]) -> dict[tuple[str
     found = {}
     for variant in VARIANTS:
         folder = KEPT / (variant + run_tag(minutes, changes))
-        seeds = [int(f.name[4:]) for f in folder.glob("seed*") if re.fullmatch(r"seed\d+", f.name) and (f / "result.json").exists()]
+        seeds = [int(f.name[4:]) for f in folder.glob("seed*") if re.fullmatch(r"seed\d+", f.name) and RunDir(f).is_finished()]
         for seed in sorted(seeds):
             found[variant, seed] = run_dir = folder / f"seed{seed}"
             check_recipe(run_dir, settings_of(variant, seed, minutes, changes))
@@ -155,7 +156,7 @@ def kept_runs(minutes: float | None, changes: tuple[str, ...]) -> dict[tuple[str
 
 def check_recipe(run_dir: Path, settings: list[str]) -> None:
     """Refuse a finished run trained with another recipe than today's (the recipe has changed)."""
-    trained = json.loads((run_dir / "result.json").read_text())["config_hash"]
+    trained = RunDir(run_dir).read_result()["config_hash"]
     if trained != config_hash(load_config(recipe_path("cifar10-fast"), settings)):
         raise TiedmaskError(f"the finished run {run_dir} was trained with another recipe than today's; "
                             "move that folder out of its parent folder to train it again")
@@ -186,7 +187,7 @@ def run_tag(minutes: float | None, changes: tuple[str, ...]) -> str:
 
 
 def curve(run_dir: Path) -> list[tuple[float, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    rows = RunDir(run_dir).metrics()
     return [(r["train_time_s"], r["test_acc"]) for r in rows if r["test_acc"] is not None]
 
 
@@ -280,7 +281,7 @@ def main() -> None:
             run(variant, seed, args.runs, args.data_root, args.minutes, changes)
     run_dirs = kept_runs(args.minutes, changes)
     curves = {key: curve(d) for key, d in run_dirs.items()}
-    results = {key: json.loads((d / "result.json").read_text()) for key, d in run_dirs.items()}
+    results = {key: RunDir(d).read_result() for key, d in run_dirs.items()}
     machines = "; ".join(sorted({r.get("hardware", "not recorded") for r in results.values()}))
     print(f"cifar10-fast{tag} on {machines}\n")
     summary = {}
@@ -308,7 +309,7 @@ def main() -> None:
                                                                               finals_by_seed(summary, other))
         print_difference(f"{tied} - {other}", diff)
     for variant in summary if versus else ():
-        theirs = {s: 100 * json.loads((d / "result.json").read_text())["test_acc"] for (v, s), d in versus.items() if v == variant}
+        theirs = {s: 100 * RunDir(d).read_result()["test_acc"] for (v, s), d in versus.items() if v == variant}
         summary[variant]["minus_versus_pp"] = diff = paired_minus(finals_by_seed(summary, variant), theirs)
         print_difference(f"{variant} - {variant} with {', '.join(args.versus)}", diff)
 

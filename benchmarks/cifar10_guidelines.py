@@ -24,6 +24,7 @@ from tiedmask.experiments.advise import ship
 from tiedmask.experiments.report import summarize, write_sweep_report
 from tiedmask.experiments.store import ResultsStore
 from tiedmask.experiments.sweep import run_sweep
+from tiedmask.training.rundir import RunDir
 
 HERE = Path(__file__).parent
 SWEEPS = {"density": HERE / "grids/cifar10_density.yaml", "width_depth": HERE / "grids/cifar10_width_depth.yaml"}
@@ -51,7 +52,7 @@ def main() -> None:
     cka = {}
     for scope in ("dense", "same", "multi"):
         run = MASK_RUNS / f"16w8d-{scope}-s0"
-        if (run / "result.json").exists():
+        if RunDir(run).is_finished():
             result = analyze_run(run, images=1000)
             cka[scope] = {"offdiag": result["cka_offdiag_mean"], "adjacent": result["cka_adjacent_mean"],
                           "heatmaps": [str(p) for p in sorted((run / "analysis").glob("*.png"))]}

@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cifar10_fast import ROOT, VARIANTS, checked_changes, kept_runs, mean_std, recipe_change, run_tag  # noqa: E402
 from tiedmask.errors import ArgumentParser, TiedmaskError, run_script  # noqa: E402
+from tiedmask.training.rundir import RunDir  # noqa: E402
 from tiedmask.training.settings import load_config, recipe_path  # noqa: E402
 
 
@@ -39,11 +40,11 @@ def points(minutes: float | None, changes: tuple[str, ...], widths: list[int]) -
             dirs = {seed: d for (v, seed), d in runs.items() if v == variant}
             if not dirs:
                 continue
-            results = {seed: json.loads((d / "result.json").read_text()) for seed, d in sorted(dirs.items())}
+            results = {seed: RunDir(d).read_result() for seed, d in sorted(dirs.items())}
             accs = [100 * r["test_acc"] for r in results.values()]
-            config = json.loads((next(iter(dirs.values())) / "config.json").read_text())
+            config = RunDir(next(iter(dirs.values()))).read_config()
             found.append({"variant": variant, "race_width": width or recipe_width,
-                          "width": config["model"]["width"],  # the untied network of equal parameters: its own
+                          "width": config.model.width,  # the untied network of equal parameters: its own
                           "seeds": list(results), "params": next(iter(results.values()))["params"],
                           "test_acc": accs, "mean": statistics.mean(accs)})
     return found

@@ -25,6 +25,7 @@ from paper_claims import mean_sd, write_into_docs  # this folder's sibling scrip
 from tiedmask.analysis.analyze import analyze_run
 from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.experiments.store import ResultsStore, setting
+from tiedmask.training.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "claims_cka.json"
@@ -47,7 +48,7 @@ def analyse_store(store: ResultsStore, images: int, kept: dict[tuple, dict], red
         old = kept.pop(key, None)
         current = old is not None and old["images"] == images and \
             old.get("config_hash", record["config_hash"]) == record["config_hash"]  # older rows lack it
-        has_checkpoint = (store.run_dir_of(record) / "checkpoint.json").exists()
+        has_checkpoint = RunDir(store.run_dir_of(record)).has_checkpoint()
         if current and not (redo and has_checkpoint):
             rows.append({**old, "config_hash": record["config_hash"]})
             continue

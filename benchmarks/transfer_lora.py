@@ -46,13 +46,13 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.out)
     pre = root / "pretrained"
-    if not (pre / "result.json").exists():
+    if not RunDir(pre).is_finished():
         cfg = config_from_dict({
             "model": {"name": "tied-vit-s", "width": 64, "depth": 4, "masks": {"scope": "multi", "density": 0.9}},
             "data": {"name": "cifar10", "root": args.data_root, "train_subset": 10000, "test_subset": 2000},
             "epochs": 4, "batch_size": 64, "optim": {"lr": 1e-3, "warmup_epochs": 0.5},
             "threads": args.threads, "progress": False})
-        result = train(cfg, out=pre, resume=(pre / "checkpoint.json").exists())
+        result = train(cfg, out=pre, resume=RunDir(pre).resumable())
         print(f"pre-trained on CIFAR-10: test acc {result.test_acc:.2%}")
     base = pretrained_defaults(RunDir(pre))
     jobs = []

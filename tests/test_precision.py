@@ -175,7 +175,7 @@ def test_a_check_that_fails_trains_in_fp32_and_says_why(machine, monkeypatch):
 
 def test_the_check_runs_on_a_real_run_start(tmp_path, monkeypatch):
     """On a pretended AMX CPU, a run's start times the run's own model on its probe batch (the
-    image task's) and records what it chose."""
+    image task's) and records what it chose and the ratio it measured."""
     monkeypatch.setattr(precision, "has_amx", lambda: True)
     seen = []
     real = precision.bf16_speedup
@@ -183,4 +183,7 @@ def test_the_check_runs_on_a_real_run_start(tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", *QUIET, "--epochs", "1", "--out", str(run)]) == 0
     assert len(seen) == 1 and seen[0] > 0
-    assert json.loads((run / "result.json").read_text())["precision"] == "fp32"
+    result = json.loads((run / "result.json").read_text())
+    assert result["precision"] == "fp32"
+    assert "0.50x" in result["precision_why"]  # the measured ratio is kept with the result
+    assert json.loads((run / "checkpoint.json").read_text())["precision_why"] == result["precision_why"]

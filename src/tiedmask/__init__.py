@@ -13,7 +13,8 @@ from .core.tied_block import tie_summary
 from .core.untie import untie
 from .errors import ConfigError, DataError, TiedmaskError
 from .training.settings import TrainConfig, load_config
-from .training.train import Result, train
+from .training.result import Result
+from .training.train import train
 
 __all__ = ["ConfigError", "DataError", "DataShape", "DeqConfig", "MaskConfig", "ModelConfig", "Result",
            "TieConfig", "TiedmaskError", "TrainConfig", "create_model", "load_config", "load_tied",

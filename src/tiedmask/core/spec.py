@@ -27,7 +27,6 @@ from .masks import check_mask_settings
 EXECUTIONS = ("unrolled", "equilibrium", "untied")
 WEIGHT_NORMS = ("none", "weight", "spectral")
 GRADIENTS = ("implicit", "phantom")
-STOP_MODES = ("abs", "rel")
 SOLVER_ARGS = ("f", "z", "max_iter", "tracker")  # what `solve` passes itself, not options
 
 
@@ -118,7 +117,9 @@ class DeqConfig:
     jac_reg: float = 0.0  # weight of the Jacobian (Frobenius) regulariser
 
     def validate(self) -> None:
-        from .deq.solvers import SOLVERS  # the registry, with any solver a user registered
+        # The registry (a leaf module), with any solver a user registered; imported here because
+        # the deq package's Equilibrium, loaded with it, builds on this module.
+        from .deq.solvers import OPTION_RANGES, SOLVERS, STOP_MODES
 
         if self.solver not in SOLVERS:
             raise ConfigError(f"unknown deq solver {self.solver!r}; choose one of {sorted(SOLVERS)}")
@@ -141,8 +142,6 @@ class DeqConfig:
             if isinstance(default, (int, float)) and not isinstance(default, bool):
                 expected = float if isinstance(default, float) else int
                 self.solver_options[key] = check_type(f"model.deq.solver_options.{key}", value, expected)
-        from .deq.solvers import OPTION_RANGES
-
         for key, value in self.solver_options.items():
             check, allowed = OPTION_RANGES.get(self.solver, {}).get(key, (lambda v: True, ""))
             if not check(value):

@@ -22,7 +22,7 @@ from ..files import atomic_write, read_json
 from ..training.checkpoint import CHECKPOINT_FILE
 from ..training.rundir import REQUEST_FILE, RESULT_FILE, RunDir
 from ..training.settings import config_from_dict, config_hash, config_to_dict
-from ..training.train import Result
+from ..training.result import Result
 from .store import FINISHED, ResultsStore
 
 

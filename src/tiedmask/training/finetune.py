@@ -11,7 +11,6 @@ import torch
 
 from ..core.lora import apply_multimask_lora
 from ..errors import ConfigError
-from ..files import read_json
 from .settings import TrainConfig
 
 
@@ -45,7 +44,7 @@ def pretrained_defaults(run) -> dict:
 
 def _legacy_shape(run) -> tuple[int, int]:
     """Runs of tiedmask 0.1 kept the input shape in config.json's model section."""
-    model = read_json(run.path / "config.json").get("model", {})
+    model = run.raw_config().get("model", {})
     return model.get("in_channels", 3), model.get("image_size", 32)
 
 

@@ -27,12 +27,12 @@ from .checkpoint import CHECKPOINT_FILE
 from .corpus import load_corpus
 from .datasets import default_root
 from .distributed import Dist
-from .precision import autocast_context
+from .precision import autocast_context, described
 from .rundir import CORPUS_FILE, TOKENIZER_FILE, RunDir, RunState
 from .settings import TrainConfig
 from .tokens import BYTES_VOCAB, TokenData, load_tokenizer, tokenize, train_tokenizer
 from .runtime import hardware_name, peak_memory_mb, resolve_device
-from .train import Result
+from .result import Result
 from .trainer import (EpochHook, Schedule, Trainer, choose_precision, epoch_generator, epoch_printer, make_optimizer,
                       open_run, start_state, wrap_for_training)
 
@@ -292,7 +292,7 @@ def train_lm(cfg: TrainConfig, out, resume: bool, log, device: torch.device, hoo
                       on_epoch=[epoch_printer(cfg, task, log), *hooks], log=log)
     counts = count_params(model), count_params(model, trainable_only=True)
     log(f"model {cfg.model.name} ({cfg.model.execution}): {counts[0]:,} params ({counts[1]:,} trained), "
-        f"vocab {data.vocab_size}, {len(task.stream):,} training tokens, on {device} in {state.precision}"
+        f"vocab {data.vocab_size}, {len(task.stream):,} training tokens, on {device} in {described(state.precision, state.precision_why)}"
         + (f", distilling from {cfg.lm.teacher or cfg.finetune.init_from}" if task.teacher is not None else ""))
     status, reason = trainer.fit()
     val_loss = task.val_loss
@@ -318,7 +318,7 @@ def _finish(trainer: Trainer, run, data: TokenData, outcome: tuple[str, str], co
         tokens_per_s=state.images / seconds if seconds else 0.0,
         s_per_epoch=seconds / state.epoch if state.epoch else 0.0, epochs=state.epoch, seed=cfg.seed,
         config_hash=state.config_hash, peak_mem_mb=peak_memory_mb(device), hardware=hardware_name(device),
-        precision=state.precision)
+        precision=state.precision, precision_why=state.precision_why)
     if run is not None:
         run.write_result(result.to_dict())
     return result

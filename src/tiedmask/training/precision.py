@@ -16,8 +16,8 @@ and lets the instruction set decide alone.
 
 The measurements behind these choices: docs/architecture.md, "What `auto` picks on each machine".
 
-A run records the precision it resolved to (`Result.precision`, the checkpoint's state), so
-`eval` and `--resume` compute as training did on any machine.
+A run records the precision it resolved to and why (`Result.precision`,
+`Result.precision_why`, the checkpoint's state), so `eval` and `--resume` compute as training did on any machine.
 """
 
 from __future__ import annotations
@@ -92,25 +92,38 @@ def training_step(model: nn.Module, make_inputs: Callable[[], torch.Tensor]) -> 
     return step
 
 
-def resolve_precision(precision: str, device: torch.device, step: Callable[[bool], None] | None = None) -> str:
-    """"bf16" or "fp32": what `precision` (auto | bf16 | fp32) means on `device`, for the model
-    whose training step is `step` (`training_step`; without one, on a CPU with AMX tiles, the
-    instruction set decides alone)."""
+def decide_precision(precision: str, device: torch.device,
+                     step: Callable[[bool], None] | None = None) -> tuple[str, str]:
+    """("bf16" or "fp32", why): what `precision` (auto | bf16 | fp32) means on `device`, for the
+    model whose training step is `step` (`training_step`; without one, on a CPU with AMX tiles,
+    the instruction set decides alone). The why is recorded with the run's result, so that runs
+    of one comparison can be seen to have chosen alike."""
     if precision != "auto":
-        return precision
+        return precision, "set"
     if device.type == "cuda":
-        return "bf16"
+        return "bf16", "auto: CUDA"
     if not has_amx():
-        return "fp32"
+        return "fp32", "auto: no AMX tiles on this CPU"
     if step is None or os.environ.get(CHECK_VARIABLE, "1") == "0":
-        return "bf16"
+        return "bf16", "auto: AMX tiles (step not timed)"
     try:
         speedup = bf16_speedup(step)
     except Exception as exc:  # noqa: BLE001  (a step that fails in bf16, a copy that does not fit)
         warnings.warn(f"precision auto: the timed bf16 check failed ({type(exc).__name__}: {exc}); "
                       "training in fp32", stacklevel=2)
-        return "fp32"
-    return "bf16" if speedup >= MIN_SPEEDUP else "fp32"
+        return "fp32", f"auto: the bf16 check failed ({type(exc).__name__})"
+    chosen = "bf16" if speedup >= MIN_SPEEDUP else "fp32"
+    return chosen, f"auto: a bf16 step ran {speedup:.2f}x as fast as fp32 (bf16 from {MIN_SPEEDUP}x)"
+
+
+def resolve_precision(precision: str, device: torch.device, step: Callable[[bool], None] | None = None) -> str:
+    """"bf16" or "fp32" (`decide_precision` without its why)."""
+    return decide_precision(precision, device, step)[0]
+
+
+def described(precision: str, why: str) -> str:
+    """"bf16 (auto: ...)" for a log line; a precision set by the config needs no why."""
+    return precision if why in ("", "set") else f"{precision} ({why})"
 
 
 def legacy_auto(device: torch.device) -> str:

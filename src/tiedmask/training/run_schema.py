@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from ..errors import TiedmaskError
+from .result import Result
 
 RESTART = "the run must restart (delete the folder, or train it anew with another --out)"
 
@@ -65,6 +66,7 @@ CHECKPOINT_FIELDS = {  # field: (check, what it must be)
     "last_train_loss": (_loss, "a loss >= 0, or NaN"),
     "solver": (_solver, "a mapping of names to finite numbers"),
     "precision": (lambda v: v in ("", "bf16", "fp32"), "'bf16', 'fp32' or ''"),
+    "precision_why": (lambda v: isinstance(v, str), "a text"),
     "config": (lambda v: isinstance(v, dict), "a mapping of settings"),
     # tensors kept under one name only (tied embeddings): {other name: the name they are stored under}
     "aliases": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(n, str) and
@@ -180,6 +182,7 @@ OPTIONAL_RESULT_FIELDS = {  # added later: results written before them lack them
     "val_ppl": (_loss, "a number >= 0, or NaN"),
     "tokens_per_s": (_seconds, "a finite number >= 0"),
     "data_epochs": (_seconds, "a finite number >= 0"),
+    "precision_why": (lambda v: isinstance(v, str), "a text"),
 }
 RECORD_FIELDS = {  # a results-store record: the run's Result (when finished) and how a sweep asked for it
     "status": (lambda v: v in ("ok", "diverged", "failed"), "'ok', 'diverged' or 'failed'"),
@@ -191,8 +194,6 @@ RECORD_FIELDS = {  # a results-store record: the run's Result (when finished) an
 
 def check_result(values, path: Path) -> dict:
     """result.json: a finished run's Result, its numbers in range."""
-    from .train import Result  # the dataclass is train's; only its field names are needed here
-
     where = f"{path}/result.json"
     fix = "delete result.json and `tiedmask train --resume` the run to finish it again"
     if not isinstance(values, dict):

@@ -55,6 +55,7 @@ class RunState:
     last_train_loss: float = float("nan")
     solver: dict = dataclasses.field(default_factory=dict)
     precision: str = ""  # what the run's `precision` resolved to (bf16 | fp32); "" before 0.3
+    precision_why: str = ""  # why: "set", or what `auto` found (the measured bf16 speedup)
 
 
 class RunDir:
@@ -127,6 +128,10 @@ class RunDir:
             return config_from_dict(read_json(self.path / CONFIG_FILE))
         except ConfigError as exc:
             raise ConfigError(f"{self.path}/config.json is not a config this version reads ({exc})") from None
+
+    def raw_config(self) -> dict:
+        """config.json as written, unread by today's settings (what older runs kept there)."""
+        return read_json(self.path / CONFIG_FILE)
 
     def write_stats(self, stats: DataStats) -> None:
         atomic_write_json(self.path / DATA_FILE, dataclasses.asdict(stats))

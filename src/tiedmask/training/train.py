@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,49 +29,15 @@ from .datasets import Dataset
 from .evaluate import evaluate
 from .distributed import Dist, setup as setup_distributed, teardown as teardown_distributed
 from .finetune import prepare_finetune
+from .lm import train_lm
 from .lookahead import Lookahead
+from .precision import described
+from .result import Result
 from .rundir import RunDir, RunState
 from .runtime import hardware_name, peak_memory_mb, place, resolve_device, use_channels_last
 from .settings import TrainConfig, check_whitening_stem
 from .trainer import (EpochHook, Schedule, Trainer, choose_precision, epoch_generator, epoch_printer, make_optimizer,
                       open_run, start_state, wrap_for_training)
-
-
-@dataclass
-class Result:
-    status: str  # ok | diverged (with `reason`)
-    test_acc: float
-    best_test_acc: float
-    final_train_loss: float
-    params: int
-    macs_dense: int
-    macs_effective: int
-    train_time_s: float
-    img_per_s: float
-    epochs: int
-    seed: int
-    config_hash: str
-    reason: str = ""
-    s_per_epoch: float = 0.0
-    trainable_params: int = 0
-    peak_mem_mb: float = 0.0
-    hardware: str = ""  # the CPU or GPU the run trained on (timings compare only within one)
-    precision: str = ""  # what `precision` resolved to on that machine: bf16 | fp32 ("" before 0.3)
-    warning: str = ""  # e.g. a run that ended at chance accuracy
-    eval_split: str = "test"  # "val": test_acc is measured on images held out of training (data.val_split)
-    # task lm: test_acc is next-token accuracy; losses are mean nats per token over a whole split
-    task: str = "image"
-    test_loss: float = 0.0
-    test_ppl: float = 0.0
-    val_ppl: float = 0.0
-    tokens_per_s: float = 0.0
-    # passes over the training data (images trained on / the epoch's images): fractional where a
-    # time budget stopped the last epoch part-way; s_per_epoch is train_time_s per pass
-    data_epochs: float = 0.0
-    solver: dict = dataclasses.field(default_factory=dict)  # DEQ: mean iterations, residuals
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------- the image task
@@ -198,8 +163,6 @@ def train(cfg: TrainConfig, out: str | Path | None = None, resume: bool = False,
         if cfg.task == "lm":
             if ctx.enabled:
                 raise ConfigError("language-model runs train in one process; start them without torchrun")
-            from .lm import train_lm  # imported here: it builds on this module's parts
-
             return train_lm(cfg, out, resume, log, device, hooks)
         return _train(cfg, out, resume, dataset, log if ctx.is_main else (lambda *_: None), ctx, device, hooks)
     except BaseException:
@@ -235,7 +198,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     m = cfg.model
     log(f"model {m.name} ({m.execution}, masks {m.masks.scope} at density {m.masks.density}): "
         f"{counts[0]:,} params ({counts[1]:,} trained), {macs['effective'] / 1e6:.1f}M effective MACs/img, "
-        f"on {device} in {state.precision}" + (f" x {ctx.world} processes" if ctx.enabled else ""))
+        f"on {device} in {described(state.precision, state.precision_why)}" + (f" x {ctx.world} processes" if ctx.enabled else ""))
     status, reason = trainer.fit()
     result = image_result(cfg, trainer, (status, reason), counts, macs, data)
     if run is not None and ctx.is_main:
@@ -272,7 +235,7 @@ def image_result(cfg: TrainConfig, trainer: Trainer, outcome: tuple[str, str], c
         s_per_epoch=state.train_time_s / passes if passes else 0.0, data_epochs=passes,
         epochs=state.epoch, seed=cfg.seed, config_hash=state.config_hash,
         peak_mem_mb=peak_memory_mb(trainer.device), hardware=hardware_name(trainer.device),
-        precision=state.precision, solver=state.solver,
+        precision=state.precision, precision_why=state.precision_why, solver=state.solver,
         # A diverged run keeps the score of its last scored epoch (0 if none was: eval_every);
         # its status says what happened, so it gets no "learned nothing" warning.
         warning=(chance_warning(state.last_test_acc, data.shape.classes)

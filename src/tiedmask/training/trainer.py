@@ -25,7 +25,7 @@ from ..core.deq.equilibrium import SolverDiverged
 from .distributed import Dist
 from .lookahead import Lookahead
 from .muon import MuonSGD
-from .precision import autocast_context, legacy_auto, resolve_precision, training_step
+from .precision import autocast_context, decide_precision, legacy_auto, training_step
 from .rundir import RunDir, RunState
 from .settings import TrainConfig, config_hash
 
@@ -347,10 +347,11 @@ def choose_precision(state: RunState, cfg: TrainConfig, ctx: Dist, device: torch
     time a training step of `model` on `make_inputs()` (a batch of the run's shape) both ways."""
     if not state.precision:
         older_run = state.epoch > 0 and cfg.precision == "auto"  # resumed, from before it was recorded
-        chosen = legacy_auto(device) if older_run else resolve_precision(
+        chosen, why = (legacy_auto(device), "auto, before 0.3") if older_run else decide_precision(
             cfg.precision, device, training_step(model, make_inputs))
         # Rank 0's choice on every process: the timed check could tip differently on each.
         state.precision = "bf16" if ctx.from_main(float(chosen == "bf16")) else "fp32"
+        state.precision_why = why if state.precision == chosen else "rank 0's choice"
 
 
 def wrap_for_training(model, cfg: TrainConfig, ctx: Dist, device: torch.device):

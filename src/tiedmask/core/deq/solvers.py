@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 
 from ...errors import ConfigError
-from ..spec import STOP_MODES
+
+STOP_MODES = ("abs", "rel")  # residual measured absolutely or relative to the state's size
 
 Func = Callable[[torch.Tensor], torch.Tensor]
 SOLVERS: dict[str, Callable] = {}
