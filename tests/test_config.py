@@ -108,3 +108,18 @@ def test_a_setting_under_its_old_and_new_spelling_with_different_values_is_refus
         load_config(overrides=[f"--model.{old}", str(first), f"--model.{new}", str(second)])
     same = load_config(overrides=[f"--model.{old}", str(first), f"--model.{new}", str(first)])
     assert getattr(getattr(same.model, section), key) == first
+
+
+def test_committed_runs_hash_today_as_they_were_trained():
+    """Behaviour kept through refactors: every run folder kept in git (the race's, the compile
+    runs') has a config that today's code reads and hashes to the hash its result was written
+    under, so a refactor that changed a default, a key or the hash itself fails here."""
+    import json
+    from pathlib import Path
+
+    kept = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").rglob("result.json"))
+    assert len(kept) >= 20  # the race's runs (benchmarks/results/cifar10_fast_runs) and others
+    changed = [str(r.parent) for r in kept
+               if config_hash(config_from_dict(json.loads((r.parent / "config.json").read_text())))
+               != json.loads(r.read_text())["config_hash"]]
+    assert changed == []
