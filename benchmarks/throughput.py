@@ -6,6 +6,7 @@ channel) against dense, and the layouts against each other.
     python benchmarks/throughput.py            # ~6 min on 2 CPU cores; run it alone
     python benchmarks/throughput.py --bf16 on  # bf16 rows on a CPU without AMX too (+13 min; slow there)
     python benchmarks/throughput.py --compile tied-fast  # adds torch.compile rows (slow to build)
+    python benchmarks/throughput.py --models tied-fast tied-vit-s --compile tied-fast tied-vit-s
     python benchmarks/throughput.py --out benchmarks/results/throughput_amx.json  # another machine's file
 
 Batch 128 of 3x32x32 inputs, AdamW steps. The variants of one model are timed in alternating
@@ -13,7 +14,10 @@ rounds (3 rounds of 2 steps each, after 2 warm-up steps), so that drift in the m
 falls on all of them alike; medians are reported. Training FLOPs are taken as 3x the forward
 (effective, masked) FLOPs. Layouts: `fast` is fp32 channels_last (what `tiedmask train` does on
 a CPU without AMX); `naive` is fp32 NCHW eager; `bf16` is bf16 autocast + channels_last (what it
-does on a CPU with AMX).
+does on a CPU with AMX). A compiled model is timed in each precision layout (`fast+compile`,
+`bf16+compile`); its first training step, compilation included, is reported as `compile_s`, and
+the summary gives the training time after which compiling pays (compile_s / the share of each
+step it saves), for comparison with a run's time budget.
 Writes benchmarks/results/throughput.json (or `--out`), checked writable before anything is timed.
 """
 
@@ -59,17 +63,22 @@ def variant(name: str, scope: str, kind: str = "unstructured", layout: str = "fa
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)
     run = torch.compile(model) if compile else model
+    compiled = [] if compile else None  # the first step's seconds: compilation happens there
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16) if layout == "bf16" else contextlib.nullcontext()
 
     def step():
+        start = time.perf_counter()
         model.train()
         with autocast():
             loss = F.cross_entropy(run(x).float(), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if compiled == []:
+            compiled.append(time.perf_counter() - start)
+            row["compile_s"] = compiled[0]
 
     @torch.no_grad()
     def infer():
@@ -89,8 +98,8 @@ def measure(name: str, layouts: tuple[str, ...], compile: bool) -> list[dict]:
     specs = [("dense", "unstructured", "fast"), ("multi", "unstructured", "fast"), ("multi", "channel", "fast")]
     specs += [("multi", "unstructured", layout) for layout in layouts]
     built = [variant(name, scope, kind, layout) for scope, kind, layout in specs]
-    if compile:
-        built.append(variant(name, "multi", compile=True))
+    if compile:  # in the layouts `tiedmask train` uses: fp32 channels_last, and bf16 where timed
+        built += [variant(name, "multi", layout=layout, compile=True) for layout in ("fast", *layouts) if layout != "naive"]
     train_s = timed_in_turns({i: step for i, (_, step, _) in enumerate(built)}, rounds=3, per_round=2)
     infer_s = timed_in_turns({i: infer for i, (_, _, infer) in enumerate(built)}, rounds=3, per_round=2)
     rows = []
@@ -100,8 +109,18 @@ def measure(name: str, layouts: tuple[str, ...], compile: bool) -> list[dict]:
     return rows
 
 
+def pays_after(compile_s: float, eager_step_s: float, compiled_step_s: float) -> float | None:
+    """Training seconds after which a compiled run has done more steps than an eager one that
+    started at once (None: a compiled step is no faster, so never). Compiled: (T - c) / s_c
+    steps by time T, eager T / s_e; equal at T = c / (1 - s_c / s_e)."""
+    saved = 1 - compiled_step_s / eager_step_s
+    return compile_s / saved if saved > 0 else None
+
+
 def main() -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODEL_PRESETS), default=sorted(MODEL_PRESETS),
+                        help="the models to time (default: every preset)")
     parser.add_argument("--compile", nargs="*", default=[], metavar="MODEL",
                         help="also time these models under torch.compile (minutes to build each)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.json"),
@@ -114,12 +133,14 @@ def main() -> None:
     with_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and has_amx())
     layouts = ("naive", "bf16") if with_bf16 else ("naive",)
     peaks = {"fp32": matmul_peak_gflops(), "bf16": matmul_peak_gflops(dtype=torch.bfloat16)}
-    rows = [r for name in sorted(MODEL_PRESETS) for r in measure(name, layouts, name in args.compile)]
+    if unknown := sorted(set(args.compile) - set(args.models)):
+        parser.error(f"--compile {unknown[0]}: not among --models (`tiedmask models` lists them)")
+    rows = [r for name in args.models for r in measure(name, layouts, name in args.compile)]
     for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         # measured before and after the models: the better of the two
         peaks[dtype] = max(peaks[dtype], matmul_peak_gflops(dtype=torch_dtype))
     for r in rows:
-        r["mfu_effective"] = r["train_gflops_s"] / peaks["bf16" if r["layout"] == "bf16" else "fp32"]
+        r["mfu_effective"] = r["train_gflops_s"] / peaks["bf16" if r["layout"].startswith("bf16") else "fp32"]
     print(f"{hardware_name(torch.device('cpu'))}: matmul peaks (2048^2) fp32 {peaks['fp32']:.0f}, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s; MFU against the peak of each row's precision")
     if not with_bf16:
@@ -143,13 +164,23 @@ def main() -> None:
 
     print("\nstep time against the dense step (fast layout), and training img/s ratios:")
     print("| model | multi step / dense step | channel multi step / dense step | fast / naive img/s "
-          "| bf16 / fast img/s | compile / fast img/s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name in sorted(MODEL_PRESETS):
-        dense, multi = img_s(name, "dense", "fast"), img_s(name, "multi", "fast")
+          "| bf16 / fast img/s | compile / fast img/s | bf16+compile / bf16 img/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in args.models:
+        dense, multi, bf16 = img_s(name, "dense", "fast"), img_s(name, "multi", "fast"), img_s(name, "multi", "bf16")
         print(f"| {name} | {ratio(dense, multi)} | {ratio(dense, img_s(name, 'multi/channel', 'fast'))} "
-              f"| {ratio(multi, img_s(name, 'multi', 'naive'))} | {ratio(img_s(name, 'multi', 'bf16'), multi)} "
-              f"| {ratio(img_s(name, 'multi', 'fast+compile'), multi)} |")
+              f"| {ratio(multi, img_s(name, 'multi', 'naive'))} | {ratio(bf16, multi)} "
+              f"| {ratio(img_s(name, 'multi', 'fast+compile'), multi)} "
+              f"| {ratio(img_s(name, 'multi', 'bf16+compile'), bf16)} |")
+    compiled = [r for r in rows if "compile_s" in r]
+    if compiled:
+        print("\ncompiling (multi masks): first step with compilation, and the training time after which it pays")
+        print("| model | layout | first step (s) | eager img/s | compiled img/s | pays after |\n|---|---|---:|---:|---:|---:|")
+    for r in compiled:
+        eager = img_s(r["model"], "multi", r["layout"].removesuffix("+compile"))
+        r["pays_after_s"] = pays_after(r["compile_s"], BATCH / eager, BATCH / r["train_img_s"])
+        shown = "never" if r["pays_after_s"] is None else f"{r['pays_after_s'] / 60:.1f} min"
+        print(f"| {r['model']} | {r['layout']} | {r['compile_s']:.1f} | {eager:.0f} | {r['train_img_s']:.0f} | {shown} |")
     out = Path(args.out)
     out.write_text(json.dumps({"hardware": hardware_name(torch.device("cpu")), "matmul_peak_gflops": peaks["fp32"],
                                "matmul_peak_gflops_bf16": peaks["bf16"],

@@ -125,22 +125,39 @@ def test_a_sweep_of_language_models_reports_perplexity(tmp_path):
     assert (tmp_path / "ppl_by_variant.png").exists()
 
 
-def test_the_pareto_front_keeps_the_points_no_smaller_model_beats():
-    """benchmarks/cifar10_pareto.py: a point is on the front unless another stores at most as many
-    parameters and is more accurate; a beaten point names its best such rival."""
+def benchmark_script(name: str):
+    """A script of benchmarks/ as a module (its sibling scripts importable while it loads)."""
     import importlib.util
 
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
     sys.path.insert(0, str(folder))
     try:
-        spec = importlib.util.spec_from_file_location("cifar10_pareto", folder / "cifar10_pareto.py")
-        pareto = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(pareto)
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(folder))
+    return module
+
+
+def test_the_pareto_front_keeps_the_points_no_smaller_model_beats():
+    """benchmarks/cifar10_pareto.py: a point is on the front unless another stores at most as many
+    parameters and is more accurate; a beaten point names its best such rival."""
+    pareto = benchmark_script("cifar10_pareto")
     found = [{"variant": v, "width": w, "params": n, "mean": a} for v, w, n, a in
              [("tied", 56, 900, 92.9), ("untied", 43, 880, 93.2), ("untied", 24, 300, 91.0),
               ("tied", 24, 310, 91.5), ("tied", 16, 150, 89.0)]]
     pareto.front(found)
     assert [p["on_front"] for p in found] == [False, True, True, True, True]
     assert found[0]["beaten_by"] == "untied w43"
+
+
+def test_compiling_pays_after_the_time_its_faster_steps_make_up_the_compilation():
+    """benchmarks/throughput.py: by time T a compiled run has done (T - c) / s_c steps and an eager
+    one T / s_e; they are level at T = c / (1 - s_c / s_e). Checked by counting steps."""
+    pays_after = benchmark_script("throughput").pays_after
+    compile_s, eager, compiled = 60.0, 1.0, 0.5
+    level = pays_after(compile_s, eager, compiled)
+    assert level == pytest.approx(120.0)
+    assert (level - compile_s) / compiled == pytest.approx(level / eager)  # equal step counts there
+    assert pays_after(compile_s, eager, 1.0) is None and pays_after(compile_s, eager, 1.2) is None
