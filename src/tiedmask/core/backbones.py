@@ -4,8 +4,9 @@ Each stage runs its cell `depth` times through a runner (`tiedmask.core.executio
 unrolled, untied, or to its fixed point) and hands its output on. Only the cells are masked:
 stems, downsampling convolutions and heads stay dense, as in arXiv 2307.08013.
 
-A backbone is built from a `ModelConfig` and the `DataShape` of its input; presets
-(`tiedmask.core.presets`) choose the backbone and spell out its numbers.
+A backbone is built from its own section of the settings (`Backbone.Settings`: the fields of
+the config's model section it builds from, and no other) and the `DataShape` of its input;
+presets (`tiedmask.core.presets`) choose the backbone and spell out its numbers.
 """
 
 from __future__ import annotations
@@ -24,13 +25,59 @@ from .deq import Equilibrium
 from .execution import Runner, Unrolled, Untied
 from .layers import masked_layers, masked_weights_built_once
 from .masks import num_masks
-from .spec import DataShape, ModelConfig
+from .spec import DataShape, DeqConfig, MaskConfig, ModelConfig
 from .whitening import WHITEN_KERNEL, whitening_filters
 
 
-# The model settings every backbone of tiedmask's own reads (`Backbone.reads` adds its own).
-COMMON_SETTINGS = frozenset({"name", "cell", "execution", "width", "depth", "stages", "norm", "checkpointing",
-                             "weight_norm", "masks", "deq"})
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Section:
+    """A backbone's own settings: the fields of the config's model section it builds from.
+    The config file keeps one flat model section (`ModelConfig`: what a user writes, what config
+    hashes are taken of), and each backbone gets only its part of it, so it cannot read a
+    setting it did not declare; `refuse_unread` refuses any other set away from its default."""
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "Section":
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoopSettings(Section):
+    """What every backbone of tiedmask's own reads: its cell, how it runs, its shape, masks."""
+
+    name: str
+    cell: str
+    execution: str
+    width: int
+    depth: int
+    stages: int
+    norm: str
+    checkpointing: bool
+    weight_norm: str
+    masks: MaskConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EquilibriumSettings(LoopSettings):
+    """... and, for a backbone whose stages can run to a fixed point, how they solve."""
+
+    deq: DeqConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ResNetSettings(EquilibriumSettings):
+    head_pool: int  # average-pool to a head_pool x head_pool grid before the head
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ViTSettings(EquilibriumSettings):
+    patch_size: int  # patch embedding stride
+    heads: int  # attention heads
+    mlp_ratio: float  # MLP hidden width / width
 
 
 def refuse_unread(backbone: type, cfg: ModelConfig) -> None:
@@ -38,7 +85,7 @@ def refuse_unread(backbone: type, cfg: ModelConfig) -> None:
     ResNet, `deq` on a model that cannot run to a fixed point, `width` on a library model): it
     would be accepted and do nothing. Settings of one execution (`deq` under equilibrium,
     `checkpointing` outside it) pass under the other, so that a grid can cross executions."""
-    reads = backbone.reads
+    reads = backbone.Settings.names()
     defaults = ModelConfig()
     for field in dataclasses.fields(ModelConfig):
         key = field.name
@@ -48,7 +95,7 @@ def refuse_unread(backbone: type, cfg: ModelConfig) -> None:
                           f"would do nothing; remove it (this model reads: {', '.join(sorted(reads))})")
 
 
-def make_runner(make_cell: Callable[[], nn.Module], cfg: ModelConfig) -> Runner:
+def make_runner(make_cell: Callable[[], nn.Module], cfg: LoopSettings) -> Runner:
     """The way a stage runs its cell: unrolled `depth` times, untied (`depth` cells of their
     own), or to its fixed point; `make_cell()` builds one cell."""
     if cfg.execution == "untied":
@@ -70,7 +117,7 @@ def normalize_weights(module: nn.Module, kind: str) -> None:
 class Stage(nn.Module):
     """One runner; masks every weight once per forward pass where the runner allows it."""
 
-    def __init__(self, make_cell: Callable[[], nn.Module], cfg: ModelConfig):
+    def __init__(self, make_cell: Callable[[], nn.Module], cfg: LoopSettings):
         super().__init__()
         # Named `tied` because mask seeds and checkpoint keys are derived from module paths.
         self.tied = make_runner(make_cell, cfg)
@@ -85,17 +132,18 @@ class Stage(nn.Module):
 class Backbone(nn.Module):
     """What every backbone shares: masks from the config, runner losses, statistics, tracing.
 
-    Subclasses set `cells` (the cell names they can run) and build `self.stages`.
+    Subclasses set `cells` (the cell names they can run), `Settings` (their section of the
+    model settings) and build `self.stages`. `ModelSpec.build` checks the config and hands a
+    backbone its section (`self.config`).
     """
 
     cells: tuple[str, ...] = ()
-    reads: frozenset[str] = COMMON_SETTINGS  # the ModelConfig fields it builds from (refuse_unread)
+    Settings: type[Section] = EquilibriumSettings
     has_whitening_stem = False  # a stem whose filters are set from the data (`whitening_bias`)
     stages: nn.ModuleList
 
-    def __init__(self, cfg: ModelConfig, shape: DataShape):
+    def __init__(self, cfg: Section, shape: DataShape):
         super().__init__()
-        self.check(cfg, shape)
         self.config, self.shape = cfg, shape
 
     @classmethod
@@ -171,9 +219,9 @@ class TiedNet(Backbone):
     """
 
     cells = ("resnet",)
-    reads = COMMON_SETTINGS | {"head_pool"}
+    Settings = ResNetSettings
 
-    def __init__(self, cfg: ModelConfig, shape: DataShape = DataShape()):
+    def __init__(self, cfg: ResNetSettings, shape: DataShape = DataShape()):
         super().__init__(cfg, shape)
         widths = [cfg.width * 2**s for s in range(cfg.stages)]
         self.stem = nn.Sequential(
@@ -212,7 +260,7 @@ class TiedFastNet(Backbone):
     """
 
     cells = ("conv",)
-    reads = COMMON_SETTINGS - {"deq"}  # never equilibrium (check)
+    Settings = LoopSettings  # never equilibrium (check)
     has_whitening_stem = True
     # Small logits keep high-lr SGD stable early; measured on a 10k-image CIFAR-10 subset, 2
     # epochs: scale 1 16%, 1/2 46%, 1/4 59%, 1/8 56%, 1/16 44% test accuracy.
@@ -225,7 +273,7 @@ class TiedFastNet(Backbone):
             raise ConfigError("the conv cell keeps a BatchNorm per application, which has no fixed "
                               "point; use a tied-resnet model for equilibrium execution")
 
-    def __init__(self, cfg: ModelConfig, shape: DataShape = DataShape()):
+    def __init__(self, cfg: LoopSettings, shape: DataShape = DataShape()):
         super().__init__(cfg, shape)
         widths = [cfg.width * 2**s for s in range(cfg.stages)]
         whiten_width = 2 * shape.channels * WHITEN_KERNEL**2  # each eigen-filter and its negative
@@ -262,7 +310,7 @@ class TiedViT(Backbone):
     """patch embedding + positions -> one tied Transformer stage -> LayerNorm, mean pool, head."""
 
     cells = ("transformer",)
-    reads = COMMON_SETTINGS | {"patch_size", "heads", "mlp_ratio"}
+    Settings = ViTSettings
 
     @classmethod
     def check(cls, cfg: ModelConfig, shape: DataShape | None) -> None:
@@ -275,7 +323,7 @@ class TiedViT(Backbone):
         if cfg.width % cfg.heads:
             raise ConfigError(f"width {cfg.width} is not divisible by heads {cfg.heads}; change one of them")
 
-    def __init__(self, cfg: ModelConfig, shape: DataShape = DataShape()):
+    def __init__(self, cfg: ViTSettings, shape: DataShape = DataShape()):
         super().__init__(cfg, shape)
         tokens = (shape.size // cfg.patch_size) ** 2
         self.embed = nn.Conv2d(shape.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size)

@@ -16,30 +16,42 @@ they fail to load. Install torchvision from the CPU index that matches your torc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .backbones import Backbone, refuse_unread
-from .spec import DataShape, ModelConfig
+from .backbones import Backbone, Section, refuse_unread
+from .spec import DataShape, MaskConfig, ModelConfig, TieConfig
 from .tie import select_blocks, tie_with
 from .tied_block import tied_containers
 
 LIBRARIES = ("timm", "hf")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LibrarySettings(Section):
+    """What a library model reads: which model, tied or not, and how it is tied and masked."""
+
+    name: str  # timm:NAME or hf:TYPE
+    execution: str
+    masks: MaskConfig
+    args: dict  # keyword arguments of the library's model builder
+    tie: TieConfig
+
+
 class ExternalNet(Backbone):
     """A timm or Hugging Face network, tied unless the execution is untied; returns logits."""
 
-    def __init__(self, cfg: ModelConfig, shape: DataShape = DataShape()):
+    Settings = LibrarySettings
+
+    def __init__(self, cfg: LibrarySettings, shape: DataShape = DataShape()):
         super().__init__(cfg, shape)
         self.net = build_external(cfg.name, shape, cfg.args)
         if cfg.execution == "unrolled":
             tie_with(self.net, cfg.masks, cfg.tie)
         self.stages = nn.ModuleList()  # no runners of tiedmask's own (no solver stats); `tracing` hooks its blocks
-
-    reads = frozenset({"name", "execution", "masks", "args", "tie"})
 
     @classmethod
     def check(cls, cfg: ModelConfig, shape: DataShape | None) -> None:

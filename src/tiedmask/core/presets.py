@@ -22,15 +22,21 @@ from .spec import DataShape, ModelConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """What a preset returns: the backbone class and its checked settings. Resolving a config
-    (every grid point of a sweep) stops here; only `build` builds (masks, initialisation:
-    0.1-0.5 s a model)."""
+    """What a preset returns: the backbone class and its checked settings (the config's model
+    section, and `settings`: the backbone's own part of it). Resolving a config (every grid
+    point of a sweep) stops here; only `build` builds (masks, initialisation: 0.1-0.5 s a model)."""
 
     backbone: type[Backbone]
     config: ModelConfig
 
+    @property
+    def settings(self):
+        """The backbone's own section (`Backbone.Settings`), all it is built from."""
+        return self.backbone.Settings.of(self.config)
+
     def build(self, shape: DataShape = DataShape()) -> Backbone:
-        return self.backbone(self.config, shape)
+        self.backbone.check(self.config, shape)  # now with the data's shape
+        return self.backbone(self.settings, shape)
 
 
 MODEL_PRESETS: dict[str, Callable[..., ModelSpec]] = {}
