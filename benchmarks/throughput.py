@@ -6,7 +6,7 @@ channel) against dense, and the layouts against each other.
     python benchmarks/throughput.py            # ~6 min on 2 CPU cores; run it alone
     python benchmarks/throughput.py --bf16 on  # bf16 rows on a CPU without AMX too (+13 min; slow there)
     python benchmarks/throughput.py --compile tied-fast  # adds torch.compile rows (slow to build)
-    python benchmarks/throughput.py --models tied-fast tied-vit-s --compile tied-fast tied-vit-s
+    python benchmarks/throughput.py --models tied-fast tied-vit-s --compile tied-fast tied-vit-s --out FILE
     python benchmarks/throughput.py --out benchmarks/results/throughput_amx.json  # another machine's file
 
 Batch 128 of 3x32x32 inputs, AdamW steps. The variants of one model are timed in alternating
@@ -17,7 +17,8 @@ a CPU without AMX); `naive` is fp32 NCHW eager; `bf16` is bf16 autocast + channe
 does on a CPU with AMX). A compiled model is timed in each precision layout (`fast+compile`,
 `bf16+compile`); its first training step, compilation included, is reported as `compile_s`, and
 the summary gives the training time after which compiling pays (compile_s / the share of each
-step it saves), for comparison with a run's time budget.
+step it saves), for comparison with a run's time budget. Inductor's on-disk caches are turned
+off for this, so each compilation is timed in full, as a fresh `tiedmask train` run sees it.
 Writes benchmarks/results/throughput.json (or `--out`), checked writable before anything is timed.
 """
 
@@ -129,12 +130,18 @@ def main() -> None:
                         help="time bf16 autocast rows: auto = where the CPU has AMX tiles (elsewhere "
                              "bf16 is emulated and slow, and the rows are skipped, saying so)")
     args = parser.parse_args()
+    if unknown := sorted(set(args.compile) - set(args.models)):
+        parser.error(f"--compile {unknown[0]}: not among --models (`tiedmask models` lists them)")
+    if set(args.models) != set(MODEL_PRESETS) and args.out == parser.get_default("out"):
+        parser.error("--models times some of the models: give --out FILE, so that the full table stays")
     writable_folder(Path(args.out).parent, "choose another --out")
+    if args.compile:  # a cached compilation would make compile_s (and when compiling pays) look cheaper
+        import torch._inductor.config
+
+        torch._inductor.config.force_disable_caches = True
     with_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and has_amx())
     layouts = ("naive", "bf16") if with_bf16 else ("naive",)
     peaks = {"fp32": matmul_peak_gflops(), "bf16": matmul_peak_gflops(dtype=torch.bfloat16)}
-    if unknown := sorted(set(args.compile) - set(args.models)):
-        parser.error(f"--compile {unknown[0]}: not among --models (`tiedmask models` lists them)")
     rows = [r for name in args.models for r in measure(name, layouts, name in args.compile)]
     for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         # measured before and after the models: the better of the two

@@ -33,8 +33,9 @@ from .whitening import WHITEN_KERNEL, whitening_filters
 class Section:
     """A backbone's own settings: the fields of the config's model section it builds from.
     The config file keeps one flat model section (`ModelConfig`: what a user writes, what config
-    hashes are taken of), and each backbone gets only its part of it, so it cannot read a
-    setting it did not declare; `refuse_unread` refuses any other set away from its default."""
+    hashes are taken of), and each backbone is built from its part of it only, so building and
+    running it cannot read a setting it did not declare (`check`, before building, sees the
+    whole section); `refuse_unread` refuses any other set away from its default."""
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> "Section":

@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..typed import check_type
 from .cells import NORMS
 from .masks import check_mask_settings
+from .solvers import OPTION_RANGES, SOLVERS, STOP_MODES  # the registry, with any solver a user registered
 
 EXECUTIONS = ("unrolled", "equilibrium", "untied")
 WEIGHT_NORMS = ("none", "weight", "spectral")
@@ -117,9 +118,6 @@ class DeqConfig:
     jac_reg: float = 0.0  # weight of the Jacobian (Frobenius) regulariser
 
     def validate(self) -> None:
-        # The registry (a leaf module), with any solver a user registered; imported here because
-        # the deq package's Equilibrium, loaded with it, builds on this module.
-        from .deq.solvers import OPTION_RANGES, SOLVERS, STOP_MODES
 
         if self.solver not in SOLVERS:
             raise ConfigError(f"unknown deq solver {self.solver!r}; choose one of {sorted(SOLVERS)}")
@@ -151,8 +149,6 @@ class DeqConfig:
 def solver_options(solver: str) -> dict:
     """The keyword options a registered solver accepts, with their defaults (its signature
     is the truth)."""
-    from .deq.solvers import SOLVERS
-
     params = inspect.signature(SOLVERS[solver]).parameters
     return {name: p.default for name, p in params.items() if name not in SOLVER_ARGS}
 

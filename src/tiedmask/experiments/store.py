@@ -32,6 +32,7 @@ from typing import Iterator
 from ..errors import ConfigError, TiedmaskError
 from ..files import read_json, writable_folder
 from ..training.run_schema import record_problem
+from ..training.rundir import CONFIG_FILE
 from ..training.settings import config_from_dict, config_hash, config_to_dict
 
 FINISHED = ("ok", "diverged")
@@ -97,7 +98,7 @@ class ResultsStore:
         own = self.root / "runs" / config_hash
         if own.exists():
             return own
-        for folder in sorted((self.root / "runs").glob("*/config.json")):
+        for folder in sorted((self.root / "runs").glob(f"*/{CONFIG_FILE}")):
             try:
                 if config_hash == today_hash(read_json(folder)):
                     return folder.parent

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 
+from ..core.solvers import SOLVERS  # the registry, with any solver a user registered
 from ..core.spec import DeqConfig
 from ..errors import ConfigError
 
@@ -32,8 +33,6 @@ DATA_SHAPE_KEYS = ("in_channels", "num_classes", "image_size")  # set by the dat
 
 def migrate_model(values: dict) -> dict:
     """A model section with old flat keys moved to their sections (new keys win)."""
-    from ..core.deq.solvers import SOLVERS  # the registry, with any solver a user registered
-
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()
            if k not in MODEL_KEY_ALIASES and k not in LEGACY_SOLVER_OPTIONS and k not in DATA_SHAPE_KEYS}
     for old, new in MODEL_KEY_ALIASES.items():

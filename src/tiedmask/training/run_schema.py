@@ -22,6 +22,16 @@ from pathlib import Path
 from ..errors import TiedmaskError
 from .result import Result
 
+# The names of a run folder's files, spelled here only (rundir.py and checkpoint.py export them).
+TOKENIZER_FILE = "tokenizer.json"  # language-model runs: the tokenizer they were trained with
+CORPUS_FILE = "corpus.json"  # language-model runs: which text, split and tokenized how
+CONFIG_FILE = "config.json"
+DATA_FILE = "data.json"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+REQUEST_FILE = "requested.yaml"  # what a sweep asked for
+CHECKPOINT_FILE = "checkpoint.json"
+
 RESTART = "the run must restart (delete the folder, or train it anew with another --out)"
 
 
@@ -84,7 +94,7 @@ def tensor_file_name(epoch: int) -> str:
 
 def check_checkpoint(meta, path: Path) -> dict:
     """checkpoint.json's values, each checked; its tensor file named as this epoch's, inside the folder."""
-    where = f"{path}/checkpoint.json"
+    where = f"{path}/{CHECKPOINT_FILE}"
     if not isinstance(meta, dict):
         raise TiedmaskError(f"{where} is damaged (not a JSON object); {RESTART}")
     for field in REQUIRED:
@@ -113,7 +123,7 @@ def check_metrics(text: str, path: Path) -> list[dict]:
     """The rows of metrics.jsonl. A last line without its newline that is no row was torn by a
     process killed while appending it (its epoch has no checkpoint): left out, and a resume
     drops it. Any other damaged line is an error naming it."""
-    where = f"{path}/metrics.jsonl"
+    where = f"{path}/{METRICS_FILE}"
     lines = text.split("\n")
     torn = bool(lines) and lines[-1] != ""  # the file ends without its newline
     rows = []
@@ -142,7 +152,7 @@ def _metrics_row_ok(row) -> bool:
 
 def check_data_stats(values, path: Path) -> dict:
     """data.json: per-channel mean and std of the training images and the input shape."""
-    where = f"{path}/data.json"
+    where = f"{path}/{DATA_FILE}"
     fix = f"{RESTART}, or delete data.json to recompute it from the data"
     if not isinstance(values, dict) or set(values) != {"mean", "std", "channels", "size", "classes"}:
         raise TiedmaskError(f"{where} is damaged (it must hold exactly mean, std, channels, size, classes); {fix}")
@@ -194,7 +204,7 @@ RECORD_FIELDS = {  # a results-store record: the run's Result (when finished) an
 
 def check_result(values, path: Path) -> dict:
     """result.json: a finished run's Result, its numbers in range."""
-    where = f"{path}/result.json"
+    where = f"{path}/{RESULT_FILE}"
     fix = "delete result.json and `tiedmask train --resume` the run to finish it again"
     if not isinstance(values, dict):
         raise TiedmaskError(f"{where} is damaged (not a JSON object); {fix}")

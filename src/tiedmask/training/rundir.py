@@ -24,19 +24,14 @@ import torch
 from ..core.presets import build_model
 from ..errors import ConfigError, TiedmaskError
 from ..files import atomic_write, atomic_write_json, read_json, writable_folder
-from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataStats, RunData, prepare_data
-from .run_schema import check_checkpoint, check_data_stats, check_metrics, check_result
+from .run_schema import (CHECKPOINT_FILE, CONFIG_FILE, CORPUS_FILE, DATA_FILE, METRICS_FILE,  # noqa: F401 (the run
+                         REQUEST_FILE, RESULT_FILE, TOKENIZER_FILE, check_checkpoint,  # files' names, one place)
+                         check_data_stats, check_metrics, check_result)
 from .finetune import attach_adapters
 from .settings import RUNTIME_ONLY, TrainConfig, config_from_dict, config_hash, config_to_dict
 
-TOKENIZER_FILE = "tokenizer.json"  # language-model runs: the tokenizer they were trained with
-CORPUS_FILE = "corpus.json"  # language-model runs: which text, split and tokenized how
-CONFIG_FILE = "config.json"
-DATA_FILE = "data.json"
-METRICS_FILE = "metrics.jsonl"
-RESULT_FILE = "result.json"
-REQUEST_FILE = "requested.yaml"  # what a sweep asked for
 RUN_FILES = {CONFIG_FILE, DATA_FILE, METRICS_FILE, CHECKPOINT_FILE, RESULT_FILE, REQUEST_FILE, "analysis",
              TOKENIZER_FILE, CORPUS_FILE}
 

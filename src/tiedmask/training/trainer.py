@@ -351,7 +351,7 @@ def choose_precision(state: RunState, cfg: TrainConfig, ctx: Dist, device: torch
             cfg.precision, device, training_step(model, make_inputs))
         # Rank 0's choice on every process: the timed check could tip differently on each.
         state.precision = "bf16" if ctx.from_main(float(chosen == "bf16")) else "fp32"
-        state.precision_why = why if state.precision == chosen else "rank 0's choice"
+        state.precision_why = why if state.precision == chosen else "rank 0's choice"  # saved by rank 0 only
 
 
 def wrap_for_training(model, cfg: TrainConfig, ctx: Dist, device: torch.device):

@@ -17,7 +17,7 @@ from ...errors import ConfigError, TiedmaskError
 from ..execution import Runner
 from ..masks import mask_index
 from ..spec import NO_MULTI_MASK_FIXED_POINT, DeqConfig
-from .solvers import SolverStats, solve
+from ..solvers import SolverStats, solve
 
 
 class SolverDiverged(TiedmaskError):

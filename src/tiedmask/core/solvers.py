@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ...errors import ConfigError
+from ..errors import ConfigError
 
 STOP_MODES = ("abs", "rel")  # residual measured absolutely or relative to the state's size
 
