@@ -16,8 +16,9 @@ recipe), `tied-channel` (the recipe with channel masks: each application keeps w
 channels, so it computes only those), `untied-equal-flops` (the same shape with every application its own weights: the dense
 FLOPs of the tied model, more parameters) and `untied-equal-params` (untied, at the width whose
 parameter count is nearest the tied model's, found here by building the models). Runs go seed
-by seed, so a stopped benchmark leaves paired sets; finished runs are kept and skipped,
-interrupted ones resume, and each finished run's record and curve is copied to
+by seed, so a stopped benchmark leaves paired sets; they train in a results store (`--runs`;
+`tiedmask sweep`'s runner: a subprocess a run, its claim, its one resume rule), finished runs
+are kept and skipped, interrupted ones resume, and each finished run's record and curve is copied to
 benchmarks/results/cifar10_fast_runs/ (commit it) so that a later session on another machine
 skips it too; a kept run trained with another recipe than today's (its config hash) is refused.
 
@@ -41,8 +42,6 @@ import math
 import re
 import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -55,8 +54,11 @@ from tiedmask.core.backbones import count_params  # noqa: E402
 from tiedmask.core.presets import build_model  # noqa: E402
 from tiedmask.errors import ArgumentParser, TiedmaskError, run_script  # noqa: E402
 from tiedmask.experiments.report import fmt  # noqa: E402
+from tiedmask.experiments.runner import Job, run_jobs  # noqa: E402
+from tiedmask.experiments.store import FINISHED, ResultsStore  # noqa: E402
 from tiedmask.training.rundir import CONFIG_FILE, METRICS_FILE, RESULT_FILE, RunDir  # noqa: E402
-from tiedmask.training.settings import RUNTIME_ONLY, config_hash, load_config, recipe_path, resolve_key  # noqa: E402
+from tiedmask.training.settings import (RUNTIME_ONLY, config_hash, config_to_dict, load_config,  # noqa: E402
+                                        recipe_path, resolve_key)
 from paper_claims import interval, mean_interval  # noqa: E402  (this folder's sibling script)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,29 +118,23 @@ def without_width(overrides: list[str]) -> list[str]:
     return [part for key, value in pairs if key != WIDTH for part in (key, value)]
 
 
-def run(variant: str, seed: int, runs: Path, data_root: str, minutes: float | None,
+def run(variant: str, seed: int, store: ResultsStore, data_root: str, minutes: float | None,
         changes: tuple[str, ...]) -> None:
-    """Train a run here (or resume it) unless it has finished here or its record is kept in git
-    from an earlier session's machine, so that seeds can be added one session at a time."""
-    settings = settings_of(variant, seed, minutes, changes)
+    """Train a run into the results store (or resume it, or take it finished from there) unless
+    its record is kept in git from an earlier session's machine, so that seeds can be added one
+    session at a time; then keep it in git's folder."""
     name = Path(variant + run_tag(minutes, changes)) / f"seed{seed}"
-    run_dir, kept = runs / name, KEPT / name
-    if RunDir(run_dir).is_finished():
-        check_recipe(run_dir, settings)
-        keep(run_dir, kept)
-        return
+    kept = KEPT / name
     if RunDir(kept).is_finished():  # checked against today's recipe by kept_runs, before training
         return
-    if RunDir(run_dir).resumable():  # the one resume rule of every launcher
-        cmd = ["--resume", str(run_dir)]
-    else:
-        cmd = ["--recipe", "cifar10-fast", "--data.root", data_root, "--progress", "false",
-               "--out", str(run_dir), *settings]
-    code = subprocess.run([sys.executable, "-m", "tiedmask.cli", "train", *cmd]).returncode
-    if code:
-        raise TiedmaskError(f"tiedmask train stopped with exit code {code} on {name} (its message is above); "
-                            "fix that and run this again: finished runs are kept and this one resumes")
-    keep(run_dir, kept)
+    settings = settings_of(variant, seed, minutes, changes)
+    config = config_to_dict(load_config(recipe_path("cifar10-fast"), [*settings, "--data.root", data_root]))
+    print(f"{name}: training (its epochs go to {store.root}/runs/<hash>/metrics.jsonl)", flush=True)
+    [record] = run_jobs([Job(variant, config, tags={"race": run_tag(minutes, changes) or "recipe"})], store)
+    if record["status"] not in FINISHED:
+        raise TiedmaskError(f"{name} failed: {record.get('reason', '')}; fix that and run this again: "
+                            "finished runs are kept and this one resumes")
+    keep(store.run_dir_of(record), kept)
 
 
 def kept_runs(minutes: float | None, changes: tuple[str, ...]) -> dict[tuple[str, int], Path]:
@@ -259,7 +255,8 @@ def main() -> None:
     parser.add_argument("--data-root", default="")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds to train (the report covers every kept one)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["tied"], help="variants to train")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "cifar10-fast")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "cifar10-fast",
+                        help="the results store the runs train in (one for every budget and change)")
     parser.add_argument("--minutes", type=float, help="training minutes a run (default: the recipe's time_budget_s)")
     parser.add_argument("--set", dest="changes", type=recipe_change, action="append", default=[], metavar="KEY=VALUE",
                         help="change the recipe for every variant (as optim.muon_lr=0); such runs are kept apart")
@@ -276,9 +273,10 @@ def main() -> None:
         for variant in args.variants:
             load_config(recipe_path("cifar10-fast"), settings_of(variant, seed, args.minutes, changes))
     kept_runs(args.minutes, changes)  # and no kept run of another recipe waits to stop the report
+    store = ResultsStore.for_writing(args.runs)
     for seed in args.seeds:
         for variant in args.variants:
-            run(variant, seed, args.runs, args.data_root, args.minutes, changes)
+            run(variant, seed, store, args.data_root, args.minutes, changes)
     run_dirs = kept_runs(args.minutes, changes)
     curves = {key: curve(d) for key, d in run_dirs.items()}
     results = {key: RunDir(d).read_result() for key, d in run_dirs.items()}
