@@ -85,3 +85,17 @@ def test_a_setting_left_at_its_default_is_accepted_on_every_model():
         spec = resolve_model({"name": name})
         unread = {k: v for k, v in defaults.items() if k not in spec.backbone.Settings.names()}
         resolve_model({"name": name, **unread})
+
+
+def test_a_backbone_built_by_hand_from_a_whole_config_is_checked_and_keeps_its_section_only():
+    """Building a backbone class directly (not through a preset) still refuses a bad config and
+    a setting it never reads, and the model holds its own section, not the whole config."""
+    from tiedmask.core.backbones import ResNetSettings, TiedNet
+    from tiedmask.core.spec import MaskConfig
+
+    with pytest.raises(ConfigError, match="density"):
+        TiedNet(ModelConfig(width=8, masks=MaskConfig(density=2.0)), SHAPE)
+    with pytest.raises(ConfigError, match="model.heads"):
+        TiedNet(ModelConfig(width=8, heads=8), SHAPE)
+    model = TiedNet(ModelConfig(width=8, depth=2), SHAPE)
+    assert type(model.config) is ResNetSettings and not hasattr(model.config, "heads")

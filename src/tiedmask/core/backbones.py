@@ -134,8 +134,7 @@ class Backbone(nn.Module):
     """What every backbone shares: masks from the config, runner losses, statistics, tracing.
 
     Subclasses set `cells` (the cell names they can run), `Settings` (their section of the
-    model settings) and build `self.stages`. `ModelSpec.build` checks the config and hands a
-    backbone its section (`self.config`).
+    model settings) and build `self.stages` from `self.config`, their section alone.
     """
 
     cells: tuple[str, ...] = ()
@@ -143,8 +142,11 @@ class Backbone(nn.Module):
     has_whitening_stem = False  # a stem whose filters are set from the data (`whitening_bias`)
     stages: nn.ModuleList
 
-    def __init__(self, cfg: Section, shape: DataShape):
+    def __init__(self, cfg: ModelConfig | Section, shape: DataShape):
         super().__init__()
+        if isinstance(cfg, ModelConfig):  # checked with the data's shape, then only the section is kept
+            self.check(cfg, shape)
+            cfg = self.Settings.of(cfg)
         self.config, self.shape = cfg, shape
 
     @classmethod
@@ -222,8 +224,9 @@ class TiedNet(Backbone):
     cells = ("resnet",)
     Settings = ResNetSettings
 
-    def __init__(self, cfg: ResNetSettings, shape: DataShape = DataShape()):
+    def __init__(self, cfg: ModelConfig | ResNetSettings, shape: DataShape = DataShape()):
         super().__init__(cfg, shape)
+        cfg = self.config
         widths = [cfg.width * 2**s for s in range(cfg.stages)]
         self.stem = nn.Sequential(
             nn.Conv2d(shape.channels, widths[0], 3, padding=1, bias=False),
@@ -274,8 +277,9 @@ class TiedFastNet(Backbone):
             raise ConfigError("the conv cell keeps a BatchNorm per application, which has no fixed "
                               "point; use a tied-resnet model for equilibrium execution")
 
-    def __init__(self, cfg: LoopSettings, shape: DataShape = DataShape()):
+    def __init__(self, cfg: ModelConfig | LoopSettings, shape: DataShape = DataShape()):
         super().__init__(cfg, shape)
+        cfg = self.config
         widths = [cfg.width * 2**s for s in range(cfg.stages)]
         whiten_width = 2 * shape.channels * WHITEN_KERNEL**2  # each eigen-filter and its negative
         self.whiten = nn.Conv2d(shape.channels, whiten_width, WHITEN_KERNEL)
@@ -324,8 +328,9 @@ class TiedViT(Backbone):
         if cfg.width % cfg.heads:
             raise ConfigError(f"width {cfg.width} is not divisible by heads {cfg.heads}; change one of them")
 
-    def __init__(self, cfg: ViTSettings, shape: DataShape = DataShape()):
+    def __init__(self, cfg: ModelConfig | ViTSettings, shape: DataShape = DataShape()):
         super().__init__(cfg, shape)
+        cfg = self.config
         tokens = (shape.size // cfg.patch_size) ** 2
         self.embed = nn.Conv2d(shape.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.pos = nn.Parameter(torch.randn(1, tokens, cfg.width) * 0.02)

@@ -46,8 +46,9 @@ class ExternalNet(Backbone):
 
     Settings = LibrarySettings
 
-    def __init__(self, cfg: LibrarySettings, shape: DataShape = DataShape()):
+    def __init__(self, cfg: ModelConfig | LibrarySettings, shape: DataShape = DataShape()):
         super().__init__(cfg, shape)
+        cfg = self.config
         self.net = build_external(cfg.name, shape, cfg.args)
         if cfg.execution == "unrolled":
             tie_with(self.net, cfg.masks, cfg.tie)

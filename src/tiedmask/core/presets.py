@@ -35,8 +35,7 @@ class ModelSpec:
         return self.backbone.Settings.of(self.config)
 
     def build(self, shape: DataShape = DataShape()) -> Backbone:
-        self.backbone.check(self.config, shape)  # now with the data's shape
-        return self.backbone(self.settings, shape)
+        return self.backbone(self.config, shape)  # checked again, now with the data's shape
 
 
 MODEL_PRESETS: dict[str, Callable[..., ModelSpec]] = {}

@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save
 
 from ..errors import TiedmaskError
 from ..files import atomic_write, atomic_write_json, read_json
-from .run_schema import CHECKPOINT_FILE, check_checkpoint, tensor_file_name  # noqa: F401 (re-exported)
-
+from .run_schema import CHECKPOINT_FILE, check_checkpoint, tensor_file_name
 
 
 def _split_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:

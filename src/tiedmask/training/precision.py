@@ -16,8 +16,8 @@ and lets the instruction set decide alone.
 
 The measurements behind these choices: docs/architecture.md, "What `auto` picks on each machine".
 
-A run records the precision it resolved to and why (`Result.precision`,
-`Result.precision_why`, the checkpoint's state), so `eval` and `--resume` compute as training did on any machine.
+A run records the precision it resolved to and why (`Result.precision`, `Result.precision_why`,
+the checkpoint's state), so `eval` and `--resume` compute as training did on any machine.
 """
 
 from __future__ import annotations

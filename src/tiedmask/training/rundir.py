@@ -26,9 +26,10 @@ from ..errors import ConfigError, TiedmaskError
 from ..files import atomic_write, atomic_write_json, read_json, writable_folder
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import DataStats, RunData, prepare_data
-from .run_schema import (CHECKPOINT_FILE, CONFIG_FILE, CORPUS_FILE, DATA_FILE, METRICS_FILE,  # noqa: F401 (the run
-                         REQUEST_FILE, RESULT_FILE, TOKENIZER_FILE, check_checkpoint,  # files' names, one place)
-                         check_data_stats, check_metrics, check_result)
+# The run files' names live in run_schema.py; imported here for the modules that open runs.
+from .run_schema import (CHECKPOINT_FILE, CONFIG_FILE, CORPUS_FILE, DATA_FILE, METRICS_FILE,  # noqa: F401
+                         REQUEST_FILE, RESULT_FILE, TOKENIZER_FILE, check_checkpoint, check_data_stats,
+                         check_metrics, check_result)
 from .finetune import attach_adapters
 from .settings import RUNTIME_ONLY, TrainConfig, config_from_dict, config_hash, config_to_dict
 
