@@ -38,6 +38,8 @@ def check_type(key: str, value, expected) -> object:
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if expected is str and isinstance(value, bool):  # `--channels_last true`: YAML reads a bool
+        value = "true" if value else "false"
     if expected is list and isinstance(value, (str, tuple)):  # 'a,b' from a command line
         value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
     if expected in (float, str, dict, list) and not isinstance(value, expected):

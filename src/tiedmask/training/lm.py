@@ -288,7 +288,7 @@ def train_lm(cfg: TrainConfig, out, resume: bool, log, device: torch.device, hoo
     # schedule reaches its end; a step more runs at the last rate
     windows = cfg.lm.epoch_tokens // cfg.lm.seq_len or (len(task.stream) - cfg.lm.seq_len) // cfg.lm.seq_len
     trainer = Trainer(model, optimizer, task, cfg, Schedule.of(cfg, windows // cfg.batch_size), state, device, ctx,
-                      runner=wrap_for_training(model, cfg, ctx, device),
+                      forward=wrap_for_training(model, cfg, ctx, device, state, log),
                       on_epoch=[epoch_printer(cfg, task, log), *hooks], log=log)
     counts = count_params(model), count_params(model, trainable_only=True)
     log(f"model {cfg.model.name} ({cfg.model.execution}): {counts[0]:,} params ({counts[1]:,} trained), "
@@ -318,7 +318,8 @@ def _finish(trainer: Trainer, run, data: TokenData, outcome: tuple[str, str], co
         tokens_per_s=state.images / seconds if seconds else 0.0,
         s_per_epoch=seconds / state.epoch if state.epoch else 0.0, epochs=state.epoch, seed=cfg.seed,
         config_hash=state.config_hash, peak_mem_mb=peak_memory_mb(device), hardware=hardware_name(device),
-        precision=state.precision, precision_why=state.precision_why)
+        precision=state.precision, precision_why=state.precision_why,
+        compile_choice=state.compile_choice, compile_why=state.compile_why)
     if run is not None:
         run.write_result(result.to_dict())
     return result

@@ -31,6 +31,8 @@ class Result:
     hardware: str = ""  # the CPU or GPU the run trained on (timings compare only within one)
     precision: str = ""  # what `precision` resolved to on that machine: bf16 | fp32 ("" before 0.3)
     precision_why: str = ""  # "set", or what `auto` found there (the measured bf16 speedup)
+    compile_choice: str = ""  # what the training steps ran: eager | compiled ("" in runs from before it was recorded)
+    compile_why: str = ""  # "set", or what `compile: auto`'s trial measured
     warning: str = ""  # e.g. a run that ended at chance accuracy
     eval_split: str = "test"  # "val": test_acc is measured on images held out of training (data.val_split)
     # task lm: test_acc is next-token accuracy; losses are mean nats per token over a whole split

@@ -77,6 +77,8 @@ CHECKPOINT_FIELDS = {  # field: (check, what it must be)
     "solver": (_solver, "a mapping of names to finite numbers"),
     "precision": (lambda v: v in ("", "bf16", "fp32"), "'bf16', 'fp32' or ''"),
     "precision_why": (lambda v: isinstance(v, str), "a text"),
+    "compile_choice": (lambda v: v in ("", "eager", "compiled"), "'eager', 'compiled' or ''"),
+    "compile_why": (lambda v: isinstance(v, str), "a text"),
     "config": (lambda v: isinstance(v, dict), "a mapping of settings"),
     # tensors kept under one name only (tied embeddings): {other name: the name they are stored under}
     "aliases": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(n, str) and
@@ -193,6 +195,8 @@ OPTIONAL_RESULT_FIELDS = {  # added later: results written before them lack them
     "tokens_per_s": (_seconds, "a finite number >= 0"),
     "data_epochs": (_seconds, "a finite number >= 0"),
     "precision_why": (lambda v: isinstance(v, str), "a text"),
+    "compile_choice": (lambda v: v in ("", "eager", "compiled"), "'eager', 'compiled' or ''"),
+    "compile_why": (lambda v: isinstance(v, str), "a text"),
 }
 RECORD_FIELDS = {  # a results-store record: the run's Result (when finished) and how a sweep asked for it
     "status": (lambda v: v in ("ok", "diverged", "failed"), "'ok', 'diverged' or 'failed'"),

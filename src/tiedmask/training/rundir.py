@@ -52,6 +52,8 @@ class RunState:
     solver: dict = dataclasses.field(default_factory=dict)
     precision: str = ""  # what the run's `precision` resolved to (bf16 | fp32); "" before 0.3
     precision_why: str = ""  # why: "set", or what `auto` found (the measured bf16 speedup)
+    compile_choice: str = ""  # what the steps run: eager | compiled ("" while `compile: auto` is deciding)
+    compile_why: str = ""  # why: "set", or what `auto`'s trial found (training/compile_choice.py)
 
 
 class RunDir:

@@ -35,6 +35,7 @@ from .migrate import LEGACY_SOLVER_OPTIONS, MODEL_KEY_ALIASES, migrate_model
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("false", "true", "auto")  # training/compile_choice.py
 OPTIMIZERS = ("adamw", "adam", "sgd")
 AUGMENTS = ("auto", "crop_flip", "crop_altflip", "crop", "none")
 TTAS = ("none", "flip", "flip_translate")
@@ -185,7 +186,9 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda when present, else cpu
     precision: str = "auto"  # auto = bf16 on cuda, and on cpus with AMX tiles where a timed step of the model agrees; else fp32 (training/precision.py)
     channels_last: str = "auto"  # auto = on for inputs of 32x32 and up (measured faster), else off
-    compile: bool = False  # torch.compile the model (off: docs/architecture.md, per-machine choices)
+    # torch.compile the training forward: false | true | auto (a timed trial inside the run keeps
+    # the faster: training/compile_choice.py); off by default (docs/architecture.md, per-machine choices)
+    compile: str = "false"
     # flip: average the logits of each test image and its mirror image; flip_translate: also of
     # both shifted by one pixel either way along the diagonal (weights 1/2, 1/4, 1/4)
     eval_tta: str = "none"
@@ -209,6 +212,7 @@ class TrainConfig:
         _choose("device", self.device, DEVICES)
         _choose("precision", self.precision, PRECISIONS)
         _choose("channels_last", self.channels_last, ("auto", "true", "false"))
+        _choose("compile", self.compile, COMPILE_MODES)
         _choose("eval_tta", self.eval_tta, TTAS)
         _at_least("", self, 1, "epochs", "batch_size", "eval_batch_size")
         _at_least("", self, 0, "threads", "time_budget_s", "eval_every")

@@ -190,7 +190,7 @@ def _train(cfg: TrainConfig, out, resume: bool, dataset, log, ctx: Dist, device:
     choose_precision(state, cfg, ctx, device, model, task.probe_inputs)
     task.precision = state.precision
     trainer = Trainer(model, optimizer, task, cfg, Schedule.of(cfg, len(task.train_x) // cfg.batch_size), state,
-                      device, ctx, runner=wrap_for_training(model, cfg, ctx, device),
+                      device, ctx, forward=wrap_for_training(model, cfg, ctx, device, state, log),
                       lookahead=Lookahead(model, cfg.optim.lookahead_every, cfg.optim.lookahead_decay)
                       if cfg.optim.lookahead_every else None,
                       on_epoch=[epoch_printer(cfg, task, log), *hooks], log=log)
@@ -235,7 +235,8 @@ def image_result(cfg: TrainConfig, trainer: Trainer, outcome: tuple[str, str], c
         s_per_epoch=state.train_time_s / passes if passes else 0.0, data_epochs=passes,
         epochs=state.epoch, seed=cfg.seed, config_hash=state.config_hash,
         peak_mem_mb=peak_memory_mb(trainer.device), hardware=hardware_name(trainer.device),
-        precision=state.precision, precision_why=state.precision_why, solver=state.solver,
+        precision=state.precision, precision_why=state.precision_why,
+        compile_choice=state.compile_choice, compile_why=state.compile_why, solver=state.solver,
         # A diverged run keeps the score of its last scored epoch (0 if none was: eval_every);
         # its status says what happened, so it gets no "learned nothing" warning.
         warning=(chance_warning(state.last_test_acc, data.shape.classes)

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..core.deq.equilibrium import SolverDiverged
+from .compile_choice import CompileChoice
 from .distributed import Dist
 from .lookahead import Lookahead
 from .muon import MuonSGD
@@ -159,7 +160,7 @@ class Trainer:
     state: RunState
     device: torch.device
     ctx: Dist = Dist()
-    runner: torch.nn.Module | None = None  # the forward pass when not the model: DDP, torch.compile
+    forward: CompileChoice | None = None  # the forward pass when not the model: DDP, torch.compile
     lookahead: Lookahead | None = None
     on_epoch: list[EpochHook] = dataclasses.field(default_factory=list)
     log: Callable[[str], None] = lambda line: None  # how a failure or the budget's end is told
@@ -216,7 +217,8 @@ class Trainer:
         task.set_deadline(model, start + time_left if math.isfinite(time_left) and not ctx.enabled else None)
         for index in progress:
             # Rank 0's clock sets the learning rate, so that every process uses the same one.
-            spent = ctx.from_main(time.perf_counter() - start) if self.cfg.time_budget_s else 0.0
+            step_start = time.perf_counter()
+            spent = ctx.from_main(step_start - start) if self.cfg.time_budget_s else 0.0
             try:
                 loss, logits, targets = self._step(index, self.schedule.lr(ep.step, self.state.train_time_s + spent))
             except SolverDiverged as exc:
@@ -226,7 +228,9 @@ class Trainer:
             if self.lookahead is not None:
                 self.lookahead.after_step(ep.step)
             examples, right = task.tally(model, logits, targets)
-            value = loss.item()
+            value = loss.item()  # waits for the step on a GPU, so the step's time below is whole
+            if self.forward is not None:
+                self.forward.record(time.perf_counter() - step_start)
             if not math.isfinite(value):
                 ep.failure = f"non-finite training loss at epoch {epoch}"
                 break
@@ -242,8 +246,18 @@ class Trainer:
         """One optimizer step on batch `index` at learning rate `lr`: (loss, logits, targets)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = self.task.batch(index)
-        runner = self.model if self.runner is None else self.runner  # not `or`: a compiled module has no truth value
+        batch = self.task.batch(index)
+        try:
+            return self._step_on(batch, self.model if self.forward is None else self.forward.runner())
+        except SolverDiverged:
+            raise
+        except Exception as exc:  # noqa: BLE001  (only a compiled step under `compile: auto`'s trial is retried)
+            if self.forward is None or not self.forward.failed(exc):
+                raise
+            return self._step_on(batch, self.forward.runner())  # the same batch, eager
+
+    def _step_on(self, batch, runner: torch.nn.Module):
+        inputs, targets = batch
         with autocast_context(self.device, self.state.precision):
             loss, total, logits = self.task.losses(self.model, runner, inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
@@ -354,8 +368,10 @@ def choose_precision(state: RunState, cfg: TrainConfig, ctx: Dist, device: torch
         state.precision_why = why if state.precision == chosen else "rank 0's choice"  # saved by rank 0 only
 
 
-def wrap_for_training(model, cfg: TrainConfig, ctx: Dist, device: torch.device):
-    """What runs the training forward pass: the model, under DDP and/or torch.compile."""
+def wrap_for_training(model, cfg: TrainConfig, ctx: Dist, device: torch.device, state: RunState,
+                      log: Callable[[str], None]) -> CompileChoice:
+    """What runs the training forward pass: the model, under DDP, compiled or not as
+    `cfg.compile` says (under `auto`, as the run's own timed steps decide)."""
     runner = model
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -365,6 +381,4 @@ def wrap_for_training(model, cfg: TrainConfig, ctx: Dist, device: torch.device):
         runner = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)
-    if cfg.compile:
-        runner = torch.compile(runner)
-    return runner
+    return CompileChoice(runner, cfg.compile, state, ctx, log)
