@@ -69,6 +69,9 @@ def test_a_decided_run_does_not_try_again_and_a_set_mode_needs_no_trial():
     resumed = RunState(config_hash="ab" * 8, compile_choice="compiled", compile_why="auto: ...")
     choice = CompileChoice(model, "auto", resumed, compiler=Wrapped)
     assert not choice.deciding and isinstance(choice.runner(), Wrapped) and resumed.compile_why == "auto: ..."
+    unfinished = CompileChoice(model, "auto", RunState(config_hash="ab" * 8), compiler=Wrapped)
+    unfinished.runner(), unfinished.record(1.0), unfinished.end()  # the run stopped after one step
+    assert unfinished.state.compile_why.startswith("auto: the run ended during the trial (1 steps")
     earlier_set = RunState(config_hash="ab" * 8, compile_choice="eager", compile_why="set")
     assert CompileChoice(model, "auto", earlier_set, compiler=Wrapped).deciding  # trained under false: try now
     for mode, chosen in (("true", "compiled"), ("false", "eager")):
@@ -108,6 +111,7 @@ def test_a_resumed_compiled_run_whose_compiler_fails_trains_eager():
     model = torch.nn.Linear(2, 2)
     resumed = RunState(config_hash="ab" * 8, compile_choice="compiled", compile_why="auto: 1.3x")
     choice = CompileChoice(model, "auto", resumed, compiler=lambda m: Wrapped(m, RuntimeError("gone")))
+    assert choice.compiled is None  # compiled at the first step, where a failure is handled
     assert isinstance(choice.runner(), Wrapped)
     with pytest.warns(UserWarning, match="gone"):
         assert choice.failed(RuntimeError("gone"))

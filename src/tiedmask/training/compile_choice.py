@@ -56,8 +56,6 @@ class CompileChoice:
             state.compile_choice, state.compile_why = ("compiled" if mode == "true" else "eager"), "set"
         elif not state.compile_why.startswith("auto"):  # a resumed run keeps what its trial decided
             state.compile_choice, state.compile_why = "", ""  # a trial runs
-        if state.compile_choice == "compiled":
-            self.compiled = self._compiler(eager)
 
     @property
     def deciding(self) -> bool:
@@ -68,10 +66,10 @@ class CompileChoice:
         if self.deciding:
             self._last = self._next_in_trial()
             self._trial.append(self._last)
-            if self._last == "compiled" and self.compiled is None:
-                self.compiled = self._compiler(self.eager)
         else:
             self._last = self.state.compile_choice
+        if self._last == "compiled" and self.compiled is None:  # here, so a failure is a step's (`failed`)
+            self.compiled = self._compiler(self.eager)
         return self.compiled if self._last == "compiled" else self.eager
 
     def _next_in_trial(self) -> str:
@@ -110,6 +108,11 @@ class CompileChoice:
         warnings.warn(f"compile auto: the compiled step failed ({what}); training eager", stacklevel=2)
         self._settle("eager", f"auto: the compiled step failed ({type(exc).__name__})")
         return True
+
+    def end(self) -> None:
+        """Training stopped: a trial still open is said in the record (its steps ran both ways)."""
+        if self.deciding and self._trial:
+            self.state.compile_why = f"auto: the run ended during the trial ({len(self._trial)} steps, both ways)"
 
     def _decide(self) -> None:
         eager, compiled = (statistics.median(self._times[k]) for k in ("eager", "compiled"))

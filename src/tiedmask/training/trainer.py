@@ -167,6 +167,13 @@ class Trainer:
 
     def fit(self) -> tuple[str, str]:
         """Train until the last epoch or the time budget; (status ok | diverged, reason)."""
+        try:
+            return self._fit()
+        finally:
+            if self.forward is not None:
+                self.forward.end()
+
+    def _fit(self) -> tuple[str, str]:
         cfg, state = self.cfg, self.state
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             time_left = cfg.time_budget_s - state.train_time_s if cfg.time_budget_s else math.inf
