@@ -64,6 +64,10 @@ def _solver(value) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and _is_number(v) for k, v in value.items())
 
 
+COMPILE_FIELDS = {  # what a run's steps ran and why: in its checkpoint and its result alike
+    "compile_choice": (lambda v: v in ("", "eager", "compiled"), "'eager', 'compiled' or ''"),
+    "compile_why": (lambda v: isinstance(v, str), "a text"),
+}
 CHECKPOINT_FIELDS = {  # field: (check, what it must be)
     "config_hash": (lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{6,64}", v) is not None,
                     "a hexadecimal hash"),
@@ -77,8 +81,7 @@ CHECKPOINT_FIELDS = {  # field: (check, what it must be)
     "solver": (_solver, "a mapping of names to finite numbers"),
     "precision": (lambda v: v in ("", "bf16", "fp32"), "'bf16', 'fp32' or ''"),
     "precision_why": (lambda v: isinstance(v, str), "a text"),
-    "compile_choice": (lambda v: v in ("", "eager", "compiled"), "'eager', 'compiled' or ''"),
-    "compile_why": (lambda v: isinstance(v, str), "a text"),
+    **COMPILE_FIELDS,
     "config": (lambda v: isinstance(v, dict), "a mapping of settings"),
     # tensors kept under one name only (tied embeddings): {other name: the name they are stored under}
     "aliases": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(n, str) and
@@ -195,8 +198,7 @@ OPTIONAL_RESULT_FIELDS = {  # added later: results written before them lack them
     "tokens_per_s": (_seconds, "a finite number >= 0"),
     "data_epochs": (_seconds, "a finite number >= 0"),
     "precision_why": (lambda v: isinstance(v, str), "a text"),
-    "compile_choice": (lambda v: v in ("", "eager", "compiled"), "'eager', 'compiled' or ''"),
-    "compile_why": (lambda v: isinstance(v, str), "a text"),
+    **COMPILE_FIELDS,
 }
 RECORD_FIELDS = {  # a results-store record: the run's Result (when finished) and how a sweep asked for it
     "status": (lambda v: v in ("ok", "diverged", "failed"), "'ok', 'diverged' or 'failed'"),

@@ -160,7 +160,7 @@ class Trainer:
     state: RunState
     device: torch.device
     ctx: Dist = Dist()
-    forward: CompileChoice | None = None  # the forward pass when not the model: DDP, torch.compile
+    forward: CompileChoice | None = None  # what each step runs when not the bare model: DDP, compiled or not
     lookahead: Lookahead | None = None
     on_epoch: list[EpochHook] = dataclasses.field(default_factory=list)
     log: Callable[[str], None] = lambda line: None  # how a failure or the budget's end is told
