@@ -134,9 +134,11 @@ def main() -> None:
         parser.error("--models times some of the models: give --out FILE, so that the full table stays")
     writable_folder(Path(args.out).parent, "choose another --out")
     if args.compile:  # a cached compilation would make compile_s (and when compiling pays) look cheaper
-        import torch._inductor.config
+        # imported under its own name: `import torch._inductor.config` would make `torch` a local
+        # of main, unbound on every run without --compile
+        from torch._inductor import config as inductor_config
 
-        torch._inductor.config.force_disable_caches = True
+        inductor_config.force_disable_caches = True
     with_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and has_amx())
     layouts = ("naive", "bf16") if with_bf16 else ("naive",)
     peaks = {"fp32": matmul_peak_gflops(), "bf16": matmul_peak_gflops(dtype=torch.bfloat16)}
