@@ -4,7 +4,7 @@ in the same run (each row against the peak of its own precision); multi-mask (un
 channel) against dense, and the layouts against each other.
 
     python benchmarks/throughput.py            # ~6 min on 2 CPU cores; run it alone
-    python benchmarks/throughput.py --bf16 on  # bf16 rows on a CPU without AMX too (+13 min; slow there)
+    python benchmarks/throughput.py --bf16 on  # bf16 rows on a CPU without bf16 instructions too (slow there)
     python benchmarks/throughput.py --compile tied-fast  # adds torch.compile rows (slow to build)
     python benchmarks/throughput.py --models tied-fast tied-vit-s --compile tied-fast tied-vit-s --out FILE
     python benchmarks/throughput.py --out benchmarks/results/throughput_amx.json  # another machine's file
@@ -12,9 +12,9 @@ channel) against dense, and the layouts against each other.
 Batch 128 of 3x32x32 inputs, AdamW steps. The variants of one model are timed in alternating
 rounds (3 rounds of 2 steps each, after 2 warm-up steps), so that drift in the machine's speed
 falls on all of them alike; medians are reported. Training FLOPs are taken as 3x the forward
-(effective, masked) FLOPs. Layouts: `fast` is fp32 channels_last (what `tiedmask train` does on
-a CPU without AMX); `naive` is fp32 NCHW eager; `bf16` is bf16 autocast + channels_last (what it
-does on a CPU with AMX). A compiled model is timed in each precision layout (`fast+compile`,
+(effective, masked) FLOPs. Layouts: `fast` is fp32 channels_last (what `tiedmask train` does in
+fp32); `naive` is fp32 NCHW eager; `bf16` is bf16 autocast + channels_last (what it does where
+`precision: auto` picks bf16). A compiled model is timed in each precision layout (`fast+compile`,
 `bf16+compile`); its first training step, compilation included, is reported as `compile_s`, and
 the summary gives the training time after which compiling pays (compile_s / the share of each
 step it saves), for comparison with a run's time budget. Inductor's on-disk caches are turned
@@ -38,19 +38,38 @@ from tiedmask.core.flops import count_macs
 from tiedmask.core.presets import MODEL_PRESETS, create_model
 from tiedmask.errors import ArgumentParser, run_script
 from tiedmask.files import writable_folder
-from tiedmask.training.precision import has_amx
+from tiedmask.training.precision import bf16_instructions
 from tiedmask.training.runtime import hardware_name
 
 BATCH = 128
 
 
+def as_convolution(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, weight) of a 1x1 convolution that computes `a @ b` (n x n; n a multiple of 64):
+    a's rows are pixels and its columns channels, b maps channels in to channels out; the
+    output, read as (pixels, channels out), is the product."""
+    n = a.shape[0]
+    pixels = a.t().reshape(1, n, n // 64, 64).contiguous(memory_format=torch.channels_last)
+    return pixels, b.t().reshape(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
+
+
 def matmul_peak_gflops(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of an n x n x n product, the better of two libraries: `a @ b` (MKL in fp32, which
+    on an AMD EPYC ran slower than the model's own oneDNN convolutions, so MFU read over 100%)
+    and the same product as a 1x1 convolution over n pixels (oneDNN, what the models run on)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    return 5 * 2 * n**3 / (time.perf_counter() - start) / 1e9
+    pixels, kernel = as_convolution(a, b)
+    products = (lambda: a @ b, lambda: F.conv2d(pixels, kernel))
+
+    def rate(product) -> float:
+        product()
+        start = time.perf_counter()
+        for _ in range(5):
+            product()
+        return 5 * 2 * n**3 / (time.perf_counter() - start) / 1e9
+
+    with torch.no_grad():
+        return max(rate(p) for p in products)
 
 
 def variant(name: str, scope: str, kind: str = "unstructured", layout: str = "fast", compile: bool = False):
@@ -125,8 +144,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput.json"),
                         help="where to write the rows (JSON); keep each machine's file apart")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
-                        help="time bf16 autocast rows: auto = where the CPU has AMX tiles (elsewhere "
-                             "bf16 is emulated and slow, and the rows are skipped, saying so)")
+                        help="time bf16 autocast rows: auto = where the CPU has bf16 instructions (AMX "
+                             "or AVX512-BF16; elsewhere bf16 is emulated and slow, and the rows are "
+                             "skipped, saying so)")
     args = parser.parse_args()
     if unknown := sorted(set(args.compile) - set(args.models)):
         parser.error(f"--compile {unknown[0]}: not among --models (`tiedmask models` lists them)")
@@ -139,7 +159,7 @@ def main() -> None:
         from torch._inductor import config as inductor_config
 
         inductor_config.force_disable_caches = True
-    with_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and has_amx())
+    with_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and bool(bf16_instructions()))
     layouts = ("naive", "bf16") if with_bf16 else ("naive",)
     peaks = {"fp32": matmul_peak_gflops(), "bf16": matmul_peak_gflops(dtype=torch.bfloat16)}
     rows = [r for name in args.models for r in measure(name, layouts, name in args.compile)]
@@ -151,8 +171,8 @@ def main() -> None:
     print(f"{hardware_name(torch.device('cpu'))}: matmul peaks (2048^2) fp32 {peaks['fp32']:.0f}, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s; MFU against the peak of each row's precision")
     if not with_bf16:
-        print("no bf16 rows: this CPU has no AMX tiles, where bf16 autocast is emulated and slower than "
-              "fp32 (`--bf16 on` times them anyway)")
+        print("no bf16 rows: this CPU has no bf16 instructions (AMX or AVX512-BF16), where bf16 autocast "
+              "is emulated and slower than fp32 (`--bf16 on` times them anyway)")
     print()
     print("| model | masks | layout | params | MFLOPs/img (dense) | MFLOPs/img (eff.) | train img/s | infer img/s "
           "| train GFLOP/s (eff.) | MFU (eff.) |")

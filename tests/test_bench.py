@@ -1,3 +1,4 @@
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -161,3 +162,30 @@ def test_compiling_pays_after_the_time_its_faster_steps_make_up_the_compilation(
     assert level == pytest.approx(120.0)
     assert (level - compile_s) / compiled == pytest.approx(level / eager)  # equal step counts there
     assert pays_after(compile_s, eager, 1.0) is None and pays_after(compile_s, eager, 1.2) is None
+
+
+def test_the_peaks_convolution_computes_the_same_product_as_the_matmul():
+    """MFU's peak is the faster of `a @ b` and a 1x1 convolution counted as the same 2n^3 FLOPs:
+    the convolution must compute that product (checked against the matmul)."""
+    import torch
+
+    a, b = torch.randn(128, 128, dtype=torch.float64), torch.randn(128, 128, dtype=torch.float64)
+    pixels, kernel = benchmark_script("throughput").as_convolution(a, b)
+    out = torch.nn.functional.conv2d(pixels, kernel)
+    assert torch.allclose(out.reshape(128, 128).t(), a @ b)
+
+
+def test_throughput_writes_its_table_without_compile_or_bf16(tmp_path, monkeypatch, capsys):
+    """The script's own path with the timing stubbed out: a run without --compile once raised
+    UnboundLocalError (an import inside main shadowed `torch`)."""
+    script = benchmark_script("throughput")
+    row = {"model": "tied-fast", "scope": "multi", "layout": "fast", "params": 1, "mflops_effective": 1.0,
+           "mflops_dense": 2.0, "train_img_s": 10.0, "infer_img_s": 20.0, "train_gflops_s": 0.03}
+    monkeypatch.setattr(script, "measure", lambda name, layouts, compile: [
+        {**row, "scope": scope, "layout": layout} for scope in ("dense", "multi", "multi/channel")
+        for layout in ("fast", *layouts)])
+    monkeypatch.setattr(script, "matmul_peak_gflops", lambda n=2048, dtype=None: 1.0)
+    out = tmp_path / "t.json"
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--models", "tied-fast", "--bf16", "off", "--out", str(out)])
+    script.main()
+    assert json.loads(out.read_text())["rows"][0]["model"] == "tied-fast"

@@ -24,14 +24,16 @@ def timed_precision(monkeypatch):
 
 @pytest.fixture
 def machine(monkeypatch):
-    """Pretend this CPU has AMX tiles or not, and that bf16 measures `speedup` times fp32."""
-    def pretend(amx: bool, speedup: float = 2.0):
+    """Pretend this CPU has AMX tiles or not (and AVX512-BF16 dot products: every AMX CPU has
+    them), and that bf16 measures `speedup` times fp32."""
+    def pretend(amx: bool, speedup: float = 2.0, avx512_bf16: bool | None = None):
         monkeypatch.setattr(precision, "has_amx", lambda: amx)
+        monkeypatch.setattr(precision, "has_avx512_bf16", lambda: amx if avx512_bf16 is None else avx512_bf16)
         monkeypatch.setattr(precision, "bf16_speedup", lambda step: speedup)
     return pretend
 
 
-def test_auto_is_fp32_without_amx_and_bf16_on_cuda(machine):
+def test_auto_is_fp32_without_bf16_instructions_and_bf16_on_cuda(machine):
     machine(amx=False)
     assert resolve_precision("auto", CPU) == "fp32"
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
@@ -46,6 +48,37 @@ def test_auto_on_amx_follows_the_timed_check_unless_it_is_turned_off(machine, mo
     assert resolve_precision("auto", CPU, step) == "fp32"
     monkeypatch.setenv(precision.CHECK_VARIABLE, "0")
     assert resolve_precision("auto", CPU, step) == "bf16"
+
+
+def test_avx512_bf16_without_amx_is_timed_and_stays_fp32_untimed(machine, monkeypatch):
+    """AVX512-BF16 dot products without AMX tiles paid 1.53x for the recipe's step on a 2-core
+    AMD EPYC and cost 0.24-0.66x on a 2-core Xeon (docs/results.md §9, §6): only the timed
+    check can tell; untimed, such a CPU trains in fp32. A CPU without bf16 instructions is not
+    timed at all."""
+    step = lambda bf16: None  # noqa: E731
+    machine(amx=False, avx512_bf16=True, speedup=1.53)
+    chosen, why = precision.decide_precision("auto", CPU, step)
+    assert chosen == "bf16" and "1.53x" in why and "AVX512-BF16" in why
+    machine(amx=False, avx512_bf16=True, speedup=0.6)
+    assert resolve_precision("auto", CPU, step) == "fp32"
+    monkeypatch.setenv(precision.CHECK_VARIABLE, "0")
+    assert precision.decide_precision("auto", CPU, step) == ("fp32", "auto: AVX512-BF16 without AMX tiles (step not timed)")
+    monkeypatch.setenv(precision.CHECK_VARIABLE, "1")
+    machine(amx=False, avx512_bf16=False)
+    monkeypatch.setattr(precision, "bf16_speedup", lambda step: pytest.fail("timed on a CPU without bf16 instructions"))
+    assert resolve_precision("auto", CPU, step) == "fp32"
+
+
+def test_the_isa_names_the_bf16_instructions_the_kernel_reports():
+    """Checked against the flags Linux reads from the CPU itself (not torch's probe)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    assert precision.has_avx512_bf16() == ("avx512_bf16" in flags)
+    expected = "AMX" if precision.has_amx() else "AVX512-BF16" if "avx512_bf16" in flags else ""
+    assert precision.bf16_instructions() == expected
+    assert precision.cpu_isa().endswith(f", {expected}") if expected else "," not in precision.cpu_isa()
 
 
 def test_the_check_times_the_runs_own_step_without_touching_the_model_or_its_random_stream():

@@ -1,18 +1,20 @@
 """The number format a run computes in, and what `precision: auto` picks on this machine.
 
-    auto on CUDA                 bf16 autocast
-    auto on a CPU with AMX tiles bf16 autocast, if a timed step of the run's model agrees (below)
-    auto on any other CPU        fp32
+    auto on CUDA                          bf16 autocast
+    auto on a CPU with AMX tiles          bf16 autocast, if a timed step of the run's model agrees
+    auto on a CPU with AVX512-BF16 only   bf16 autocast, if a timed step of the run's model agrees
+    auto on any other CPU                 fp32 (bf16 is emulated there)
 
-Why by instruction set: without AMX, bf16 matrix work on a CPU runs on AVX512-BF16 dot products
-or is emulated, and measured slower than fp32 (0.6x on a 2-core Xeon without AMX, torch 2.13);
-with AMX tiles (Intel Sapphire Rapids and later) the recipe's training step ran 2.3x faster
-(docs/results.md §9), but a small ViT's ran at 0.53x and small GroupNorm ResNets' at 0.9-1.15x
-on the same CPU. So the check times the run's own model, a training step of a copy of it both
-ways (alternating rounds, once when a run starts, outside its clock), and keeps fp32 unless bf16
-is at least 1.2x faster; that also covers a machine whose AMX is slow for another reason (a
-hypervisor that hides the tiles' state, an old oneDNN). `TIEDMASK_PRECISION_CHECK=0` skips it
-and lets the instruction set decide alone.
+Why timed, and not by instruction set alone: bf16 paid 2.3x for the recipe's training step on
+a 2-core Xeon with AMX tiles but cost 0.53x for a small ViT and 0.9-1.15x for small GroupNorm
+ResNets on the same CPU (docs/results.md §9); with AVX512-BF16 dot products and no AMX it cost
+0.24-0.66x on a 2-core Xeon (§6) and paid 1.53x for the recipe's model on a 2-core AMD EPYC
+(§9). So where the CPU has bf16 instructions at all, the check times the run's own model, a
+training step of a copy of it both ways (alternating rounds, once when a run starts, outside
+its clock), and keeps fp32 unless bf16 is at least 1.2x faster; that also covers a machine
+whose AMX is slow for another reason (a hypervisor that hides the tiles' state, an old oneDNN).
+`TIEDMASK_PRECISION_CHECK=0` skips it and lets the instruction set decide alone: bf16 with
+AMX tiles, fp32 without (AVX512-BF16 alone went either way).
 
 The measurements behind these choices: docs/architecture.md, "What `auto` picks on each machine".
 
@@ -46,11 +48,26 @@ def has_amx() -> bool:
         return False
 
 
+def has_avx512_bf16() -> bool:
+    """Whether this CPU has AVX512-BF16 dot products (with or without AMX tiles)."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def bf16_instructions() -> str:
+    """The bf16 matrix instructions this CPU gives torch: "AMX", "AVX512-BF16", or "" where bf16
+    is emulated in fp32 arithmetic."""
+    return "AMX" if has_amx() else "AVX512-BF16" if has_avx512_bf16() else ""
+
+
 def cpu_isa() -> str:
-    """The vector instructions torch's CPU kernels use, with AMX named where present
-    ("AVX512, AMX")."""
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"{isa}, AMX" if has_amx() else isa
+    """The vector instructions torch's CPU kernels use, with the bf16 ones named where present
+    ("AVX512, AMX"; "AVX512, AVX512-BF16")."""
+    isa, bf16 = torch.backends.cpu.get_cpu_capability(), bf16_instructions()
+    return f"{isa}, {bf16}" if bf16 else isa
 
 
 def bf16_speedup(step: Callable[[bool], None]) -> float:
@@ -95,17 +112,20 @@ def training_step(model: nn.Module, make_inputs: Callable[[], torch.Tensor]) -> 
 def decide_precision(precision: str, device: torch.device,
                      step: Callable[[bool], None] | None = None) -> tuple[str, str]:
     """("bf16" or "fp32", why): what `precision` (auto | bf16 | fp32) means on `device`, for the
-    model whose training step is `step` (`training_step`; without one, on a CPU with AMX tiles,
-    the instruction set decides alone). The why is recorded with the run's result, so that runs
+    model whose training step is `step` (`training_step`; without one, on a CPU with bf16
+    instructions, the instruction set decides alone). The why is recorded with the run's result, so that runs
     of one comparison can be seen to have chosen alike."""
     if precision != "auto":
         return precision, "set"
     if device.type == "cuda":
         return "bf16", "auto: CUDA"
-    if not has_amx():
-        return "fp32", "auto: no AMX tiles on this CPU"
+    bf16 = bf16_instructions()
+    if not bf16:
+        return "fp32", "auto: no bf16 instructions on this CPU (AMX or AVX512-BF16)"
     if step is None or os.environ.get(CHECK_VARIABLE, "1") == "0":
-        return "bf16", "auto: AMX tiles (step not timed)"
+        # untimed, only AMX tiles decide for bf16: AVX512-BF16 alone paid on one CPU, cost on another
+        return ("bf16", "auto: AMX tiles (step not timed)") if bf16 == "AMX" else \
+            ("fp32", "auto: AVX512-BF16 without AMX tiles (step not timed)")
     try:
         speedup = bf16_speedup(step)
     except Exception as exc:  # noqa: BLE001  (a step that fails in bf16, a copy that does not fit)
@@ -113,7 +133,7 @@ def decide_precision(precision: str, device: torch.device,
                       "training in fp32", stacklevel=2)
         return "fp32", f"auto: the bf16 check failed ({type(exc).__name__})"
     chosen = "bf16" if speedup >= MIN_SPEEDUP else "fp32"
-    return chosen, f"auto: a bf16 step ran {speedup:.2f}x as fast as fp32 (bf16 from {MIN_SPEEDUP}x)"
+    return chosen, f"auto: a bf16 step ran {speedup:.2f}x as fast as fp32 on {bf16} (bf16 from {MIN_SPEEDUP}x)"
 
 
 def resolve_precision(precision: str, device: torch.device, step: Callable[[bool], None] | None = None) -> str:
