@@ -124,6 +124,7 @@ def claim_record(record: dict, claim: str) -> dict:
         "trainable_params": record["trainable_params"], "lr": setting(record, "optim.lr"),
         "effective_macs": record["macs_effective"], "dense_macs": record["macs_dense"],
         "hardware": record.get("hardware", ""),
+        "precision": record.get("precision") or "fp32",  # runs from before it was recorded: fp32 on a CPU
     }
 
 
@@ -198,6 +199,11 @@ def table(records: list[dict]) -> str:
         hardware = sorted({r["hardware"] for r in rows if r["hardware"]})
         lines += ["", f"Budget: {', '.join(budgets)}; {rows[0]['train_images']:,} training images; "
                   f"hardware: {'; '.join(hardware) or 'not recorded'}.", ""]
+        # `precision: auto` times bf16 on CPUs with bf16 instructions: seeds added on another
+        # machine can train in another number format, and their pairs are then not like for like
+        if len(precisions := sorted({r.get("precision", "fp32") for r in rows})) > 1:
+            lines += [f"Warning: these runs trained in {' and '.join(precisions)}; set `precision` in the "
+                      "grid so that every seed trains in one.", ""]
     return "\n".join(lines + pooled_table(records))
 
 

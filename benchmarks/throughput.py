@@ -1,5 +1,5 @@
 """Training and inference images/s of every registered model on this machine, with dense and
-effective FLOPs and model FLOP utilisation (MFU) against the fp32 and bf16 matmul peaks measured
+effective FLOPs and model FLOP utilisation (MFU) against the fp32 and bf16 product peaks measured
 in the same run (each row against the peak of its own precision); multi-mask (unstructured and
 channel) against dense, and the layouts against each other.
 
@@ -53,13 +53,14 @@ def as_convolution(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
     return pixels, b.t().reshape(n, n, 1, 1).contiguous(memory_format=torch.channels_last)
 
 
-def matmul_peak_gflops(n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
-    """GFLOP/s of an n x n x n product, the better of two libraries: `a @ b` (MKL in fp32, which
-    on an AMD EPYC ran slower than the model's own oneDNN convolutions, so MFU read over 100%)
-    and the same product as a 1x1 convolution over n pixels (oneDNN, what the models run on)."""
+def peak_gflops(n: int = 2048, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """GFLOP/s of an n x n x n product by two libraries: `a @ b` ("matmul": MKL in fp32, which
+    on an AMD EPYC ran slower than the models' own oneDNN convolutions, so MFU read over 100%)
+    and the same product as a 1x1 convolution over n pixels ("conv1x1": oneDNN, what the models
+    run on). MFU is taken against the better of the two."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     pixels, kernel = as_convolution(a, b)
-    products = (lambda: a @ b, lambda: F.conv2d(pixels, kernel))
+    products = {"matmul": lambda: a @ b, "conv1x1": lambda: F.conv2d(pixels, kernel)}
 
     def rate(product) -> float:
         product()
@@ -69,7 +70,7 @@ def matmul_peak_gflops(n: int = 2048, dtype: torch.dtype = torch.float32) -> flo
         return 5 * 2 * n**3 / (time.perf_counter() - start) / 1e9
 
     with torch.no_grad():
-        return max(rate(p) for p in products)
+        return {name: rate(product) for name, product in products.items()}
 
 
 def variant(name: str, scope: str, kind: str = "unstructured", layout: str = "fast", compile: bool = False):
@@ -161,15 +162,20 @@ def main() -> None:
         inductor_config.force_disable_caches = True
     with_bf16 = args.bf16 == "on" or (args.bf16 == "auto" and bool(bf16_instructions()))
     layouts = ("naive", "bf16") if with_bf16 else ("naive",)
-    peaks = {"fp32": matmul_peak_gflops(), "bf16": matmul_peak_gflops(dtype=torch.bfloat16)}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    before = {dtype: peak_gflops(dtype=torch_dtype) for dtype, torch_dtype in dtypes.items()}
     rows = [r for name in args.models for r in measure(name, layouts, name in args.compile)]
-    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        # measured before and after the models: the better of the two
-        peaks[dtype] = max(peaks[dtype], matmul_peak_gflops(dtype=torch_dtype))
+    after = {dtype: peak_gflops(dtype=torch_dtype) for dtype, torch_dtype in dtypes.items()}
+    # measured before and after the models: the better of the two, for each product
+    by_product = {dtype: {product: max(rate, after[dtype][product]) for product, rate in rates.items()}
+                  for dtype, rates in before.items()}
+    peaks = {dtype: max(rates.values()) for dtype, rates in by_product.items()}
     for r in rows:
         r["mfu_effective"] = r["train_gflops_s"] / peaks["bf16" if r["layout"].startswith("bf16") else "fp32"]
-    print(f"{hardware_name(torch.device('cpu'))}: matmul peaks (2048^2) fp32 {peaks['fp32']:.0f}, "
-          f"bf16 {peaks['bf16']:.0f} GFLOP/s; MFU against the peak of each row's precision")
+    shown = {dtype: ", ".join(f"{product} {rate:.0f}" for product, rate in rates.items())
+             for dtype, rates in by_product.items()}
+    print(f"{hardware_name(torch.device('cpu'))}: 2048^3 product peaks, GFLOP/s: fp32 {shown['fp32']}; "
+          f"bf16 {shown['bf16']}; MFU against the better one of each row's precision")
     if not with_bf16:
         print("no bf16 rows: this CPU has no bf16 instructions (AMX or AVX512-BF16), where bf16 autocast "
               "is emulated and slower than fp32 (`--bf16 on` times them anyway)")
@@ -209,8 +215,8 @@ def main() -> None:
         shown = "never" if r["pays_after_s"] is None else f"{r['pays_after_s'] / 60:.1f} min"
         print(f"| {r['model']} | {r['layout']} | {r['compile_s']:.1f} | {eager:.0f} | {r['train_img_s']:.0f} | {shown} |")
     out = Path(args.out)
-    out.write_text(json.dumps({"hardware": hardware_name(torch.device("cpu")), "matmul_peak_gflops": peaks["fp32"],
-                               "matmul_peak_gflops_bf16": peaks["bf16"],
+    out.write_text(json.dumps({"hardware": hardware_name(torch.device("cpu")), "peak_gflops": peaks,
+                               "peak_gflops_by_product": by_product,
                                "threads": torch.get_num_threads(), "batch": BATCH,
                                "rows": rows}, indent=1) + "\n")
 

@@ -184,8 +184,10 @@ def test_throughput_writes_its_table_without_compile_or_bf16(tmp_path, monkeypat
     monkeypatch.setattr(script, "measure", lambda name, layouts, compile: [
         {**row, "scope": scope, "layout": layout} for scope in ("dense", "multi", "multi/channel")
         for layout in ("fast", *layouts)])
-    monkeypatch.setattr(script, "matmul_peak_gflops", lambda n=2048, dtype=None: 1.0)
+    monkeypatch.setattr(script, "peak_gflops", lambda n=2048, dtype=None: {"matmul": 1.0, "conv1x1": 2.0})
     out = tmp_path / "t.json"
     monkeypatch.setattr(sys, "argv", ["throughput.py", "--models", "tied-fast", "--bf16", "off", "--out", str(out)])
     script.main()
-    assert json.loads(out.read_text())["rows"][0]["model"] == "tied-fast"
+    written = json.loads(out.read_text())
+    assert written["rows"][0]["model"] == "tied-fast" and written["peak_gflops"] == {"fp32": 2.0, "bf16": 2.0}
+    assert written["rows"][0]["mfu_effective"] == pytest.approx(0.03 / 2.0)  # against the better product

@@ -193,6 +193,7 @@ def test_hardware_name_tells_apart_cpus_of_one_model_name():
         assert "(AVX512" in name
     elif {"avx2", "fma"} <= set(flags):
         assert "(AVX2" in name
-    # AMX tiles decide `precision: auto` (bf16 there): named exactly where the kernel lists them
+    # bf16 instructions make `precision: auto` time bf16: named exactly where the kernel lists them
     assert ("AMX" in name) == ({"amx_bf16", "amx_tile"} <= set(flags))
+    assert ("AVX512-BF16" in name) == ("avx512_bf16" in flags and "AMX" not in name)
     assert name.endswith(f"{torch.get_num_threads()} threads")

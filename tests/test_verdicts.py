@@ -44,3 +44,19 @@ def test_readme_and_results_quote_the_verdicts_the_records_earn():
         text = (ROOT / doc).read_text()
         block = text.split(paper_claims.VERDICTS_START)[1].split(paper_claims.VERDICTS_END)[0]
         assert block.strip() == expected.strip(), f"{doc}: run `python benchmarks/paper_claims.py --docs`"
+
+
+def test_a_claims_table_warns_when_its_seeds_trained_in_different_number_formats():
+    """`precision: auto` may time bf16 in on one machine and not on another: a claim whose seeds
+    mix bf16 and fp32 must say so (records from before the field count as fp32)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import paper_claims
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    records = [json.loads(x) for x in paper_claims.RECORDS.read_text().splitlines() if x.strip()]
+    claim = records[0]["claim"]
+    mine = [r for r in records if r["claim"] == claim]
+    assert "Warning" not in paper_claims.table(mine)  # the shipped records: all fp32
+    mixed = [dict(mine[0], precision="bf16"), *mine[1:]]
+    assert "Warning: these runs trained in bf16 and fp32" in paper_claims.table(mixed)

@@ -8,7 +8,7 @@
 Why timed, and not by instruction set alone: bf16 paid 2.3x for the recipe's training step on
 a 2-core Xeon with AMX tiles but cost 0.53x for a small ViT and 0.9-1.15x for small GroupNorm
 ResNets on the same CPU (docs/results.md §9); with AVX512-BF16 dot products and no AMX it cost
-0.24-0.66x on a 2-core Xeon (§6) and paid 1.53x for the recipe's model on a 2-core AMD EPYC
+0.24-0.66x on a 2-core Xeon (§6) and paid 1.5-1.9x for the recipe's model on a 2-core AMD EPYC
 (§9). So where the CPU has bf16 instructions at all, the check times the run's own model, a
 training step of a copy of it both ways (alternating rounds, once when a run starts, outside
 its clock), and keeps fp32 unless bf16 is at least 1.2x faster; that also covers a machine

@@ -184,7 +184,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     seed: int = 0
     device: str = "auto"  # auto = cuda when present, else cpu
-    precision: str = "auto"  # auto = bf16 on cuda, and on cpus with AMX tiles where a timed step of the model agrees; else fp32 (training/precision.py)
+    precision: str = "auto"  # auto = bf16 on cuda, and on cpus with bf16 instructions (AMX, AVX512-BF16) where a timed step of the model agrees; else fp32 (training/precision.py)
     channels_last: str = "auto"  # auto = on for inputs of 32x32 and up (measured faster), else off
     # torch.compile the training forward: false | true | auto (a timed trial inside the run keeps
     # the faster: training/compile_choice.py); off by default (docs/architecture.md, per-machine choices)
