@@ -13,9 +13,9 @@ torch.set_num_threads(int(os.environ.get("TIEDMASK_TEST_THREADS", "2")))
 
 @pytest.fixture(autouse=True)
 def untimed_precision(monkeypatch):
-    """`precision: auto` by the instruction set alone in tests: its timed check (CPUs with AMX or AVX512-BF16) could
-    choose differently for two runs a test compares, when the cores are busy. test_precision.py
-    turns the check back on for its own tests."""
+    """`precision: auto` by the instruction set alone in tests: its timed check (CPUs with AMX or
+    AVX512-BF16) could choose differently for two runs a test compares, when the cores are busy.
+    test_precision.py turns the check back on for its own tests."""
     monkeypatch.setenv("TIEDMASK_PRECISION_CHECK", "0")
 
 

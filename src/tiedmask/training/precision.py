@@ -39,22 +39,23 @@ MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this much: it also costs a little ac
 PROBE_STEP_S = 2.0  # a timed step's forward solves stop after this long (both ways alike)
 
 
-def has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles that torch can use."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.3
+def _torch_reports(probe_name: str) -> bool:
+    """What torch's CPU probe `torch.cpu.<probe_name>()` says; False where this torch lacks it."""
+    probe = getattr(torch.cpu, probe_name, None)
     try:
         return bool(probe()) if probe is not None else False
     except RuntimeError:
         return False
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles that torch can use (probe since torch 2.3)."""
+    return _torch_reports("_is_amx_tile_supported")
 
 
 def has_avx512_bf16() -> bool:
     """Whether this CPU has AVX512-BF16 dot products (with or without AMX tiles)."""
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
+    return _torch_reports("_is_avx512_bf16_supported")
 
 
 def bf16_instructions() -> str:
